@@ -1,0 +1,191 @@
+"""The detector contract (../shared/DETECTOR_CONTRACT.md): ``Detector``, ``Stage``, checkpoints, registry.
+
+A detector is a list of stages; each stage takes the (preprocessed) image and the previous stage's
+``LandmarkSet`` and returns a new one. ``Detector.predict`` runs them in order, timing each, and
+returns world-mm RAS landmarks in the frame of the *original* image.
+
+Checkpoints are one self-describing file, ``checkpoint.pt`` in a model folder::
+
+    {"detector": "cascade", "version": "0.1.0", "profile": "cpu", "config": {...resolved...},
+     "landmark_names": [...], "state_dicts": {"stage1": {...}, ...}, "fitted": {...}}
+
+``load_detector(dir)`` reads the detector name from the file and builds the right class through the
+registry, with the same network-building code used for training.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from lmk3d.data.samples import Sample
+from lmk3d.errors import LandmarkError
+from lmk3d.io.image import Volume
+from lmk3d.landmarks import LandmarkSet
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class StageResult:
+    """One stage's output and how long it took."""
+
+    name: str
+    landmarks: LandmarkSet
+    seconds: float
+
+
+@dataclass
+class Prediction:
+    """``predict``'s full answer: the final landmarks plus every stage's result."""
+
+    landmarks: LandmarkSet
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def latencies(self) -> dict[str, float]:
+        return {s.name: s.seconds for s in self.stages}
+
+
+class Stage(abc.ABC):
+    """One step of a detector chain."""
+
+    name: str = "stage"
+
+    @abc.abstractmethod
+    def __call__(self, image: Volume, previous: LandmarkSet | None) -> LandmarkSet:
+        """Return landmarks (world RAS mm, frame of ``image``) given the previous stage's."""
+
+
+class Detector(abc.ABC):
+    """Base class of every detector. Subclasses set ``name`` and implement the abstract methods."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, landmark_names: Sequence[str], config: Any, profile: str = "custom") -> None:
+        self.landmark_names = tuple(landmark_names)
+        self.config = config
+        self.profile = profile
+
+    # --- to implement -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def stages(self) -> list[Stage]:
+        """The inference chain, in order."""
+
+    @abc.abstractmethod
+    def fit(self, train: Sequence[Sample], val: Sequence[Sample] | None = None, **options: Any) -> dict[str, Any]:
+        """Train (seeded). Returns a training report (losses, best validation MRE, seconds...)."""
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``(state_dicts, fitted)`` to store in the checkpoint; detectors with networks override."""
+        return {}, {}
+
+    def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:
+        """Restore what :meth:`state` returned."""
+
+    # --- shared ---------------------------------------------------------------------------------
+    def predict_all(self, image: Volume) -> Prediction:
+        """Run every stage; keep each stage's landmarks and latency."""
+        previous: LandmarkSet | None = None
+        results = []
+        for stage in self.stages():
+            t0 = time.perf_counter()
+            previous = stage(image, previous)
+            results.append(StageResult(stage.name, previous, time.perf_counter() - t0))
+        if previous is None:
+            raise RuntimeError(f"detector {self.name!r} has no stages")
+        return Prediction(mark_outside(previous, image), results)
+
+    def predict(self, image: Volume) -> LandmarkSet:
+        return self.predict_all(image).landmarks
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``checkpoint.pt`` atomically (temporary file, then rename)."""
+        import torch
+
+        from lmk3d import __version__
+
+        state_dicts, fitted = self.state()
+        cfg = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config or {})
+        payload = {
+            "detector": self.name,
+            "version": __version__,
+            "profile": self.profile,
+            "config": cfg,
+            "landmark_names": list(self.landmark_names),
+            "state_dicts": state_dicts,
+            "fitted": fitted,
+        }
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{CHECKPOINT_FILE}.tmp{os.getpid()}"
+        torch.save(payload, tmp)
+        os.replace(tmp, d / CHECKPOINT_FILE)
+        return d / CHECKPOINT_FILE
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any], device: str) -> Detector:
+        """Build from a loaded checkpoint dict; subclasses with a config dataclass override."""
+        det = cls(payload["landmark_names"], payload["config"], payload.get("profile", "custom"))
+        det.load_state(payload["state_dicts"], payload["fitted"], device)
+        return det
+
+
+def mark_outside(landmarks: LandmarkSet, image: Volume) -> LandmarkSet:
+    """Mark landmarks outside the image's field of view as not found (the contract's rule)."""
+    finite = np.isfinite(landmarks.xyz_mm_ras).all(axis=1)
+    inside = np.zeros(len(landmarks), dtype=bool)
+    if finite.any():
+        inside[finite] = image.contains_ras(landmarks.xyz_mm_ras[finite])
+    return landmarks.with_found(landmarks.found & inside)
+
+
+# --- registry --------------------------------------------------------------------------------------
+_REGISTRY: dict[str, Callable[[], type[Detector]]] = {}
+
+
+def register(name: str, loader: Callable[[], type[Detector]]) -> None:
+    """Register a detector class lazily (``loader`` imports it), so the CLI starts fast."""
+    _REGISTRY[name] = loader
+
+
+def detector_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def detector_class(name: str) -> type[Detector]:
+    if name not in _REGISTRY:
+        raise LandmarkError(f"unknown detector {name!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]()
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_detector(directory: str | os.PathLike[str], device: str | None = None) -> Detector:
+    """Load a model folder (or a ``checkpoint.pt`` path) onto ``device`` (default: CUDA if present)."""
+    import torch
+
+    p = Path(directory)
+    ckpt = p / CHECKPOINT_FILE if p.is_dir() else p
+    if not ckpt.is_file():
+        raise LandmarkError(f"{p}: no {CHECKPOINT_FILE}; this model has not been trained or was not shipped")
+    dev = device or default_device()
+    try:
+        payload = torch.load(ckpt, map_location=dev, weights_only=False)
+    except Exception as e:
+        raise LandmarkError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(payload, dict) or "detector" not in payload:
+        raise LandmarkError(f"{ckpt}: not an lmk3d checkpoint (no 'detector' entry)")
+    return detector_class(payload["detector"]).from_checkpoint(payload, dev)

@@ -1,0 +1,211 @@
+"""The landmark table (CSV) and landmark JSON, per case and for many cases.
+
+CSV columns: ``case,name,x_ras,y_ras,z_ras`` then optionally ``score,found`` -- exactly the format of
+``../shared/data/hippocampus/landmarks.csv``. A landmark absent for a case simply has no row (partial
+annotation). With the optional columns, a not-found prediction has a row with ``found = 0`` and its
+best-guess position (or empty coordinates).
+
+JSON (one case)::
+
+    {"coordinate_system": "RAS", "units": "mm",
+     "landmarks": [{"name": "AC", "ras": [x, y, z], "lps": [-x, -y, z], "score": 1.0, "found": true}]}
+
+JSON (many cases): ``{"cases": {"<case>": <one-case document>, ...}}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmk3d.errors import LandmarkFormatError
+from lmk3d.io.atomic import atomic_write_text
+from lmk3d.landmarks import LandmarkSet
+
+REQUIRED_COLUMNS = ("case", "name", "x_ras", "y_ras", "z_ras")
+OPTIONAL_COLUMNS = ("score", "found")
+_TRUE = {"1", "true", "yes", "y", "t"}
+_FALSE = {"0", "false", "no", "n", "f"}
+
+
+def _parse_bool(value: str, where: str) -> bool:
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise LandmarkFormatError(f"{where}: found = {value!r} is not a boolean (use 1/0 or true/false)")
+
+
+def read_table(path: str | os.PathLike[str]) -> dict[str, LandmarkSet]:
+    """Read a landmark table CSV into ``{case: LandmarkSet}`` (cases and names in file order)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LandmarkFormatError(f"{p}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise LandmarkFormatError(f"{p}: not a text file ({e})") from None
+    return parse_table(text, str(p))
+
+
+def parse_table(text: str, p: str = "<table>") -> dict[str, LandmarkSet]:
+    """Parse landmark table CSV text; ``p`` names the source in error messages."""
+    reader = csv.DictReader(io.StringIO(text))
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise LandmarkFormatError(f"{p}: missing column(s) {', '.join(missing)}; a landmark table has "
+                                  f"{','.join(REQUIRED_COLUMNS)}[,{','.join(OPTIONAL_COLUMNS)}]")
+    unknown = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+    if unknown:
+        raise LandmarkFormatError(f"{p}: unknown column(s) {', '.join(unknown)}; a landmark table has "
+                                  f"{','.join(REQUIRED_COLUMNS)}[,{','.join(OPTIONAL_COLUMNS)}]")
+    rows: dict[str, list[tuple[str, list[float], float, bool]]] = {}
+    for line, raw in enumerate(reader, start=2):
+        row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
+        if None in raw:
+            raise LandmarkFormatError(f"{p}:{line}: more fields than columns")
+        where = f"{p}:{line}"
+        case, name = row["case"], row["name"]
+        if not case or not name:
+            raise LandmarkFormatError(f"{where}: empty case or name")
+        found = _parse_bool(row["found"], where) if row.get("found") else True
+        coords = [row[c] for c in ("x_ras", "y_ras", "z_ras")]
+        if all(c == "" for c in coords) and not found:
+            xyz = [math.nan] * 3
+        else:
+            try:
+                xyz = [float(c) for c in coords]
+            except ValueError:
+                raise LandmarkFormatError(f"{where}: coordinates {coords} are not numbers") from None
+            if not all(math.isfinite(v) for v in xyz):
+                raise LandmarkFormatError(f"{where}: non-finite coordinates {coords}")
+        try:
+            score = float(row["score"]) if row.get("score") else 1.0
+        except ValueError:
+            raise LandmarkFormatError(f"{where}: score {row['score']!r} is not a number") from None
+        if not 0.0 <= score <= 1.0:
+            raise LandmarkFormatError(f"{where}: score {score} outside [0, 1]")
+        case_rows = rows.setdefault(case, [])
+        if any(r[0] == name for r in case_rows):
+            raise LandmarkFormatError(f"{where}: duplicate landmark {name!r} for case {case!r}")
+        case_rows.append((name, xyz, score, found))
+    out: dict[str, LandmarkSet] = {}
+    for case, rs in rows.items():
+        out[case] = LandmarkSet(tuple(r[0] for r in rs), np.array([r[1] for r in rs]),
+                                np.array([r[2] for r in rs]), np.array([r[3] for r in rs], dtype=bool))
+    return out
+
+
+def table_text(sets: Mapping[str, LandmarkSet], with_scores: bool = True) -> str:
+    """CSV text of a landmark table. Without scores, not-found landmarks are left out (truth style)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(REQUIRED_COLUMNS + (OPTIONAL_COLUMNS if with_scores else ()))
+    for case, s in sets.items():
+        for i, name in enumerate(s.names):
+            found = bool(s.found[i])
+            if not with_scores and not found:
+                continue
+            xyz = s.xyz_mm_ras[i]
+            coords = [f"{v:.4f}" for v in xyz] if np.all(np.isfinite(xyz)) else ["", "", ""]
+            extra = [f"{s.scores[i]:.4f}", int(found)] if with_scores else []
+            w.writerow([case, name, *coords, *extra])
+    return buf.getvalue()
+
+
+def write_table(path: str | os.PathLike[str], sets: Mapping[str, LandmarkSet], with_scores: bool = True) -> Path:
+    """Write ``{case: LandmarkSet}`` as a landmark table CSV (atomically)."""
+    return atomic_write_text(path, table_text(sets, with_scores))
+
+
+# JSON -------------------------------------------------------------------------------------------
+def landmarks_to_json(s: LandmarkSet, affine: np.ndarray | None = None) -> dict[str, Any]:
+    """One case as a JSON-able dict; with the image ``affine``, each landmark also gets ``ijk``."""
+    ijk = s.to_ijk(affine) if affine is not None else None
+    items = []
+    for i, name in enumerate(s.names):
+        fin = bool(np.all(np.isfinite(s.xyz_mm_ras[i])))
+        item: dict[str, Any] = {
+            "name": name,
+            "ras": [float(v) for v in s.xyz_mm_ras[i]] if fin else None,
+            "lps": [float(v) for v in s.xyz_mm_lps[i]] if fin else None,
+            "score": float(s.scores[i]),
+            "found": bool(s.found[i]),
+        }
+        if ijk is not None:
+            item["ijk"] = [float(v) for v in ijk[i]] if fin else None
+        items.append(item)
+    return {"coordinate_system": "RAS", "units": "mm", "landmarks": items}
+
+
+def landmarks_from_json(doc: Any, source: str = "<json>") -> LandmarkSet:
+    """Inverse of :func:`landmarks_to_json` (``ras`` is used; ``lps`` only when ``ras`` is absent)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("landmarks"), list):
+        raise LandmarkFormatError(f"{source}: expected an object with a 'landmarks' list")
+    names, xyz, scores, found = [], [], [], []
+    for k, item in enumerate(doc["landmarks"]):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise LandmarkFormatError(f"{source}: landmark {k} has no 'name'")
+        is_found = bool(item.get("found", True))
+        pos = item.get("ras")
+        if pos is None and item.get("lps") is not None:
+            lps = item["lps"]
+            pos = [-lps[0], -lps[1], lps[2]] if isinstance(lps, list) and len(lps) == 3 else lps
+        if pos is None:
+            if is_found:
+                raise LandmarkFormatError(f"{source}: landmark {item['name']!r} is found but has no 'ras' position")
+            pos = [math.nan] * 3
+        try:
+            p = [float(v) for v in pos]
+        except (TypeError, ValueError):
+            raise LandmarkFormatError(f"{source}: landmark {item['name']!r}: position {pos!r} is not numbers") from None
+        if len(p) != 3:
+            raise LandmarkFormatError(f"{source}: landmark {item['name']!r}: position needs 3 numbers")
+        names.append(item["name"])
+        xyz.append(p)
+        scores.append(float(item.get("score", 1.0)))
+        found.append(is_found)
+    try:
+        return LandmarkSet(tuple(names), np.array(xyz).reshape(-1, 3), np.array(scores), np.array(found, dtype=bool))
+    except LandmarkFormatError as e:
+        raise LandmarkFormatError(f"{source}: {e}") from None
+
+
+def write_json(path: str | os.PathLike[str], s: LandmarkSet, affine: np.ndarray | None = None) -> Path:
+    return atomic_write_text(path, json.dumps(landmarks_to_json(s, affine), indent=2))
+
+
+def _load_json(path: str | os.PathLike[str]) -> Any:
+    p = Path(path)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LandmarkFormatError(f"{p}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LandmarkFormatError(f"{p}: not valid JSON ({e})") from None
+
+
+def read_json(path: str | os.PathLike[str]) -> LandmarkSet:
+    return landmarks_from_json(_load_json(path), str(path))
+
+
+def write_json_table(path: str | os.PathLike[str], sets: Mapping[str, LandmarkSet]) -> Path:
+    doc = {"cases": {case: landmarks_to_json(s) for case, s in sets.items()}}
+    return atomic_write_text(path, json.dumps(doc, indent=2))
+
+
+def read_json_table(path: str | os.PathLike[str]) -> dict[str, LandmarkSet]:
+    doc = _load_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("cases"), dict):
+        raise LandmarkFormatError(f"{path}: expected an object with a 'cases' mapping")
+    return {case: landmarks_from_json(d, f"{path} case {case}") for case, d in doc["cases"].items()}

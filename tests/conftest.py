@@ -1,0 +1,49 @@
+"""Shared test fixtures: the real data in ../shared/data and small synthetic volumes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LMK3D_SHARED", ROOT.parent / "shared")).resolve()
+DATA = SHARED / "data"
+SCHEMA = SHARED / "schemas" / "markups-schema-v1.0.3.json"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Tests run torch on one thread: with two threads on two cores, another busy process slows it 6-9x.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    if not DATA.is_dir():
+        raise pytest.UsageError(f"the shared data folder {DATA} is missing; tests read ../shared/data in place")
+
+
+def oblique_affine(rng: np.random.Generator, spacing: tuple[float, float, float] = (0.7, 0.9, 2.5),
+                   flip: tuple[int, int, int] = (1, -1, 1)) -> np.ndarray:
+    """A random rotation (any angle), anisotropic spacing, an axis flip and an offset."""
+    q = rng.normal(size=4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    rot = np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+    a = np.eye(4)
+    a[:3, :3] = rot @ np.diag(np.array(spacing) * np.array(flip))
+    a[:3, 3] = rng.uniform(-100, 100, size=3)
+    return a
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
