@@ -66,14 +66,31 @@ class Stage(abc.ABC):
 
 
 class Detector(abc.ABC):
-    """Base class of every detector. Subclasses set ``name`` and implement the abstract methods."""
+    """Base class of every detector.
+
+    Subclasses set ``name``, ``config_class`` (a frozen dataclass) and ``profiles`` (profile name ->
+    config instance: ``paper``, ``cpu``, ``tiny``...), and implement the abstract methods.
+    """
 
     name: ClassVar[str] = ""
+    config_class: ClassVar[type | None] = None
+    profiles: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, landmark_names: Sequence[str], config: Any, profile: str = "custom") -> None:
         self.landmark_names = tuple(landmark_names)
         self.config = config
         self.profile = profile
+
+    @classmethod
+    def create(cls, landmark_names: Sequence[str], profile: str = "cpu", **overrides: Any) -> Detector:
+        """A new, untrained detector from a named profile, with optional config overrides."""
+        if profile not in cls.profiles:
+            choices = ", ".join(cls.profiles) or "(none)"
+            raise LandmarkError(f"unknown profile {profile!r} for detector {cls.name!r}; choose one of {choices}")
+        config = cls.profiles[profile]
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        return cls(landmark_names, config, profile if not overrides else f"{profile}+overrides")
 
     # --- to implement -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -81,8 +98,20 @@ class Detector(abc.ABC):
         """The inference chain, in order."""
 
     @abc.abstractmethod
-    def fit(self, train: Sequence[Sample], val: Sequence[Sample] | None = None, **options: Any) -> dict[str, Any]:
-        """Train (seeded). Returns a training report (losses, best validation MRE, seconds...)."""
+    def fit(
+        self,
+        train: Sequence[Sample],
+        val: Sequence[Sample] | None = None,
+        *,
+        seed: int = 0,
+        max_minutes: float | None = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Train (seeded, resumable where the detector supports it, within ``max_minutes``).
+
+        Returns a JSON-able training report (epochs, losses, best validation MRE in mm, seconds...).
+        """
 
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """``(state_dicts, fitted)`` to store in the checkpoint; detectors with networks override."""
@@ -133,8 +162,11 @@ class Detector(abc.ABC):
 
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any], device: str) -> Detector:
-        """Build from a loaded checkpoint dict; subclasses with a config dataclass override."""
-        det = cls(payload["landmark_names"], payload["config"], payload.get("profile", "custom"))
+        """Build from a loaded checkpoint dict, with the same network-building code as training."""
+        cfg = payload["config"]
+        if cls.config_class is not None:
+            cfg = cls.config_class(**cfg)
+        det = cls(payload["landmark_names"], cfg, payload.get("profile", "custom"))
         det.load_state(payload["state_dicts"], payload["fitted"], device)
         return det
 
