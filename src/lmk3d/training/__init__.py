@@ -1,1 +1,1 @@
-"""See the package docstring of lmk3d."""
+"""Training: the shared loop, losses and patch samplers."""

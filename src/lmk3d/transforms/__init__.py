@@ -1,1 +1,1 @@
-"""See the package docstring of lmk3d."""
+"""Landmark-aware transforms: working grids (orientation + resampling), intensity, heatmaps."""

@@ -1,0 +1,67 @@
+"""Gaussian heatmaps: encode landmark positions on a grid, decode peaks with sub-voxel refinement."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_heatmaps(points: torch.Tensor, shape: tuple[int, int, int], sigma: float | torch.Tensor) -> torch.Tensor:
+    """One unnormalised Gaussian (peak 1) per point.
+
+    Args:
+        points: ``(..., 3)`` continuous grid indices (NaN rows give all-zero maps).
+        shape: ``(D, H, W)``.
+        sigma: standard deviation in voxels (a scalar or broadcastable to ``points[..., 0]``).
+
+    Returns:
+        ``(..., D, H, W)`` in ``[0, 1]``.
+    """
+    axes = [torch.arange(n, dtype=points.dtype, device=points.device) for n in shape]
+    lead = points.shape[:-1]
+    p = points.reshape(-1, 3)
+    s = torch.as_tensor(sigma, dtype=points.dtype, device=points.device).expand(lead).reshape(-1)
+    # separable: exp(-(dx^2 + dy^2 + dz^2) / 2 s^2) = gx * gy * gz
+    g = [torch.exp(-((axes[a][None, :] - p[:, a, None]) ** 2) / (2 * s[:, None] ** 2)) for a in range(3)]
+    out = g[0][:, :, None, None] * g[1][:, None, :, None] * g[2][:, None, None, :]
+    out = torch.nan_to_num(out, nan=0.0)
+    return out.reshape(*lead, *shape)
+
+
+def decode_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peak position (sub-voxel) and peak value of each heatmap.
+
+    The integer argmax is refined along each axis by fitting a parabola to the logarithm of the
+    peak and its two neighbours: exact for a Gaussian peak, and local, so a second blob elsewhere
+    does not pull the estimate. The offset is clamped to half a voxel; at the border, or where a
+    neighbour is not positive, that axis keeps the integer position.
+
+    Args:
+        heatmaps: ``(..., D, H, W)``.
+
+    Returns:
+        ``(positions (..., 3) float grid indices, peaks (...))``.
+    """
+    lead = heatmaps.shape[:-3]
+    dims = heatmaps.shape[-3:]
+    flat = heatmaps.reshape(-1, dims[0] * dims[1] * dims[2])
+    peak, arg = flat.max(dim=1)
+    idx = torch.stack([arg // (dims[1] * dims[2]), (arg // dims[2]) % dims[1], arg % dims[2]], dim=1)
+    vol = heatmaps.reshape(-1, *dims)
+    m = torch.arange(idx.shape[0], device=heatmaps.device)
+    pos = idx.to(heatmaps.dtype).clone()
+    eps = 1e-12
+    for axis in range(3):
+        lo_i, hi_i = idx.clone(), idx.clone()
+        lo_i[:, axis] = (idx[:, axis] - 1).clamp(min=0)
+        hi_i[:, axis] = (idx[:, axis] + 1).clamp(max=dims[axis] - 1)
+        v0 = peak
+        vm = vol[m, lo_i[:, 0], lo_i[:, 1], lo_i[:, 2]]
+        vp = vol[m, hi_i[:, 0], hi_i[:, 1], hi_i[:, 2]]
+        ok = (idx[:, axis] > 0) & (idx[:, axis] < dims[axis] - 1) & (vm > eps) & (vp > eps) & (v0 > eps)
+        lm, l0, lp = (torch.log(v.clamp(min=eps)) for v in (vm, v0, vp))
+        denom = lm - 2 * l0 + lp
+        off = torch.where(ok & (denom < -eps), 0.5 * (lm - lp) / torch.where(denom < -eps, denom, -torch.ones_like(denom)),
+                          torch.zeros_like(denom))
+        pos[:, axis] += off.clamp(-0.5, 0.5)
+    return pos.reshape(*lead, 3), peak.reshape(lead)
