@@ -48,8 +48,8 @@ class LandmarkSet:
 
     names: tuple[str, ...]
     xyz_mm_ras: np.ndarray
-    scores: np.ndarray = field(default=None)  # type: ignore[assignment]
-    found: np.ndarray = field(default=None)  # type: ignore[assignment]
+    scores: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]  # filled in __post_init__
+    found: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
 
     def __post_init__(self) -> None:
         names = _check_names(self.names)
@@ -97,7 +97,7 @@ class LandmarkSet:
     ) -> LandmarkSet:
         """Build from continuous voxel indices ``(N, 3)`` of an image with the given RAS affine."""
         ijk = np.asarray(ijk, dtype=np.float64).reshape(-1, 3)
-        return cls(tuple(names), geometry.ijk_to_ras(ijk, affine).reshape(-1, 3), scores, found)
+        return cls(tuple(names), geometry.ijk_to_ras(ijk, affine).reshape(-1, 3), scores, found)  # type: ignore[arg-type]
 
     @classmethod
     def empty(cls, names: Sequence[str]) -> LandmarkSet:

@@ -131,7 +131,8 @@ def format_table(ev: Evaluation) -> str:
     widths = [max(len(h), *(len(r[k]) for r in rows)) for k, h in enumerate(head)]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        pairs = enumerate(zip(cells, widths, strict=True))
+        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w) for k, (c, w) in pairs)
 
     out = [line(head), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in rows[:-1]] + ["  ".join("-" * w for w in widths), line(rows[-1])]

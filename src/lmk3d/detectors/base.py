@@ -117,8 +117,8 @@ class Detector(abc.ABC):
         """``(state_dicts, fitted)`` to store in the checkpoint; detectors with networks override."""
         return {}, {}
 
-    def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:
-        """Restore what :meth:`state` returned."""
+    def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:  # noqa: B027
+        """Restore what :meth:`state` returned (nothing, for detectors without learned parts)."""
 
     # --- shared ---------------------------------------------------------------------------------
     def predict_all(self, image: Volume) -> Prediction:
@@ -143,7 +143,8 @@ class Detector(abc.ABC):
         from lmk3d import __version__
 
         state_dicts, fitted = self.state()
-        cfg = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config or {})
+        is_config = dataclasses.is_dataclass(self.config) and not isinstance(self.config, type)
+        cfg = dataclasses.asdict(self.config) if is_config else dict(self.config or {})
         payload = {
             "detector": self.name,
             "version": __version__,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def _read_nifti(path: str, dtype: np.dtype | None) -> Volume:
     import nibabel as nib
 
     try:
-        img = nib.load(path)
+        img: Any = nib.load(path)
         if dtype is not None:
             data = np.asarray(img.dataobj, dtype=dtype)
         else:
@@ -207,10 +208,10 @@ def write_image(path: str | os.PathLike[str], volume: Volume | np.ndarray, affin
         if suffix in NIFTI_SUFFIXES:
             import nibabel as nib
 
-            img = nib.Nifti1Image(array, aff)
-            img.set_qform(aff, code=1)
-            img.set_sform(aff, code=1)
-            nib.save(img, str(tmp))
+            nifti = nib.Nifti1Image(array, aff)
+            nifti.set_qform(aff, code=1)
+            nifti.set_sform(aff, code=1)
+            nib.save(nifti, str(tmp))
         else:
             import SimpleITK as sitk
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def gaussian_heatmaps(points: torch.Tensor, shape: tuple[int, int, int], sigma: float | torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,8 @@ def decode_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ok = (idx[:, axis] > 0) & (idx[:, axis] < dims[axis] - 1) & (vm > eps) & (vp > eps) & (v0 > eps)
         lm, l0, lp = (torch.log(v.clamp(min=eps)) for v in (vm, v0, vp))
         denom = lm - 2 * l0 + lp
-        off = torch.where(ok & (denom < -eps), 0.5 * (lm - lp) / torch.where(denom < -eps, denom, -torch.ones_like(denom)),
-                          torch.zeros_like(denom))
+        curved = ok & (denom < -eps)  # a maximum: the log-parabola opens downwards
+        safe = torch.where(curved, denom, -torch.ones_like(denom))
+        off = torch.where(curved, 0.5 * (lm - lp) / safe, torch.zeros_like(denom))
         pos[:, axis] += off.clamp(-0.5, 0.5)
     return pos.reshape(*lead, 3), peak.reshape(lead)
