@@ -52,6 +52,9 @@ Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[a
 COMMANDS: list[Command] = [
     ("evaluate", "score predictions against a truth table (MRE, SD, SDR, missing) and plot", add_evaluate,
      run_evaluate),
+    ("serve", "start the MONAI Label server with the landmarks app (127.0.0.1 unless --host)",
+     lambda p: __import__("lmk3d.serve").serve.add_serve(p),
+     lambda a: __import__("lmk3d.serve").serve.run_serve(a)),
 ]
 
 

@@ -1,0 +1,1 @@
+"""The landmarks app's adapters: model configs, infer and train tasks, active-learning strategies."""

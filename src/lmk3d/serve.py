@@ -1,0 +1,269 @@
+"""``lmk3d serve``: run the MONAI Label server with the landmarks app and the project's settings.
+
+A thin wrapper over ``monailabel start_server``, run as a child process with this interpreter
+(``sys.executable -m monailabel.main``) so the library itself never imports monailabel. What it adds:
+
+- host ``127.0.0.1`` unless ``--host`` says otherwise (the server has no authentication);
+- ``MONAI_LABEL_TRACKING_ENABLED=false`` (no mlflow runs written or contacted);
+- ``MONAI_LABEL_DATASTORE_FILE_EXT`` = :data:`DATASTORE_FILE_EXT`, so a local studies folder lists
+  NIfTI and NRRD images and picks up Slicer markups (``.mrk.json``, ``.fcsv``) as labels under
+  ``labels/<tag>/``;
+- the app folder ``apps/landmarks`` and the model folder ``models/`` of this checkout, passed to the
+  app as ``--conf models DIR``.
+
+Example::
+
+    lmk3d serve --studies .demo/studies --port 8000
+    lmk3d serve --studies http://127.0.0.1:8042/dicom-web --conf dataset phantom-hn
+    lmk3d serve --studies DIR --dry-run      # print the command and settings, start nothing
+
+The settings above are forced on the child (they define what the app supports); every other
+``MONAI_LABEL_*`` variable in the caller's environment passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from lmk3d.errors import LandmarkError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_APP_DIR = REPO_ROOT / "apps" / "landmarks"
+DEFAULT_MODELS_DIR = REPO_ROOT / "models"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+# Images first; the markups suffixes let labels/<tag>/<image id>.mrk.json (or .fcsv) count as labels.
+DATASTORE_FILE_EXT = ("*.nii.gz", "*.nii", "*.nrrd", "*.mrk.json", "*.fcsv")
+
+
+def _is_url(studies: str) -> bool:
+    return studies.startswith(("http://", "https://"))
+
+
+def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ``base`` (default ``os.environ``) plus the project's forced settings."""
+    env = dict(os.environ if base is None else base)
+    env.update({
+        "MONAI_LABEL_TRACKING_ENABLED": "false",
+        # pydantic-settings parses list settings from JSON.
+        "MONAI_LABEL_DATASTORE_FILE_EXT": json.dumps(list(DATASTORE_FILE_EXT)),
+        "PYTHONUNBUFFERED": "1",
+    })
+    return env
+
+
+def server_command(
+    studies: str | os.PathLike[str],
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    app_dir: str | os.PathLike[str] | None = None,
+    models_dir: str | os.PathLike[str] | None = None,
+    conf: Sequence[tuple[str, str]] = (),
+    log_level: str = "INFO",
+) -> list[str]:
+    """Check the arguments and build the ``monailabel start_server`` command line.
+
+    Args:
+        studies: a folder of images (must exist) or a DICOMweb URL (``http(s)://...``).
+        host: interface to listen on; ``127.0.0.1`` keeps the server private to this machine.
+        port: TCP port, 1-65535.
+        app_dir: the MONAI Label app folder (default: this checkout's ``apps/landmarks``).
+        models_dir: the folder of ``<detector>-<dataset>/checkpoint.pt`` models (default: ``models/``).
+        conf: extra ``(key, value)`` app settings; a later key overrides an earlier one, so these
+            override the ``models`` entry derived from ``models_dir``.
+        log_level: one of DEBUG, INFO, WARNING, ERROR.
+
+    Raises:
+        LandmarkError: a missing studies/app folder, a bad port or log level, or no monailabel.
+    """
+    studies_s = str(studies)
+    if not _is_url(studies_s):
+        sp = Path(studies_s).expanduser()
+        if not sp.is_dir():
+            raise LandmarkError(f"studies folder {sp} does not exist; give an existing folder of images "
+                                "(.nii.gz, .nii, .nrrd) or a DICOMweb URL (http://... or https://...)")
+        studies_s = str(sp.resolve())
+    app = Path(app_dir) if app_dir is not None else DEFAULT_APP_DIR
+    if not (app / "main.py").is_file():
+        raise LandmarkError(f"{app}: not a MONAI Label app folder (no main.py); pass --app with the "
+                            "checkout's apps/landmarks folder")
+    models = Path(models_dir) if models_dir is not None else DEFAULT_MODELS_DIR
+    if not 1 <= int(port) <= 65535:
+        raise LandmarkError(f"port {port} is out of range; use 1-65535")
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+    if log_level.upper() not in levels:
+        raise LandmarkError(f"unknown log level {log_level!r}; choose one of {', '.join(levels)}")
+    if importlib.util.find_spec("monailabel") is None:
+        raise LandmarkError(f"monailabel is not installed for {sys.executable}; install the project with "
+                            "its app extra (pip install -e '.[app]', or run make test once)")
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server",
+           "--app", str(app.resolve()), "--studies", studies_s,
+           "--host", host, "--port", str(int(port)), "--verbose", log_level.upper(),
+           "--conf", "models", str(models.resolve())]
+    for key, value in conf:
+        cmd += ["--conf", str(key), str(value)]
+    return cmd
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise a clear error now rather than let uvicorn fail after the app has loaded."""
+    bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As uvicorn does: a port left in TIME_WAIT by a stopped server is free; a listening one is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind_host, port))
+        except OSError as e:
+            raise LandmarkError(f"cannot listen on {host}:{port} ({e.strerror}); the port is probably in "
+                                "use: choose another with --port") from None
+
+
+def server_url(host: str, port: int) -> str:
+    """The URL a client on this machine uses (a wildcard host is reached through loopback)."""
+    h = "127.0.0.1" if host in ("", "0.0.0.0") else ("[::1]" if host == "::" else host)
+    return f"http://{h}:{port}"
+
+
+def start_server(
+    studies: str | os.PathLike[str],
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    app_dir: str | os.PathLike[str] | None = None,
+    models_dir: str | os.PathLike[str] | None = None,
+    conf: Sequence[tuple[str, str]] = (),
+    log_level: str = "INFO",
+    env: Mapping[str, str] | None = None,
+    **popen_kwargs: Any,
+) -> subprocess.Popen[bytes]:
+    """Start the server in the background and return its process (see :func:`server_command`).
+
+    Args:
+        env: base environment (default ``os.environ``); the project's settings are added to it.
+        popen_kwargs: passed to :class:`subprocess.Popen` (``stdout``, ``stderr``, ``start_new_session``...).
+    """
+    cmd = server_command(studies, host=host, port=port, app_dir=app_dir, models_dir=models_dir, conf=conf,
+                         log_level=log_level)
+    check_port_free(host, port)
+    return subprocess.Popen(cmd, env=server_env(env), **popen_kwargs)
+
+
+# The server is local: never send its requests through an http_proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def wait_until_ready(
+    url: str,
+    process: subprocess.Popen[bytes] | None = None,
+    timeout_s: float = 300.0,
+    log_file: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Poll ``GET {url}/info/`` until it answers 200; return its JSON.
+
+    Raises:
+        RuntimeError: the process exited first, or ``timeout_s`` passed; the message ends with the
+            last lines of ``log_file`` when one is given.
+    """
+    deadline = time.monotonic() + timeout_s
+    last_error = "no answer yet"
+    while True:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with status {process.returncode} before {url}/info/ "
+                               f"answered{_log_tail(log_file)}")
+        try:
+            with _NO_PROXY.open(f"{url}/info/", timeout=10) as r:
+                return dict(json.loads(r.read().decode("utf-8")))
+        except urllib.error.HTTPError as e:
+            last_error = f"HTTP {e.code}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as e:
+            last_error = str(getattr(e, "reason", e))
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url}/info/ did not answer within {timeout_s:.0f} s (last: {last_error})"
+                               f"{_log_tail(log_file)}")
+        time.sleep(0.5)
+
+
+def _log_tail(log_file: str | os.PathLike[str] | None, lines: int = 40) -> str:
+    if log_file is None or not Path(log_file).is_file():
+        return ""
+    tail = Path(log_file).read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    return f"\n--- last {len(tail)} lines of {log_file} ---\n" + "\n".join(tail)
+
+
+def stop_server(process: subprocess.Popen[bytes], timeout_s: float = 30.0) -> int:
+    """Terminate, wait up to ``timeout_s``, then kill; return the exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
+def run_foreground(process: subprocess.Popen[bytes]) -> int:
+    """Wait for the server; Ctrl-C or SIGTERM to this process stops it (terminate, then kill)."""
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return int(process.wait())
+    except KeyboardInterrupt:
+        # A SIGTERM after the terminal's SIGINT is harmless to uvicorn: both mean "shut down".
+        return stop_server(process)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- the sub-command ------------------------------------------------------------------------------
+def add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--studies", required=True, metavar="DIR_OR_DICOMWEB_URL",
+                   help="a folder of images (.nii.gz, .nii, .nrrd; labels in labels/final) or a DICOMweb URL")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"interface to listen on (default {DEFAULT_HOST}; the server has no authentication)")
+    p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                   help="an app setting, repeatable: models DIR, dataset NAME (default hippocampus), "
+                   "device cpu|cuda")
+    p.add_argument("--app", default=None, help=f"MONAI Label app folder (default {DEFAULT_APP_DIR})")
+    p.add_argument("--models", default=None, help=f"model folder (default {DEFAULT_MODELS_DIR})")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    p.add_argument("--dry-run", action="store_true", help="print the command and settings; start nothing")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    conf = [(k, v) for k, v in args.conf]
+    cmd = server_command(args.studies, host=args.host, port=args.port, app_dir=args.app,
+                         models_dir=args.models, conf=conf, log_level=args.log_level)
+    env = server_env()
+    forced = ("MONAI_LABEL_TRACKING_ENABLED", "MONAI_LABEL_DATASTORE_FILE_EXT")
+    if args.dry_run:
+        for k in forced:
+            print(f"{k}={shlex.quote(env[k])}")
+        print(shlex.join(cmd))
+        return 0
+    check_port_free(args.host, args.port)
+    url = server_url(args.host, args.port)
+    print(f"lmk3d serve: starting MONAI Label at {url} (Ctrl-C stops it)", flush=True)
+    process = subprocess.Popen(cmd, env=env)
+    return run_foreground(process)
