@@ -28,3 +28,4 @@ if torch.version.cuda is None and importlib.util.find_spec("torchvision") is not
     sys.exit("torchvision is installed next to a CPU-only torch; it cannot load here")
 PY
 touch .venv/.lmk3d-installed
+bash scripts/install_system_tools.sh || echo "== system tools not installed; the tests that need them will skip"
