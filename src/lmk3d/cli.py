@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -48,10 +49,216 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- phantoms, train, predict (issue 3) ------------------------------------------------------------
+def add_phantoms(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for images/, landmarks.csv, groups.json, phantoms.json")
+    p.add_argument("--n", type=int, required=True, help="number of cases")
+    p.add_argument("--seed", type=int, default=0, help="seed; case i of a seed is always the same (default 0)")
+    p.add_argument("--profile", default="clinical", choices=["clinical", "medium", "small"],
+                   help="clinical: 512x512 at 0.5-1.2 mm, 1-3 mm slices; medium: about 140-290 in-plane for "
+                   "benchmarks; small: 96x96x64 for tests (default clinical)")
+    p.add_argument("--size", help="fixed matrix I,J,K (e.g. 96,96,64); the spacing follows from the field of view")
+    p.add_argument("--preview", nargs="?", const="", default=None, metavar="PNG",
+                   help="also draw orthogonal slices through each landmark of the first complete case "
+                   "(default OUT/preview.png)")
+
+
+def run_phantoms(args: argparse.Namespace) -> int:
+    import dataclasses
+    import time
+
+    from lmk3d.data import phantoms
+
+    if args.n < 1:
+        raise LandmarkError(f"--n {args.n}: give at least one case")
+    cfg = phantoms.PROFILES[args.profile]
+    if args.size:
+        cfg = dataclasses.replace(cfg, size=phantoms.parse_size(args.size))
+    t0 = time.perf_counter()
+    made = phantoms.generate(args.out, args.n, args.seed, cfg, profile=args.profile)
+    n_missing = sum(int((~ph.landmarks.found).sum()) for ph in made)
+    print(f"wrote {args.n} phantoms to {args.out} in {time.perf_counter() - t0:.1f} s "
+          f"({n_missing} landmark(s) outside their field of view)")
+    if args.preview is not None:
+        complete = next((ph for ph in made if ph.landmarks.found.all()), made[0])
+        ph = phantoms.make_phantom(args.seed, complete.params.index, cfg)
+        path = Path(args.preview) if args.preview else Path(args.out) / "preview.png"
+        title = (f"{ph.params.case} (seed {args.seed}, {args.profile}): "
+                 f"{'x'.join(map(str, ph.volume.shape))} voxels, "
+                 f"{' x '.join(f'{s:.2f}' for s in ph.volume.spacing_mm)} mm, {''.join(ph.volume.axcodes)}")
+        phantoms.preview(ph.volume, ph.landmarks, path, title)
+        print(f"wrote {path}")
+    return 0
+
+
+def _command_line(name: str, args: argparse.Namespace, keys: Sequence[str]) -> str:
+    """The command as it could be typed again (for reports and model cards)."""
+    parts = ["lmk3d", name]
+    for k in keys:
+        v = getattr(args, k, None)
+        if v is None or v is False:
+            continue
+        flag = "--" + k.replace("_", "-")
+        parts += [flag] if v is True else [flag, str(v)]
+    return " ".join(parts)
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--detector", required=True, help="registered detector name (mean_shape, prior_guided, "
+                   "pin, cascade)")
+    p.add_argument("--profile", default="cpu", help="config profile of the detector (default cpu)")
+    p.add_argument("--data", required=True, help="dataset: a folder with landmarks.csv and images/ (e.g. "
+                   "../shared/data/hippocampus), a phantom folder, a folder of images with <case>.mrk.json or "
+                   ".fcsv files, or a landmark table CSV")
+    p.add_argument("--images", help="image folder, when --data is a table CSV not beside an images/ folder")
+    p.add_argument("--out", required=True, help="model folder: checkpoint.pt, split.json, train_report.json, "
+                   "metrics.json (the test split)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the case-level split (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction (default 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction (default 0.2)")
+    p.add_argument("--max-minutes", type=float, help="training time budget")
+    p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import platform
+    import time
+
+    import numpy as np
+
+    from lmk3d.data import apply_split, load_dataset, make_split, write_split
+    from lmk3d.detectors import detector_class, load_detector
+    from lmk3d.io.atomic import atomic_write_text
+    from lmk3d.metrics import evaluate, format_table
+
+    cls = detector_class(args.detector)
+    ds = load_dataset(args.data, args.images)
+    labelled = ds.labelled()
+    if not labelled:
+        raise LandmarkError(f"{args.data}: no labelled cases to train on ({len(ds)} images, no landmarks)")
+    fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
+    split = make_split([s.case for s in labelled], fractions, args.split_seed)
+    train, val, test = apply_split(labelled, split)
+    print(f"{args.data}: {len(ds)} cases ({len(labelled)} labelled), {len(ds.names)} landmarks; split seed "
+          f"{args.split_seed}: {len(train)} train / {len(val)} val / {len(test)} test")
+    det = cls.create(ds.names, args.profile)
+    t0 = time.perf_counter()
+    # Landmark groups are not passed: the prior-guided detector reads groups.json beside the images itself,
+    # and detectors without groups reject options they do not know.
+    fit_report = det.fit(train, val, seed=args.seed, max_minutes=args.max_minutes, progress=not args.no_progress)
+    train_seconds = time.perf_counter() - t0
+    out = Path(args.out)
+    det.save(out)
+    command = _command_line("train", args, ["detector", "profile", "data", "images", "out", "split_seed",
+                                            "val_fraction", "test_fraction", "max_minutes", "seed"])
+    write_split(out / "split.json", split, {"data": str(args.data), "command": command})
+    metrics: dict[str, object] = {}
+    test_mre: float | None = None
+    if test:
+        model = load_detector(out, args.device)  # evaluate what was saved, not what is in memory
+        preds = {s.case: model.predict(s.load_image()) for s in test}
+        ev = evaluate(preds, {s.case: s.landmarks for s in test if s.landmarks is not None})
+        print(format_table(ev))
+        metrics = {"subset": "test", "data": str(args.data), "split_seed": args.split_seed,
+                   "n_cases": len(test), **ev.to_dict()}
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2, allow_nan=True))
+        test_mre = ev.overall.mre
+    report = {
+        "detector": args.detector, "profile": args.profile, "data": str(args.data), "command": command,
+        "seed": args.seed, "split_seed": args.split_seed, "max_minutes": args.max_minutes,
+        "counts": {"train": len(train), "val": len(val), "test": len(test)},
+        "landmark_names": list(ds.names), "groups": [g.to_dict() for g in ds.groups],
+        "train_seconds": round(train_seconds, 2), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
+        "fit": fit_report,
+        "test_mre_mm": test_mre,
+    }
+    atomic_write_text(out / "train_report.json", json.dumps(report, indent=2, default=_jsonable))
+    extra = f"; test MRE {test_mre:.2f} mm" if test_mre is not None and np.isfinite(test_mre) else ""
+    print(f"trained {args.detector} ({args.profile}) in {train_seconds:.1f} s -> {out}{extra}")
+    return 0
+
+
+def _jsonable(o: object) -> object:
+    import numpy as np
+
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
+
+
+PREDICT_FORMATS = ("mrk.json", "fcsv", "json", "csv")
+
+
+def add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder (with checkpoint.pt)")
+    p.add_argument("--out", required=True, help="folder for <case>.<format> files and predictions.csv")
+    p.add_argument("images", nargs="*", metavar="IMAGE", help="images (NIfTI, NRRD, MetaImage, DICOM folder)")
+    p.add_argument("--format", default="mrk.json", choices=PREDICT_FORMATS,
+                   help="per-image landmark file format (default mrk.json)")
+    p.add_argument("--data", help="a dataset (as for train): predict its --subset cases instead of IMAGE...")
+    p.add_argument("--images-dir", dest="images_dir", help="image folder for a --data table CSV")
+    p.add_argument("--subset", default="test", choices=["train", "val", "test", "all"],
+                   help="with --data: which cases of the model's split.json (default test); the subset's "
+                   "true landmarks are written to OUT/truth.csv")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import time
+
+    from lmk3d.detectors import load_detector
+    from lmk3d.io import case_id, read_image, write_landmarks, write_table
+    from lmk3d.landmarks import LandmarkSet
+
+    jobs: list[tuple[str, Path]] = [(case_id(p), Path(p)) for p in args.images]
+    out = Path(args.out)
+    truth: dict[str, LandmarkSet] = {}
+    if args.data:
+        from lmk3d.data import load_dataset, read_split
+
+        ds = load_dataset(args.data, args.images_dir)
+        cases = read_split(args.model).subset(args.subset) if args.subset != "all" else ds.cases
+        samples = ds.subset(cases)
+        jobs += [(s.case, s.image_path) for s in samples]
+        truth = {s.case: s.landmarks for s in samples if s.landmarks is not None}
+    if not jobs:
+        raise LandmarkError("no images to predict; give IMAGE... or --data")
+    seen: dict[str, Path] = {}
+    for c, p in jobs:
+        if c in seen:
+            raise LandmarkError(f"two images give the same case id {c!r}: {seen[c]} and {p}")
+        seen[c] = p
+    model = load_detector(args.model, args.device)
+    table: dict[str, LandmarkSet] = {}
+    for c, p in jobs:
+        t0 = time.perf_counter()
+        volume = read_image(p)
+        t1 = time.perf_counter()
+        pred = model.predict_all(volume)
+        write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
+        table[c] = pred.landmarks
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in pred.latencies.items())
+        print(f"{c}: {int(pred.landmarks.found.sum())}/{len(pred.landmarks)} found (load {t1 - t0:.2f} s, {stages})")
+    write_table(out / "predictions.csv", table, with_scores=True)
+    if truth:
+        write_table(out / "truth.csv", truth, with_scores=False)
+    print(f"wrote {len(table)} {args.format} file(s) and {out / 'predictions.csv'}"
+          + (f" and {out / 'truth.csv'}" if truth else ""))
+    return 0
+
+
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
     ("evaluate", "score predictions against a truth table (MRE, SD, SDR, missing) and plot", add_evaluate,
      run_evaluate),
+    ("phantoms", "write CT-like head-and-neck phantoms with known landmarks", add_phantoms, run_phantoms),
+    ("train", "train a detector on a dataset (case-level split) and score it on the test split", add_train,
+     run_train),
+    ("predict", "predict landmarks on images with a trained model", add_predict, run_predict),
     ("serve", "start the MONAI Label server with the landmarks app (127.0.0.1 unless --host)",
      lambda p: __import__("lmk3d.serve").serve.add_serve(p),
      lambda a: __import__("lmk3d.serve").serve.run_serve(a)),

@@ -1,0 +1,179 @@
+"""``mean_shape``: the baseline every detector must beat.
+
+Each landmark goes to its mean position *relative to the image*: in the world (patient, RAS) frame, the
+field of view's axis-aligned bounding box has a centre ``c`` and an extent ``e`` (mm, per axis); a
+landmark at ``x`` has normalised coordinates ``u = (x - c) / e``. Fitting averages ``u`` per landmark
+over the training cases where it is annotated; predicting puts it at ``c + e * mean(u)`` for the new
+image. Only image headers are needed, so it fits in seconds on any dataset.
+
+Score: the fraction of training cases whose true landmark lies within ``hit_radius_mm`` of where this
+rule puts it on that case (an in-sample detection rate, the same for every image). A landmark outside
+the field of view is "not found" (the detector contract's rule, applied by the base class).
+
+Example:
+    >>> det = MeanShapeDetector.create(["a"], "tiny")
+    >>> det.stages()[0].name
+    'mean_position'
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmk3d import geometry
+from lmk3d.data.samples import Sample
+from lmk3d.detectors.base import Detector, Stage
+from lmk3d.errors import LandmarkError
+from lmk3d.io.image import Volume
+from lmk3d.landmarks import LandmarkSet
+
+
+@dataclass(frozen=True)
+class MeanShapeConfig:
+    """Attributes:
+    hit_radius_mm: radius of the training detection rate reported as the score.
+    """
+
+    hit_radius_mm: float = 8.0
+
+
+def frame_of(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre and extent ``((3,), (3,))`` in mm of the RAS bounding box of an image's field of view."""
+    lo, hi = geometry.world_bounds_ras(affine, shape)
+    return 0.5 * (lo + hi), hi - lo
+
+
+class MeanPositionStage(Stage):
+    """Places every landmark at its fitted mean position in the image's normalised frame."""
+
+    name = "mean_position"
+
+    def __init__(self, detector: MeanShapeDetector) -> None:
+        self.detector = detector
+
+    def __call__(self, image: Volume, previous: LandmarkSet | None) -> LandmarkSet:
+        return self.detector.place(image.shape, image.affine)
+
+
+class MeanShapeDetector(Detector):
+    """Mean position of each landmark relative to the image's field of view (see the module docstring).
+
+    Fitted state: ``offsets`` ``(N, 3)`` normalised mean positions (NaN for a landmark never annotated),
+    ``scores`` ``(N,)``, ``n_cases`` ``(N,)`` training cases per landmark.
+    """
+
+    name = "mean_shape"
+    config_class = MeanShapeConfig
+    profiles = {"cpu": MeanShapeConfig(), "tiny": MeanShapeConfig()}
+
+    def __init__(self, landmark_names: Sequence[str], config: MeanShapeConfig, profile: str = "custom") -> None:
+        super().__init__(landmark_names, config, profile)
+        n = len(self.landmark_names)
+        self.offsets = np.full((n, 3), np.nan)
+        self.scores = np.zeros(n)
+        self.n_cases = np.zeros(n, dtype=int)
+
+    def stages(self) -> list[Stage]:
+        return [MeanPositionStage(self)]
+
+    def place(self, shape: Sequence[int], affine: np.ndarray) -> LandmarkSet:
+        """The landmarks for an image of this ``shape`` and ``affine`` (no voxels needed)."""
+        centre, extent = frame_of(shape, affine)
+        xyz = centre + extent * self.offsets
+        return LandmarkSet(self.landmark_names, xyz, self.scores.copy(), np.isfinite(xyz).all(axis=1))
+
+    def fit(
+        self,
+        train: Sequence[Sample],
+        val: Sequence[Sample] | None = None,
+        *,
+        seed: int = 0,
+        max_minutes: float | None = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Average the normalised positions over ``train`` (headers only); report train/val MRE in mm.
+
+        ``seed``, ``max_minutes`` and other options are accepted for the common interface; the fit is
+        deterministic and takes seconds.
+
+        Raises:
+            LandmarkError: no training sample has landmarks.
+        """
+        from tqdm import tqdm
+
+        from lmk3d.data.datasets import image_geometry
+
+        t0 = time.perf_counter()
+        labelled = [s for s in train if s.landmarks is not None]
+        if not labelled:
+            raise LandmarkError("mean_shape: no labelled training samples")
+        geoms = [image_geometry(s.image_path) for s in tqdm(labelled, desc="mean_shape: reading headers",
+                                                           disable=not progress, leave=False)]
+        n = len(self.landmark_names)
+        acc = np.zeros((n, 3))
+        count = np.zeros(n, dtype=int)
+        for s, (shape, affine) in zip(labelled, geoms, strict=True):
+            assert s.landmarks is not None
+            lm = s.landmarks.reorder(self.landmark_names)
+            centre, extent = frame_of(shape, affine)
+            u = (lm.xyz_mm_ras - centre) / extent
+            ok = lm.found
+            acc[ok] += u[ok]
+            count[ok] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            self.offsets = np.where(count[:, None] > 0, acc / np.maximum(count, 1)[:, None], np.nan)
+        self.n_cases = count
+        train_err = self._errors(labelled, geoms)
+        hits = np.nansum(train_err <= self.config.hit_radius_mm, axis=0)
+        self.scores = np.where(count > 0, hits / np.maximum(count, 1), 0.0)
+        report: dict[str, Any] = {
+            "detector": self.name,
+            "n_train": len(labelled),
+            "train_mre_mm": _mre(train_err),
+            "per_landmark_cases": {nm: int(c) for nm, c in zip(self.landmark_names, count, strict=True)},
+        }
+        val_lab = [s for s in (val or []) if s.landmarks is not None]
+        report["n_val"] = len(val_lab)
+        if val_lab:
+            report["val_mre_mm"] = _mre(self._errors(val_lab, [image_geometry(s.image_path) for s in val_lab]))
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        if progress:
+            val_txt = f", val MRE {report['val_mre_mm']:.2f} mm" if val_lab else ""
+            print(f"mean_shape: fitted on {len(labelled)} cases: train MRE {report['train_mre_mm']:.2f} mm{val_txt}")
+        return report
+
+    def _errors(self, samples: Sequence[Sample], geoms: Sequence[tuple[tuple[int, int, int], np.ndarray]]
+                ) -> np.ndarray:
+        """``(cases, N)`` radial errors in mm of this rule on ``samples`` (NaN where not annotated)."""
+        out = np.full((len(samples), len(self.landmark_names)), np.nan)
+        for i, (s, (shape, affine)) in enumerate(zip(samples, geoms, strict=True)):
+            assert s.landmarks is not None
+            lm = s.landmarks.reorder(self.landmark_names)
+            pred = self.place(shape, affine)
+            ok = lm.found & pred.found
+            out[i, ok] = np.linalg.norm(pred.xyz_mm_ras[ok] - lm.xyz_mm_ras[ok], axis=1)
+        return out
+
+    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {}, {"offsets": self.offsets.tolist(), "scores": self.scores.tolist(),
+                    "n_cases": self.n_cases.tolist()}
+
+    def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:
+        n = len(self.landmark_names)
+        offsets = np.asarray(fitted.get("offsets", np.full((n, 3), np.nan)), dtype=np.float64).reshape(-1, 3)
+        if offsets.shape != (n, 3):
+            raise LandmarkError(f"mean_shape checkpoint: offsets of shape {offsets.shape} for {n} landmarks")
+        self.offsets = offsets
+        self.scores = np.asarray(fitted.get("scores", np.zeros(n)), dtype=np.float64)
+        self.n_cases = np.asarray(fitted.get("n_cases", np.zeros(n)), dtype=int)
+
+
+def _mre(errors: np.ndarray) -> float:
+    e = errors[np.isfinite(errors)]
+    return float(e.mean()) if len(e) else float("nan")

@@ -1,0 +1,150 @@
+"""The mean-shape baseline and the generic train -> predict -> evaluate command chain."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lmk3d.cli import main
+from lmk3d.data import Sample, load_dataset
+from lmk3d.detectors import detector_class, detector_names, load_detector
+from lmk3d.detectors.mean_shape import MeanShapeDetector, frame_of
+from lmk3d.io import Volume, read_landmarks, read_table, write_image
+from lmk3d.landmarks import LandmarkSet
+from tests.conftest import oblique_affine
+
+NAMES = ("a", "b", "c")
+#: true landmark positions in the image's normalised frame (centre 0, extent 1 per RAS axis)
+U = np.array([[0.1, -0.2, 0.05], [-0.25, 0.3, 0.0], [0.0, 0.0, -0.3]])
+
+
+def _case(tmp: Path, name: str, affine: np.ndarray, shape: tuple[int, int, int], jitter: np.ndarray,
+          found: np.ndarray | None = None) -> Sample:
+    path = write_image(tmp / f"{name}.nii.gz", Volume(np.zeros(shape, np.int16), affine))
+    centre, extent = frame_of(shape, affine)
+    xyz = centre + extent * (U + jitter)
+    return Sample(name, path, LandmarkSet(NAMES, xyz, found=found))
+
+
+def test_registered_with_uniform_profiles() -> None:
+    assert "mean_shape" in detector_names()
+    cls = detector_class("mean_shape")
+    assert cls is MeanShapeDetector and {"cpu", "tiny"} <= set(cls.profiles)
+
+
+def test_mean_position_relative_to_the_field_of_view(tmp_path: Path, rng: np.random.Generator) -> None:
+    jitters = [rng.normal(0, 0.02, size=(3, 3)) for _ in range(6)]
+    jitters.append(-np.sum(jitters, axis=0))  # the training mean of U + jitter is exactly U
+    train = [_case(tmp_path, f"t{i}", oblique_affine(rng, spacing=(1.0 + 0.1 * i, 0.8, 2.0)),
+                   (20 + i, 24, 12), j) for i, j in enumerate(jitters)]
+    det = MeanShapeDetector.create(NAMES, "tiny")
+    report = det.fit(train, progress=False)
+    assert report["n_train"] == 7 and report["train_mre_mm"] > 0
+    # A new image anywhere, of any size and orientation: the landmarks follow its field of view.
+    new = _case(tmp_path, "new", oblique_affine(rng, spacing=(0.5, 0.7, 3.0), flip=(-1, -1, 1)), (40, 30, 16),
+                np.zeros((3, 3)))
+    image = new.load_image()
+    pred = det.predict(image)
+    assert new.landmarks is not None
+    np.testing.assert_allclose(pred.xyz_mm_ras, new.landmarks.xyz_mm_ras, atol=1e-6)
+    # found = inside the (oblique) field of view, whose RAS bounding box is larger than itself
+    np.testing.assert_array_equal(pred.found, image.contains_ras(pred.xyz_mm_ras))
+    assert pred.found.any() and np.all((pred.scores >= 0) & (pred.scores <= 1))
+    assert [s.name for s in det.predict_all(new.load_image()).stages] == ["mean_position"]
+
+
+def test_missing_training_landmarks_are_masked_not_zero(tmp_path: Path, rng: np.random.Generator) -> None:
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    train = [_case(tmp_path, f"t{i}", affine, (30, 30, 30), np.zeros((3, 3)),
+                   found=np.array([True, i % 2 == 0, False])) for i in range(4)]
+    for s in train:  # the missing landmark's stored position is garbage: it must be ignored
+        assert s.landmarks is not None
+        object.__setattr__(s, "landmarks", LandmarkSet(NAMES, np.where(s.landmarks.found[:, None],
+                                                                       s.landmarks.xyz_mm_ras, 1e6),
+                                                       found=s.landmarks.found))
+    det = MeanShapeDetector.create(NAMES, "cpu")
+    det.fit(train, progress=False)
+    pred = det.predict(Volume(np.zeros((30, 30, 30), np.float32), affine))
+    centre, extent = frame_of((30, 30, 30), affine)
+    np.testing.assert_allclose(pred.xyz_mm_ras[:2], centre + extent * U[:2], atol=1e-9)
+    assert not pred.found[2] and pred.scores[2] == 0.0  # never annotated: not found
+
+
+def test_outside_the_field_of_view_is_not_found(tmp_path: Path) -> None:
+    det = MeanShapeDetector.create(["x"], "tiny")
+    det.offsets = np.array([[0.7, 0.0, 0.0]])  # beyond the half-extent: outside any image
+    pred = det.predict(Volume(np.zeros((10, 10, 10), np.float32), np.eye(4)))
+    assert not pred.found[0]
+
+
+def test_save_load_gives_identical_predictions(tmp_path: Path, rng: np.random.Generator) -> None:
+    train = [_case(tmp_path, f"t{i}", oblique_affine(rng), (16, 18, 10), rng.normal(0, 0.05, (3, 3)))
+             for i in range(5)]
+    det = MeanShapeDetector.create(NAMES, "cpu")
+    det.fit(train, progress=False)
+    det.save(tmp_path / "model")
+    back = load_detector(tmp_path / "model", "cpu")
+    assert isinstance(back, MeanShapeDetector) and back.profile == "cpu"
+    image = Volume(np.zeros((21, 13, 9), np.float32), oblique_affine(rng, flip=(-1, 1, -1)))
+    a, b = det.predict(image), back.predict(image)
+    np.testing.assert_array_equal(a.xyz_mm_ras, b.xyz_mm_ras)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.found, b.found)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny_hn")
+    assert main(["phantoms", "--out", str(out), "--n", "10", "--seed", "4", "--profile", "small",
+                 "--size", "40,40,28"]) == 0
+    return out
+
+
+def test_cli_train_predict_evaluate_chain(tiny_set: Path, tmp_path: Path) -> None:
+    model, pred, ev = tmp_path / "model", tmp_path / "pred", tmp_path / "eval"
+    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
+                 "--out", str(model), "--no-progress"]) == 0
+    assert {"checkpoint.pt", "split.json", "train_report.json", "metrics.json"} <= {p.name for p in model.iterdir()}
+    split = json.loads((model / "split.json").read_text())
+    assert split["counts"] == {"train": 7, "val": 1, "test": 2} and split["seed"] == 0
+    report = json.loads((model / "train_report.json").read_text())
+    assert report["detector"] == "mean_shape" and report["groups"][0]["landmarks"] == ["chin", "occ_bone"]
+    trained = json.loads((model / "metrics.json").read_text())
+
+    # predict the test split of the dataset, then score it with `lmk3d evaluate`
+    assert main(["predict", "--model", str(model), "--data", str(tiny_set), "--subset", "test",
+                 "--out", str(pred)]) == 0
+    assert sorted(p.name for p in pred.glob("*.mrk.json")) == sorted(f"{c}.mrk.json" for c in split["test"])
+    with open(pred / "predictions.csv") as f:
+        assert next(csv.reader(f)) == ["case", "name", "x_ras", "y_ras", "z_ras", "score", "found"]
+    assert main(["evaluate", "--pred", str(pred / "predictions.csv"), "--truth", str(pred / "truth.csv"),
+                 "--out", str(ev)]) == 0
+    scored = json.loads((ev / "metrics.json").read_text())
+    assert scored["overall"]["n_truth"] == trained["overall"]["n_truth"] > 0
+    assert scored["overall"]["mre"] == pytest.approx(trained["overall"]["mre"], abs=1e-3)
+
+
+@pytest.mark.parametrize("fmt", ["fcsv", "json", "csv"])
+def test_cli_predict_images_in_each_format(tiny_set: Path, tmp_path: Path, fmt: str) -> None:
+    model = tmp_path / "model"
+    assert main(["train", "--detector", "mean_shape", "--profile", "cpu", "--data", str(tiny_set),
+                 "--out", str(model), "--no-progress"]) == 0
+    images = [str(s.image_path) for s in load_dataset(tiny_set)][:2]
+    assert main(["predict", "--model", str(model), "--out", str(tmp_path / "p"), "--format", fmt, *images]) == 0
+    table = read_table(tmp_path / "p" / "predictions.csv")
+    for case, lm in table.items():
+        one = read_landmarks(tmp_path / "p" / f"{case}.{fmt}")
+        assert one.reorder(lm.names).allclose(lm, atol_mm=1e-3)
+    assert len(table) == 2
+
+
+def test_cli_bad_input_exits_2(tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "--detector", "nope", "--data", str(tiny_set), "--out", str(tmp_path / "m")]) == 2
+    assert "unknown detector 'nope'" in capsys.readouterr().err
+    assert main(["train", "--detector", "mean_shape", "--profile", "paper2", "--data", str(tiny_set),
+                 "--out", str(tmp_path / "m")]) == 2
+    assert main(["predict", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "p"), "x.nii.gz"]) == 2
