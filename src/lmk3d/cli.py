@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lmk3d import serve  # stdlib only: it starts monailabel as a subprocess, never imports it
 from lmk3d.errors import LandmarkError
 
 
@@ -259,9 +260,8 @@ COMMANDS: list[Command] = [
     ("train", "train a detector on a dataset (case-level split) and score it on the test split", add_train,
      run_train),
     ("predict", "predict landmarks on images with a trained model", add_predict, run_predict),
-    ("serve", "start the MONAI Label server with the landmarks app (127.0.0.1 unless --host)",
-     lambda p: __import__("lmk3d.serve").serve.add_serve(p),
-     lambda a: __import__("lmk3d.serve").serve.run_serve(a)),
+    ("serve", "start the MONAI Label server with the landmarks app (127.0.0.1 unless --host)", serve.add_serve,
+     serve.run_serve),
 ]
 
 
