@@ -375,3 +375,19 @@ def test_read_sr_refuses_what_is_not_a_landmark_sr(tmp_path: Path) -> None:
         read_sr(tmp_path / "x.dcm")
     with pytest.raises(LandmarkFormatError, match="no such file"):
         read_sr(tmp_path / "missing.dcm")
+
+
+def test_cli_predict_writes_sr_matching_the_table(tmp_path):
+    """`lmk3d predict --format sr` on a DICOM folder: the SR holds the same points as predictions.csv."""
+    from lmk3d.cli import main
+    from lmk3d.io.table import read_table
+
+    model = Path(__file__).resolve().parents[1] / "models" / "mean_shape-hippocampus"
+    assert main(["predict", "--model", str(model), "--out", str(tmp_path), "--format", "sr", str(MR_SERIES)]) == 0
+    table = read_table(tmp_path / "predictions.csv")[MR_SERIES.name]
+    sr = read_sr(tmp_path / f"{MR_SERIES.name}.sr.dcm")
+    assert sr.names == table.names
+    np.testing.assert_array_equal(sr.found, table.found)
+    np.testing.assert_allclose(sr.xyz_mm_ras[sr.found], table.xyz_mm_ras[table.found], atol=1e-3)
+    nifti = DATA / "hippocampus" / "images" / "hippocampus_004.nii.gz"
+    assert main(["predict", "--model", str(model), "--out", str(tmp_path / "x"), "--format", "sr", str(nifti)]) == 2

@@ -191,7 +191,7 @@ def _jsonable(o: object) -> object:
     return str(o)
 
 
-PREDICT_FORMATS = ("mrk.json", "fcsv", "json", "csv")
+PREDICT_FORMATS = ("mrk.json", "fcsv", "json", "csv", "sr")
 
 
 def add_predict(p: argparse.ArgumentParser) -> None:
@@ -199,7 +199,8 @@ def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for <case>.<format> files and predictions.csv")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images (NIfTI, NRRD, MetaImage, DICOM folder)")
     p.add_argument("--format", default="mrk.json", choices=PREDICT_FORMATS,
-                   help="per-image landmark file format (default mrk.json)")
+                   help="per-image landmark file format (default mrk.json); sr = a DICOM Comprehensive 3D SR "
+                   "(TID 1500) referencing the source series, for DICOM-folder inputs only")
     p.add_argument("--data", help="a dataset (as for train): predict its --subset cases instead of IMAGE...")
     p.add_argument("--images-dir", dest="images_dir", help="image folder for a --data table CSV")
     p.add_argument("--subset", default="test", choices=["train", "val", "test", "all"],
@@ -240,7 +241,16 @@ def run_predict(args: argparse.Namespace) -> int:
         volume = read_image(p)
         t1 = time.perf_counter()
         pred = model.predict_all(volume)
-        write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
+        if args.format == "sr":
+            from lmk3d.io.dicom_sr import write_sr
+
+            if not p.is_dir():
+                raise LandmarkError(f"{p}: --format sr needs a DICOM series folder (the SR references its "
+                                    "instances and frame of reference)")
+            write_sr(out / f"{c}.sr.dcm", pred.landmarks, p,
+                     algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"])
+        else:
+            write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
         table[c] = pred.landmarks
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in pred.latencies.items())
         print(f"{c}: {int(pred.landmarks.found.sum())}/{len(pred.landmarks)} found (load {t1 - t0:.2f} s, {stages})")
