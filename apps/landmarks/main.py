@@ -5,26 +5,44 @@ Start it with ``lmk3d serve --studies DIR_OR_DICOMWEB_URL`` (or ``make demo``). 
 
 - ``models``: folder of ``<detector>-<dataset>/checkpoint.pt`` (default: this checkout's ``models/``);
 - ``dataset``: which trained models to serve (default ``hippocampus``);
-- ``device``: ``cpu`` or ``cuda`` (default: CUDA when present).
+- ``device``: ``cpu`` or ``cuda`` (default: CUDA when present);
+- ``landmark_output``: the infer tasks' default result file, ``label`` (a sphere label map, the
+  default) or ``markups`` (a Slicer point list); each request may still ask for either.
 
 Each module in ``lib/configs`` declares one detector and is found automatically. A detector whose
 checkpoint is missing or unreadable is not served: the log says why and how to make one, and
 ``/info/`` lists it under ``unavailable_models``. The app never serves random weights and never
 downloads anything (no weights, no SAM2, no dcmqi).
+
+Each served model gets the shared infer task (``lib/infers``) and train task (``lib/trainers``); the
+``least_confident`` strategy (``lib/activelearning``) joins MONAI Label's ``random`` and ``first``.
+Bad input is answered with a 4xx and a message, never a bare 500 (``lib/errors``): an unknown model,
+image or strategy (404), an unreadable image, label or option (422), training with no final label
+(409). A local studies folder is a :class:`lib.datastore.LandmarkDatastore`, which checks each
+label before storing it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from lib.configs import LandmarkModelConfig, LoadedModel, discover_configs
-from lib.infers import make_infer_task
+from lib.activelearning import LeastConfident
+from lib.configs import LANDMARK_OUTPUTS, LandmarkModelConfig, LoadedModel, discover_configs
+from lib.datastore import LandmarkDatastore
+from lib.errors import NOT_FOUND, http_error, unknown_image
+from lib.infers import LandmarkInferTask, make_infer_task
+from lib.scores import ScoreCache
+from lib.trainers import LandmarkTrainTask, install_request_check
+from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
 from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
@@ -42,6 +60,11 @@ class LandmarksApp(MONAILabelApp):
         self.models_dir = Path(conf.get("models") or Path(app_dir).resolve().parents[1] / "models")
         self.dataset = conf.get("dataset") or "hippocampus"
         self.device = conf.get("device") or None
+        self.landmark_output = conf.get("landmark_output") or None
+        if self.landmark_output not in (None, *LANDMARK_OUTPUTS):
+            raise LandmarkError(f"--conf landmark_output {self.landmark_output!r}: choose one of "
+                                f"{', '.join(LANDMARK_OUTPUTS)}")
+        self.scores = ScoreCache()
         self.configs: dict[str, LandmarkModelConfig] = discover_configs()
         self.models: dict[str, LoadedModel] = {}
         self.unavailable: dict[str, str] = {}
@@ -63,6 +86,7 @@ class LandmarksApp(MONAILabelApp):
             description="3D anatomical landmark detection: prior_guided, pin and cascade detectors",
             version=lmk3d.__version__,
         )
+        install_request_check(self._check_train_request)
 
     def _unavailable(self, name: str, reason: str) -> None:
         self.unavailable[name] = reason
@@ -71,7 +95,7 @@ class LandmarksApp(MONAILabelApp):
     def init_infers(self) -> dict[str, InferTask]:
         infers: dict[str, InferTask] = {}
         for name, model in self.models.items():
-            task = make_infer_task(model)
+            task = make_infer_task(model, self.landmark_output, self.device, self.scores)
             if task is None:
                 self._unavailable(name, f"checkpoint {model.model_dir} loaded, but this app version has no "
                                         "infer task for it yet")
@@ -79,13 +103,69 @@ class LandmarksApp(MONAILabelApp):
             infers[name] = task
         return infers
 
+    def init_trainers(self) -> dict[str, TrainTask]:
+        # Only a served model can be fine-tuned: training needs its checkpoint's detector and profile.
+        return {name: LandmarkTrainTask(self.models[name], self.device) for name in self._infers}
+
     def init_strategies(self) -> dict[str, Strategy]:
-        return {"random": Random(), "first": First()}
+        strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
+        tasks = {k: v for k, v in self._infers.items() if isinstance(v, LandmarkInferTask)}
+        if tasks:
+            strategies["least_confident"] = LeastConfident(tasks)
+        return strategies
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()  # DICOMweb: labels go to the PACS as DICOM SEG, unchecked here
+        return LandmarkDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+            landmark_names=self.landmark_names,
+        )
+
+    def landmark_names(self) -> tuple[str, ...]:
+        """The served models' landmark names (value k+1 of a sphere label map = name k)."""
+        for model in self.models.values():
+            return tuple(model.detector.landmark_names)
+        return ()
 
     def info(self) -> dict[str, Any]:
         meta: dict[str, Any] = super().info()
         meta["unavailable_models"] = dict(self.unavailable)
         return meta
+
+    def _unknown_model(self, model: Any, served: Any) -> Exception:
+        reason = self.unavailable.get(model) if isinstance(model, str) else None
+        if reason:
+            return http_error(NOT_FOUND, f"model {model!r} is not served: {reason}")
+        return http_error(NOT_FOUND, f"unknown model {model!r}; served models: {', '.join(served) or '(none)'}")
+
+    def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        model = request.get("model")
+        if model not in self._infers:
+            raise self._unknown_model(model, self._infers)
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        if (isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LandmarkDatastore)
+                and not ds.get_image_uri(image)):
+            raise unknown_image(image, len(ds.list_images()))
+        return dict(super().infer(request, datastore))
+
+    def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise http_error(NOT_FOUND, f"unknown strategy {strategy!r}; choose one of {', '.join(self._strategies)}")
+        return dict(super().next_sample(request))
+
+    def _check_train_request(self, request: dict[str, Any]) -> None:
+        """Refuse a bad train request with a 4xx before MONAI Label starts a training process."""
+        model = request.get("model")
+        task = self._trainers.get(model) if isinstance(model, str) else None
+        if not isinstance(task, LandmarkTrainTask):
+            raise self._unknown_model(model, self._trainers)
+        task.check(request, self.datastore())
 
     def _download_dcmqi_tools(self) -> None:
         # MONAI Label downloads dcmqi when a DICOMweb datastore starts; this server must start

@@ -25,6 +25,12 @@ from lmk3d.errors import LandmarkError
 
 logger = logging.getLogger(__name__)
 
+#: The result files an infer task can write (see ``lib/infers``): a sphere label map or a Slicer point list.
+LANDMARK_OUTPUTS = ("label", "markups")
+#: ``label``: the one result every stock client shows (OHIF cannot show points) and that Slicer's
+#: "Submit Label" sends back unchanged, so detect -> correct -> submit -> retrain works out of the box.
+DEFAULT_LANDMARK_OUTPUT = "label"
+
 
 @dataclass(frozen=True)
 class LandmarkModelConfig:
@@ -33,10 +39,12 @@ class LandmarkModelConfig:
     Attributes:
         detector: the detector slug (``prior_guided``, ``pin``, ``cascade``); also the model name.
         description: one line shown to clients in ``/info/``.
+        landmark_output: the default result file, ``label`` or ``markups`` (a request may ask for either).
     """
 
     detector: str
     description: str = ""
+    landmark_output: str = DEFAULT_LANDMARK_OUTPUT
 
     @property
     def name(self) -> str:
