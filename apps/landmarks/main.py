@@ -12,14 +12,17 @@ Start it with ``lmk3d serve --studies DIR_OR_DICOMWEB_URL`` (or ``make demo``). 
 Each module in ``lib/configs`` declares one detector and is found automatically. A detector whose
 checkpoint is missing or unreadable is not served: the log says why and how to make one, and
 ``/info/`` lists it under ``unavailable_models``. The app never serves random weights and never
-downloads anything (no weights, no SAM2, no dcmqi).
+downloads anything (no weights, no SAM2, no dcmqi: ``lmk3d serve`` puts the venv's ``bin`` with
+dcmqi from PyPI on ``PATH``).
 
 Each served model gets the shared infer task (``lib/infers``) and train task (``lib/trainers``); the
 ``least_confident`` strategy (``lib/activelearning``) joins MONAI Label's ``random`` and ``first``.
 Bad input is answered with a 4xx and a message, never a bare 500 (``lib/errors``): an unknown model,
 image or strategy (404), an unreadable image, label or option (422), training with no final label
 (409). A local studies folder is a :class:`lib.datastore.LandmarkDatastore`, which checks each
-label before storing it.
+label before storing it; a DICOMweb URL is a :class:`lib.dicomweb.LandmarkDICOMwebDatastore` (image
+series from the PACS, ``store_sr`` infer option, final labels stored to the PACS as DICOM SR; the PACS's
+refusals are 502 and an unreachable PACS 503; see docs/pacs.md).
 """
 
 from __future__ import annotations
@@ -27,17 +30,21 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.activelearning import LeastConfident
 from lib.configs import LANDMARK_OUTPUTS, LandmarkModelConfig, LoadedModel, discover_configs
 from lib.datastore import LandmarkDatastore
+from lib.dicomweb import LandmarkDICOMwebDatastore
 from lib.errors import NOT_FOUND, http_error, unknown_image
 from lib.infers import LandmarkInferTask, make_infer_task
 from lib.scores import ScoreCache
 from lib.trainers import LandmarkTrainTask, install_request_check
 from monailabel.config import settings
+from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.infer_v2 import InferTask
@@ -100,6 +107,8 @@ class LandmarksApp(MONAILabelApp):
                 self._unavailable(name, f"checkpoint {model.model_dir} loaded, but this app version has no "
                                         "infer task for it yet")
                 continue
+            if isinstance(task, LandmarkInferTask) and isinstance(self._datastore, LandmarkDICOMwebDatastore):
+                task.sr_store = self._datastore.store_sr
             infers[name] = task
         return infers
 
@@ -116,7 +125,7 @@ class LandmarksApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()  # DICOMweb: labels go to the PACS as DICOM SEG, unchecked here
+            return self._init_pacs_datastore()
         return LandmarkDatastore(
             self.studies,
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
@@ -124,6 +133,24 @@ class LandmarksApp(MONAILabelApp):
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
             landmark_names=self.landmark_names,
         )
+
+    def _init_pacs_datastore(self) -> LandmarkDICOMwebDatastore:
+        """The DICOMweb datastore (``lib/dicomweb``), with MONAI Label's client settings."""
+        self.studies: str = str(self.studies).rstrip("/").strip()
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=self.studies, session=session,
+                                 qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        self._download_dcmqi_tools()
+        cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        logger.info("DICOMweb studies %s (%s); series listing cached for %s s", self.studies,
+                    "with credentials" if session else "no credentials", settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)
+        return LandmarkDICOMwebDatastore(client, dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER), cache_path,
+                                         settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, self.landmark_names)
 
     def landmark_names(self) -> tuple[str, ...]:
         """The served models' landmark names (value k+1 of a sphere label map = name k)."""
@@ -151,7 +178,16 @@ class LandmarksApp(MONAILabelApp):
         if (isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LandmarkDatastore)
                 and not ds.get_image_uri(image)):
             raise unknown_image(image, len(ds.list_images()))
-        return dict(super().infer(request, datastore))
+        t_download = None
+        if isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LandmarkDICOMwebDatastore):
+            t0 = time.perf_counter()
+            ds.get_image_uri(image)  # download now (404/422/502/503 here) and time it; MONAI Label reuses it
+            t_download = round(time.perf_counter() - t0, 4)
+        result = dict(super().infer(request, datastore))
+        latencies = (result.get("params") or {}).get("latencies")
+        if t_download is not None and isinstance(latencies, dict):
+            latencies["download"] = t_download
+        return result
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy") or "random"

@@ -9,7 +9,14 @@ A thin wrapper over ``monailabel start_server``, run as a child process with thi
   NIfTI and NRRD images and picks up Slicer markups (``.mrk.json``, ``.fcsv``) as labels under
   ``labels/<tag>/``;
 - the app folder ``apps/landmarks`` and the model folder ``models/`` of this checkout, passed to the
-  app as ``--conf models DIR``.
+  app as ``--conf models DIR``;
+- for a DICOMweb ``--studies`` URL (docs/pacs.md): this interpreter's ``bin`` folder first on
+  ``PATH`` (dcmqi's ``itkimage2segimage`` from PyPI, so nothing is downloaded at start), the PACS
+  credentials ``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD`` taken from ``LMK3D_PACS_USER``/
+  ``LMK3D_PACS_PASSWORD`` when they are not set, and defaults (kept when the caller sets them) of
+  ``MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`` = :data:`DICOMWEB_CACHE_EXPIRY_S` seconds (new series show
+  within seconds, not after MONAI Label's 2 hours) and ``MONAI_LABEL_DICOMWEB_SEARCH_FILTER`` = ``{}``
+  (every modality; MONAI Label's default lists CT only, and the app leaves out non-image series).
 
 Example::
 
@@ -49,6 +56,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 # Images first; the markups suffixes let labels/<tag>/<image id>.mrk.json (or .fcsv) count as labels.
 DATASTORE_FILE_EXT = ("*.nii.gz", "*.nii", "*.nrrd", "*.mrk.json", "*.fcsv")
+#: Seconds MONAI Label caches a DICOMweb series listing (its default is 7200).
+DICOMWEB_CACHE_EXPIRY_S = 2
 
 
 def _is_url(studies: str) -> bool:
@@ -64,6 +73,17 @@ def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
         "MONAI_LABEL_DATASTORE_FILE_EXT": json.dumps(list(DATASTORE_FILE_EXT)),
         "PYTHONUNBUFFERED": "1",
     })
+    # The DICOMweb settings below matter only for a URL; they are harmless for a folder.
+    bin_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if bin_dir not in path.split(os.pathsep):
+        env["PATH"] = os.pathsep.join(p for p in (bin_dir, path) if p)
+    for ml_key, lmk_key in (("MONAI_LABEL_DICOMWEB_USERNAME", "LMK3D_PACS_USER"),
+                            ("MONAI_LABEL_DICOMWEB_PASSWORD", "LMK3D_PACS_PASSWORD")):
+        if not env.get(ml_key) and env.get(lmk_key):
+            env[ml_key] = env[lmk_key]
+    env.setdefault("MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", str(DICOMWEB_CACHE_EXPIRY_S))
+    env.setdefault("MONAI_LABEL_DICOMWEB_SEARCH_FILTER", "{}")
     return env
 
 

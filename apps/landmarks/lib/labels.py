@@ -9,6 +9,8 @@ and the train task (which reads the stored labels) cannot disagree about what a 
   Label" sends: value ``k + 1`` is the model's landmark ``k``, unless the upload's parameters carry
   Slicer's ``label_info`` (``[{"name": ..., "idx": ...}]``) or MONAI Label's ``label_names``
   (``{name: value}``), which then say which value is which landmark.
+- a DICOM SR (``.dcm``) as :func:`lmk3d.io.dicom_sr.write_sr` writes it: how a DICOMweb datastore
+  keeps final labels in the PACS (``lib/dicomweb``).
 
 Partial annotation is fine (a landmark left out is "not annotated"); a landmark name the model does not
 know, or a label with no placed landmark at all, is an error.
@@ -22,18 +24,22 @@ from typing import Any
 
 from lmk3d.errors import LandmarkFormatError
 from lmk3d.io import read_landmarks
+from lmk3d.io.dicom_sr import read_sr
 from lmk3d.io.image import IMAGE_SUFFIXES
 from lmk3d.io.label_map import label_values
 from lmk3d.landmarks import LandmarkSet
 
 POINT_SUFFIXES = (".mrk.json", ".fcsv", ".json")
 LABEL_MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
+SR_SUFFIXES = (".dcm",)
 ACCEPTED = f"a point list ({', '.join(POINT_SUFFIXES)}) or a sphere label map ({', '.join(LABEL_MAP_SUFFIXES)})"
 
 
 def label_kind(path: str | os.PathLike[str]) -> str:
-    """``"points"``, ``"label_map"`` or ``""`` (not a label type the app accepts), from the file name."""
+    """``"points"``, ``"label_map"``, ``"sr"`` or ``""`` (not a label type the app accepts), from the file name."""
     name = str(path).lower()
+    if name.endswith(SR_SUFFIXES):
+        return "sr"
     if name.endswith(POINT_SUFFIXES):
         return "points"
     if name.endswith(LABEL_MAP_SUFFIXES):
@@ -104,6 +110,8 @@ def read_label(
             landmarks = read_landmarks(path)
         elif kind == "label_map":
             landmarks = read_landmarks(path, label_value_map(names, params))
+        elif kind == "sr":
+            landmarks = read_sr(path)
         else:
             raise LandmarkFormatError(f"unknown label type {os.path.basename(str(path))!r}; send {ACCEPTED}")
     except LandmarkFormatError as e:

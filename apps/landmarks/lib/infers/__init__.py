@@ -22,6 +22,12 @@ one reader, so the app and the library agree on geometry) and answers with
     result with ``slicer.util.loadMarkups``, which gives named points the radiologist can drag.
     Landmarks not found are points still to be placed.
 
+With a DICOMweb datastore, the option ``store_sr: true`` also stores the detection in the PACS as a
+TID 1500 DICOM SR (built by ``lmk3d.io.dicom_sr.build_sr`` from the downloaded series, stored by
+STOW-RS) and adds ``sr`` = ``{StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID}`` to the JSON, with
+``sr_build`` and ``sr_store`` in ``latencies``. With a local studies folder the option is refused
+(422): there is no source DICOM series to reference; ``lmk3d predict --format sr`` writes SR files.
+
 The task's type is ``segmentation`` because that is the type both stock plugins list under
 "auto segmentation" (a ``detection`` model makes Slicer's "Submit Label" send ROI boxes instead).
 
@@ -40,7 +46,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +72,9 @@ logger = logging.getLogger(__name__)
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DEFAULT_LABEL_EXTENSION = ".nii.gz"
 MAX_RADIUS_MM = 50.0
+
+#: ``store(image_path, landmarks, algorithm_parameters) -> {UIDs, "latencies": {...}}``: stores an SR.
+SrStore = Callable[[str, LandmarkSet, Sequence[str]], dict[str, Any]]
 
 
 class LandmarkInferTask(InferTask):
@@ -106,6 +115,8 @@ class LandmarkInferTask(InferTask):
         self._lock = threading.Lock()
         self._detector: Detector = detector
         self._signature = file_signature(self.checkpoint)
+        #: Set by the app when its datastore can store SRs (DICOMweb); None refuses ``store_sr``.
+        self.sr_store: SrStore | None = None
 
     # --- the model ----------------------------------------------------------------------------------
     @property
@@ -176,14 +187,21 @@ class LandmarkInferTask(InferTask):
         if options["write"]:
             result_file = self._write_result(landmarks, volume, options, case_id(image))
         t_write = time.perf_counter() - t1
+        sr = None
+        if options["store_sr"] and self.sr_store is not None:
+            sr = self.sr_store(image, landmarks, [f"detector={self._detector.name}", f"model={self.name}"])
 
         latencies: dict[str, float] = {"load": round(t_load, 4)}
         for stage, seconds in prediction.latencies.items():
-            key = stage if stage not in ("load", "write", "total") else f"stage_{stage}"
+            key = stage if stage not in ("load", "write", "total", "sr_build", "sr_store") else f"stage_{stage}"
             latencies[key] = round(seconds, 4)
         latencies["write"] = round(t_write, 4)
+        if sr is not None:
+            latencies.update(sr.pop("latencies", {}))
         latencies["total"] = round(time.perf_counter() - t0, 4)
         result = self._result_json(landmarks, volume, options["landmark_output"], latencies, signature)
+        if sr is not None:
+            result["sr"] = sr
         logger.info("model %r on %s: %d of %d landmarks found; latencies %s", self.name, case_id(image),
                     int(landmarks.found.sum()), len(landmarks), latencies)
         return result_file, result
@@ -210,7 +228,13 @@ class LandmarkInferTask(InferTask):
         dtype = str(request.get("result_dtype") or "uint8")
         if dtype not in ("uint8", "uint16"):
             raise http_error(UNPROCESSABLE, f"result_dtype {dtype!r} is not one of uint8, uint16")
-        return {"landmark_output": output, "radius_mm": radius, "extension": extension, "dtype": dtype,
+        store_sr = _flag(request.get("store_sr", False))
+        if store_sr and self.sr_store is None:
+            raise http_error(UNPROCESSABLE, "store_sr needs a DICOMweb datastore (lmk3d serve --studies "
+                                            "http://.../dicom-web); with a studies folder there is no DICOM series "
+                                            "to reference: use `lmk3d predict --format sr` on the DICOM folder")
+        return {"store_sr": store_sr, "landmark_output": output, "radius_mm": radius, "extension": extension,
+                "dtype": dtype,
                 "compress": _flag(request.get("result_compress", True)),
                 "write": _flag(request.get("result_write_to_file", True))}
 
