@@ -49,7 +49,9 @@ class Grid:
         return geometry.spacing_from_affine(self.affine)
 
     @classmethod
-    def around(cls, centre_ras: np.ndarray, size: Sequence[int] | np.ndarray, spacing_mm: float | Sequence[float]) -> Grid:
+    def around(
+        cls, centre_ras: np.ndarray, size: Sequence[int] | np.ndarray, spacing_mm: float | Sequence[float]
+    ) -> Grid:
         """A RAS-aligned grid of ``size`` voxels centred on a world point."""
         size3 = np.broadcast_to(np.asarray(size, dtype=int), (3,))
         sp = np.broadcast_to(np.asarray(spacing_mm, dtype=np.float64), (3,))
