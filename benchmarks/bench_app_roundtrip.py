@@ -22,7 +22,7 @@ says so.
 
 Example::
 
-    .venv/bin/python benchmarks/bench_app_roundtrip.py --repeats 5 --out docs/benchmarks_app.md
+    .venv/bin/python benchmarks/bench_app_roundtrip.py --repeats 5 --out runs/benchmarks_app.md
 """
 
 from __future__ import annotations
