@@ -1,0 +1,315 @@
+"""The ``cascade`` detector: networks, losses against hand-computed values, learning, checkpoints, geometry."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lmk3d.data.samples import Sample
+from lmk3d.detectors import detector_class, load_detector
+from lmk3d.detectors.cascade import CascadeDetector
+from lmk3d.io import read_image, read_table, write_image
+from lmk3d.io.image import Volume
+from lmk3d.landmarks import LandmarkSet
+from lmk3d.metrics import evaluate
+from lmk3d.networks.displacement_cnn import DisplacementCNN
+from lmk3d.networks.heatmap_unet import HeatmapUNet
+from lmk3d.training.cascade_losses import (
+    deep_supervision_loss,
+    displacement_loss,
+    exp_weighted_mse,
+    heatmap_channel_mask,
+    heatmap_targets,
+    normalise_with_background,
+)
+from lmk3d.transforms.grid import Grid, image_tensor, sample
+from tests.conftest import DATA
+
+HIPPO = DATA / "hippocampus"
+
+
+# --- networks ----------------------------------------------------------------------------------------
+def test_unet_shapes_on_odd_sizes() -> None:
+    torch.manual_seed(0)
+    net = HeatmapUNet(spatial_dims=3, in_channels=1, out_channels=5, channels=(4, 8, 8, 16))
+    x = torch.randn(2, 1, 17, 23, 9)
+    out, sides = net.forward_deep(x)
+    assert out.shape == (2, 5, 17, 23, 9)
+    assert len(sides) == 3 and all(s.shape == out.shape for s in sides)
+    assert torch.equal(net(x), out)
+
+
+def test_unet_rejects_too_many_side_outputs() -> None:
+    with pytest.raises(ValueError, match="num_side_outputs"):
+        HeatmapUNet(channels=(4, 8, 16), num_side_outputs=3)
+
+
+def test_displacement_cnn_shapes_and_independent_networks() -> None:
+    torch.manual_seed(0)
+    net = DisplacementCNN(roi_size=(17, 16, 19), channels=(4, 4, 8, 8), hidden=16, num_networks=3).eval()
+    x = torch.randn(2, 3, 17, 16, 19)
+    out = net(x)
+    assert out.shape == (2, 3, 3)
+    # Changing network 1's patch changes network 1's output only: the N networks share nothing.
+    y = x.clone()
+    y[:, 1] = torch.randn(2, 17, 16, 19)
+    out2 = net(y)
+    assert torch.allclose(out[:, 0], out2[:, 0]) and torch.allclose(out[:, 2], out2[:, 2])
+    assert not torch.allclose(out[:, 1], out2[:, 1])
+    with pytest.raises(ValueError, match="at least 16"):
+        DisplacementCNN(roi_size=(15, 16, 16))
+
+
+# --- losses against hand-computed values -------------------------------------------------------------
+def test_background_normalisation_by_hand() -> None:
+    # Three voxels, two landmarks: overlapping spots, one spot alone, no spot.
+    spots = torch.tensor([[[0.8, 0.5, 0.0], [0.2, 0.0, 0.0]]])  # (B=1, N=2, 3 voxels)
+    t = normalise_with_background(spots)
+    expected = torch.tensor([[[0.64, 0.5, 0.0], [0.16, 0.0, 0.0], [0.2, 0.5, 1.0]]])
+    assert torch.allclose(t, expected, atol=1e-6)
+    assert torch.allclose(t.sum(dim=1), torch.ones(1, 3))
+
+
+def test_heatmap_targets_keep_peaks_and_mask_missing() -> None:
+    k, sigma = 0.9, 1.5
+    points = torch.tensor([[[3.0, 3.0, 3.0], [12.0, 12.0, 12.0], [0.0, 0.0, 0.0]]])
+    present = torch.tensor([[True, True, False]])
+    t = heatmap_targets(points, present, (16, 16, 16), sigma, k)
+    assert t.shape == (1, 4, 16, 16, 16)
+    # Far-apart spots keep their height k (a softmax would not); the background there is 1 - k.
+    assert t[0, 0, 3, 3, 3] == pytest.approx(k, abs=1e-5)
+    assert t[0, 1, 12, 12, 12] == pytest.approx(k, abs=1e-5)
+    assert t[0, 3, 3, 3, 3] == pytest.approx(1 - k, abs=1e-5)
+    # One voxel off the peak: k * exp(-1 / (2 sigma^2)).
+    assert t[0, 0, 4, 3, 3] == pytest.approx(k * math.exp(-1 / (2 * sigma**2)), abs=1e-5)
+    assert torch.allclose(t.sum(dim=1), torch.ones(16, 16, 16), atol=1e-5)
+    # The missing landmark is not drawn at (0, 0, 0); its channel and the background leave the loss.
+    assert float(t[0, 2].abs().max()) == 0.0
+    assert heatmap_channel_mask(present).tolist() == [[True, True, False, False]]
+
+
+def test_exp_weighted_mse_by_hand() -> None:
+    pred = torch.tensor([[[0.0, 0.5], [1.0, 1.0]]], requires_grad=True)  # (B=1, C=2, 2 voxels)
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, False]])
+    loss = exp_weighted_mse(pred, target, mask, gamma=1.0)
+    # Channel 0 only: weights exp(0) = 1 and exp(0.5); squared errors 1 and 0.25; mean over 2 voxels.
+    expected = (1.0 * 1.0 + math.exp(0.5) * 0.25) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    loss.backward()
+    # The weights are constants: d/dp = w * 2 (p - t) / 2 voxels.
+    assert pred.grad is not None
+    assert pred.grad[0, 0].tolist() == pytest.approx([-1.0, math.exp(0.5) * 0.5], rel=1e-6)
+    assert pred.grad[0, 1].tolist() == [0.0, 0.0]
+    # gamma scales the power: exp(2 * 0.5) for the second voxel.
+    assert exp_weighted_mse(pred, target, mask, gamma=2.0).item() == pytest.approx((1 + math.e * 0.25) / 2, rel=1e-6)
+
+
+def test_deep_supervision_weights() -> None:
+    target = torch.zeros(1, 1, 2)
+    mask = torch.tensor([[True]])
+    main = torch.full((1, 1, 2), 1.0)
+    sides = [torch.full((1, 1, 2), v) for v in (0.5, 0.25, 0.125)]
+    loss = deep_supervision_loss(main, sides, target, mask, gamma=0.0)
+    assert float(loss) == pytest.approx(1.0 + 0.3 * 0.25 + 0.6 * 0.0625 + 0.9 * 0.015625, rel=1e-6)
+
+
+def test_displacement_loss_masks_missing_by_hand() -> None:
+    pred = torch.tensor([[[1.0, 2.0, 2.0], [5.0, 5.0, 5.0]]])
+    target = torch.tensor([[[0.0, 0.0, 0.0], [float("nan")] * 3]])
+    present = torch.tensor([[True, False]])
+    assert float(displacement_loss(pred, target, present)) == pytest.approx(9.0)
+
+
+# --- a small real set: hippocampus crops placed at random positions in a larger field of view ------------
+def _moving_hippocampus(root: Path, n_cases: int, seed: int) -> list[Sample]:
+    """Real MR crops embedded at random offsets (up to +-9 mm) in a 56 x 64 x 56 mm zero canvas.
+
+    The landmarks move with the crops, so the mean-position baseline is poor and the detector has to
+    find the anatomy in the image.
+    """
+    rng = np.random.default_rng(seed)
+    table = read_table(HIPPO / "landmarks.csv")
+    canvas = np.array([56, 64, 56])
+    out = []
+    for case in sorted(table)[:n_cases]:
+        vol = read_image(HIPPO / "images" / f"{case}.nii.gz")
+        arr = np.zeros(canvas, dtype=np.float32)
+        sub = np.minimum(vol.array.shape, canvas)
+        free = canvas - sub
+        off = (free // 2 + rng.integers(-9, 10, size=3)).clip(0, free)
+        box = tuple(slice(int(o), int(o + n)) for o, n in zip(off, sub, strict=True))
+        arr[box] = vol.array[: sub[0], : sub[1], : sub[2]]
+        path = root / f"{case}.nii.gz"
+        write_image(path, arr, np.eye(4))
+        # Crop voxel ijk is canvas voxel ijk + off, and the canvas affine is the identity.
+        to_canvas = _translation(off.astype(np.float64)) @ np.linalg.inv(vol.affine)
+        out.append(Sample(case, path, table[case].transformed(to_canvas)))
+    return out
+
+
+def _translation(t: np.ndarray) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = t
+    return m
+
+
+def _mean_position_mre(train: list[Sample], test: list[Sample]) -> float:
+    names = train[0].landmarks.names  # type: ignore[union-attr]
+    stack = np.stack([s.landmarks.reorder(names).xyz_mm_ras for s in train])  # type: ignore[union-attr]
+    mean = LandmarkSet(names, np.nanmean(stack, axis=0))
+    return evaluate({s.case: mean for s in test}, {s.case: s.landmarks for s in test}).overall.mre  # type: ignore[misc]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[CascadeDetector, list[Sample], list[Sample]]:
+    root = tmp_path_factory.mktemp("cascade_data")
+    samples = _moving_hippocampus(root, 48, seed=0)
+    train, test = samples[:36], samples[36:]
+    # Landmark 0 is missing in every other training case: masked out, never treated as (0, 0, 0).
+    name0 = train[0].landmarks.names[0]  # type: ignore[union-attr]
+    partial = []
+    for i, s in enumerate(train):
+        lm = s.landmarks
+        assert lm is not None
+        if i % 2:
+            lm = lm.with_found(np.array([n != name0 for n in lm.names]))
+        partial.append(Sample(s.case, s.image_path, lm))
+    det = CascadeDetector.create(train[0].landmarks.names, "tiny", max_epochs=40, patch_epochs=20,  # type: ignore[union-attr]
+                                 patience=100)
+    det.fit(partial[:30], partial[30:], seed=0, progress=False)
+    return det, train, test  # type: ignore[return-value]
+
+
+def test_registered() -> None:
+    assert detector_class("cascade") is CascadeDetector
+
+
+def test_learns_and_beats_mean_position(trained: tuple[CascadeDetector, list[Sample], list[Sample]]) -> None:
+    det, train, test = trained
+    truth = {s.case: s.landmarks for s in test}
+    ev = evaluate({s.case: det.predict(s.load_image()) for s in test}, truth)  # type: ignore[misc]
+    baseline = _mean_position_mre(train, test)
+    name0 = det.landmark_names[0]
+    assert baseline > 6.0  # the random placement makes the baseline poor
+    assert ev.overall.n_missing == 0
+    assert ev.overall.mre < 0.6 * baseline, (ev.overall.mre, baseline)
+    # The half-annotated landmark is learnt as well (not pulled towards the origin by masked cases).
+    assert ev.per_landmark[name0].mre < 0.6 * baseline, (ev.per_landmark[name0].mre, baseline)
+    assert np.all(np.isfinite(det.ranges_mm)) and np.all(det.ranges_mm > 0)
+
+
+def test_stages_scores_and_not_found(trained: tuple[CascadeDetector, list[Sample], list[Sample]]) -> None:
+    det, _, test = trained
+    image = test[0].load_image()
+    pred = det.predict_all(image)
+    assert [s.name for s in pred.stages] == ["stage1_heatmap", "stage2_displacement"]
+    s1, s2 = pred.stages[0].landmarks, pred.stages[1].landmarks
+    assert np.all((pred.landmarks.scores >= 0) & (pred.landmarks.scores <= 1))
+    # Stage 2 moves each landmark by at most its range, and the score never exceeds stage 1's.
+    moved = np.linalg.norm(s2.xyz_mm_ras - s1.xyz_mm_ras, axis=1)
+    assert np.all(moved <= det.ranges_mm + 1e-6)
+    assert np.all(s2.scores <= s1.scores + 1e-12)
+    # A channel without a clear peak (here: silenced, flat zero) gives a landmark that is not found,
+    # with score 0; the other landmarks are unaffected.
+    silent = copy.deepcopy(det)
+    with torch.no_grad():
+        silent.unet.head.conv.weight[0] = 0.0
+        silent.unet.head.conv.bias[0] = 0.0
+    quiet = silent.predict(image)
+    assert not quiet.found[0] and quiet.scores[0] == 0.0
+    assert quiet.found[1:].all() and np.allclose(quiet.xyz_mm_ras[1:], pred.landmarks.xyz_mm_ras[1:])
+
+
+def test_save_load_identical(trained: tuple[CascadeDetector, list[Sample], list[Sample]], tmp_path: Path) -> None:
+    det, _, test = trained
+    det.save(tmp_path / "model")
+    loaded = load_detector(tmp_path / "model", device="cpu")
+    assert isinstance(loaded, CascadeDetector) and loaded.profile == det.profile
+    assert np.array_equal(loaded.ranges_mm, det.ranges_mm)
+    for s in test[:3]:
+        image = s.load_image()
+        a, b = det.predict(image), loaded.predict(image)
+        assert np.array_equal(a.xyz_mm_ras, b.xyz_mm_ras) and np.array_equal(a.scores, b.scores)
+
+
+def _permuted_flipped(image: Volume) -> Volume:
+    """Same world image, array axes permuted (k, i, j) and the new first axis flipped."""
+    arr = np.transpose(image.array, (2, 0, 1))[::-1].copy()
+    perm = np.zeros((4, 4))
+    perm[2, 0] = perm[0, 1] = perm[1, 2] = perm[3, 3] = 1.0  # new (a, b, c) -> old (i, j, k) = (b, c, a)
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1.0, arr.shape[0] - 1
+    return Volume(arr, image.affine @ perm @ flip)
+
+
+def _moved(image: Volume, world: np.ndarray) -> Volume:
+    return Volume(image.array, world @ image.affine)
+
+
+def _rotation(deg: float, axis: int, centre: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    a = math.radians(deg)
+    r = np.eye(3)
+    i, j = [k for k in range(3) if k != axis]
+    r[i, i], r[i, j], r[j, i], r[j, j] = math.cos(a), -math.sin(a), math.sin(a), math.cos(a)
+    m = np.eye(4)
+    m[:3, :3] = r
+    m[:3, 3] = centre - r @ centre + shift
+    return m
+
+
+def _resampled(image: Volume, spacing: tuple[float, float, float]) -> Volume:
+    """The same field of view (voxel edges) resampled to another spacing, trilinearly."""
+    sp0 = image.spacing_mm
+    extent = np.asarray(image.shape) * sp0
+    shape = np.maximum(np.round(extent / np.asarray(spacing)).astype(int), 2)
+    new_sp = extent / shape
+    a = image.affine.copy()
+    a[:3, :3] = image.affine[:3, :3] @ np.diag(new_sp / sp0)
+    a[:3, 3] = image.ijk_to_ras(-0.5 + 0.5 * new_sp / sp0)
+    grid = Grid(a, (int(shape[0]), int(shape[1]), int(shape[2])))
+    arr = sample(image_tensor(image.array), image.affine, grid)[0, 0].numpy()
+    return Volume(arr, a)
+
+
+def test_predictions_follow_rigid_motion(trained: tuple[CascadeDetector, list[Sample], list[Sample]]) -> None:
+    det, _, test = trained
+    base_err, rot_err, fine_err, motion = [], [], [], []
+    for n, s in enumerate(test[:6]):
+        image, truth = s.load_image(), s.landmarks
+        assert truth is not None
+        ref = det.predict(image)
+        if n < 3:
+            # Permuted and flipped axes describe the same world image: the same answer, up to float rounding.
+            assert det.predict(_permuted_flipped(image)).allclose(ref, atol_mm=1e-3)
+            # A world translation moves the whole pipeline (grids included) with it.
+            t = _translation(np.array([7.3, -12.1, 3.4]))
+            assert det.predict(_moved(image, t)).allclose(ref.transformed(t), atol_mm=1e-3)
+        # A rotation (within the training augmentation) plus a shift, and another spacing: the network sees
+        # a resampled image, so the answer changes a little, but it follows the anatomy.
+        centre = image.ijk_to_ras((np.asarray(image.shape) - 1) / 2.0)
+        rot = _rotation(8.0, axis=n % 3, centre=centre, shift=np.array([6.0, -5.0, 4.0]))
+        moved_truth = truth.transformed(rot)
+        base_err.append(np.linalg.norm(ref.xyz_mm_ras - truth.xyz_mm_ras, axis=1))
+        rot_err.append(np.linalg.norm(det.predict(_moved(image, rot)).xyz_mm_ras - moved_truth.xyz_mm_ras, axis=1))
+        motion.append(np.linalg.norm(moved_truth.xyz_mm_ras - truth.xyz_mm_ras, axis=1))
+        fine = det.predict(_resampled(image, (0.8, 1.25, 0.9)))
+        fine_err.append(np.linalg.norm(fine.xyz_mm_ras - truth.xyz_mm_ras, axis=1))
+    base, rotated, finer = float(np.mean(base_err)), float(np.mean(rot_err)), float(np.mean(fine_err))
+    # Ignoring the motion would cost its full size (about 9 mm here); following it costs little accuracy.
+    assert float(np.mean(motion)) > 7.0
+    assert rotated < base + 1.5, (rotated, base)
+    assert finer < base + 1.0, (finer, base)
+
+
+def test_fit_options_are_checked() -> None:
+    det = CascadeDetector.create(["a"], "tiny")
+    with pytest.raises(ValueError, match="unknown option"):
+        det.fit([], bogus=1)
+    with pytest.raises(ValueError, match="init must be"):
+        det.fit([], init="warm")
