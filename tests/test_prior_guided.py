@@ -6,6 +6,7 @@ split (seed 0); the learning, missing-landmark, save/load and rigid-motion tests
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +161,12 @@ def test_key_slice_fixes_the_group_coordinate_on_its_axis() -> None:
     np.testing.assert_allclose(ijk[2, 1:], [5.0, 9.0], atol=0.05)
     np.testing.assert_allclose(ijk[1], [6.0, 6.0, 6.0], atol=1e-6)
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
+    # Without the constraint, each landmark keeps its own axis coordinate; halfway, the mean of both.
+    for lam, expect in ((0.0, [4.0, 10.0]), (0.5, [(4.0 + 7.3) / 2, (10.0 + 7.3) / 2])):
+        det.config = dataclasses.replace(det.config, slice_constraint=lam)
+        xyz, _ = det._decode(maps, [key], grids)
+        ijk = np.stack([g.world_to_grid(p) for g, p in zip(grids, xyz, strict=True)])
+        np.testing.assert_allclose(ijk[[0, 2], 0], expect, atol=0.05)
 
 
 def test_groups_come_from_config_or_groups_file() -> None:

@@ -146,6 +146,9 @@ class PriorGuidedConfig:
             direction perpendicular to the key slice); empty = take ``groups.json`` from the data.
         fusion, axis_attention, slice_detection: the correlated module's parts (ablation switches).
         slice_sigma: key-slice heatmap standard deviation in slices; slice_loss_weight: its loss weight.
+        slice_constraint: how far the key slice moves the correlated landmarks' axis coordinate at
+            inference: 1 = onto the slice (the paper's constraint), 0 = not at all (the branch then
+            only shapes the fused features through its training loss); in between, a blend.
         jitter_scale: fine patch centres are jittered by this times the coarse stage's per-axis RMS
             training error (at least one voxel, at most ``max_jitter_fraction`` of the patch half-size).
         max_jitter_fraction: see ``jitter_scale``.
@@ -176,6 +179,7 @@ class PriorGuidedConfig:
     slice_detection: bool = True
     slice_sigma: float = 2.0
     slice_loss_weight: float = 1.0
+    slice_constraint: float = 1.0
     jitter_scale: float = 2.0
     max_jitter_fraction: float = 0.4
     rotation_deg: float = 10.0
@@ -206,6 +210,8 @@ class PriorGuidedConfig:
                                 f"{self.coarse_roi_size} and {self.roi_size}")
         if (self.axis_attention or self.slice_detection) and not self.fusion:
             raise LandmarkError("prior_guided: axis_attention and slice_detection need fusion=True")
+        if not 0.0 <= self.slice_constraint <= 1.0:
+            raise LandmarkError(f"prior_guided: slice_constraint must be in [0, 1], got {self.slice_constraint}")
 
 
 #: The paper's sizes: ResNet-34 at full width on a 128^3 downsampled volume, 64^3 full-resolution patches.
@@ -483,18 +489,19 @@ class PriorGuidedDetector(Detector):
         heat = heat.float()
         pos, peak = decode_peaks(heat)
         pos, peak = pos.clone(), peak.clone()
+        lam = float(self.config.slice_constraint)
         for idx, (_, axis), key in zip(self.group_index, self.groups, keys, strict=True):
-            if key is None:
+            if key is None or lam == 0.0:
                 continue
             a = _axis(axis)
             s, s_peak = decode_key_slice(key.float()[None])
-            # Keep each correlated heatmap near the key slice, then put the landmark on that slice.
+            # Look for each correlated landmark near the key slice (in-slice position), then move its axis
+            # coordinate onto the slice (all the way when slice_constraint is 1).
             w = key_slice_heatmap(s, heat.shape[1 + a], self.config.slice_sigma)[0]
             view = [1, 1, 1]
             view[a] = -1
-            sub = heat[list(idx)] * w.reshape(view)[None]
-            p, pk = decode_peaks(sub)
-            p[:, a] = s[0]
+            p, _ = decode_peaks(heat[list(idx)] * w.reshape(view)[None])
+            p[:, a] = (1.0 - lam) * pos[list(idx), a] + lam * s[0]
             pos[list(idx)] = p
             peak[list(idx)] = torch.minimum(peak[list(idx)], s_peak.expand(len(idx)))
         ijk = pos.cpu().numpy().astype(np.float64)
