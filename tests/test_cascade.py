@@ -307,6 +307,17 @@ def test_predictions_follow_rigid_motion(trained: tuple[CascadeDetector, list[Sa
     assert finer < base + 1.0, (finer, base)
 
 
+def test_profiles_build_and_describe_themselves() -> None:
+    for profile in ("paper", "cpu", "tiny"):
+        det = CascadeDetector.create(["a", "b", "c"], profile)
+        assert det.unet.head.conv.out_channels == 4  # N + 1 heatmap channels
+        assert det.cnn.num_networks == 3
+    assert CascadeDetector.profiles["paper"].side_weights == (0.3, 0.6, 0.9)
+    assert CascadeDetector.profiles["paper"].refine_lattice_mm == 0.0  # one patch per landmark, as published
+    with pytest.raises(ValueError, match="modality"):
+        CascadeDetector.create(["a"], "tiny", modality="PET")
+
+
 def test_fit_options_are_checked() -> None:
     det = CascadeDetector.create(["a"], "tiny")
     with pytest.raises(ValueError, match="unknown option"):

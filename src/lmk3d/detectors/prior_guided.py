@@ -236,7 +236,9 @@ TINY = PriorGuidedConfig(
 class PreparedImage:
     """One image ready for sampling: raw voxels on the device and the intensity map fitted on them.
 
-    Box-filtered copies for coarser sampling are made once per set of integer factors and kept.
+    Sampling box-filters (:func:`lmk3d.transforms.grid.antialias`) and reads only the part of the
+    image the grids reach, so fine patches of a large CT never touch the whole volume. Box-filtered
+    copies made by :meth:`at_spacing` are kept and reused.
     """
 
     tensor: torch.Tensor  # (1, 1, I, J, K) raw intensities
@@ -246,17 +248,32 @@ class PreparedImage:
     background: float
     reduced: dict[tuple[int, ...], tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)
 
-    def at_spacing(self, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+    def factors(self, spacing_mm: float) -> tuple[int, ...]:
+        """The box filter's integer factors per array axis for sampling at ``spacing_mm``."""
         spacing = geometry.spacing_from_affine(self.affine)
-        key = tuple(max(1, int(np.floor(spacing_mm / s + 1e-6))) for s in spacing)
+        return tuple(max(1, int(np.floor(spacing_mm / s + 1e-6))) for s in spacing)
+
+    def at_spacing(self, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+        """The whole image box-filtered for ``spacing_mm`` (kept for reuse) and its affine."""
+        key = self.factors(spacing_mm)
         if key not in self.reduced:
             self.reduced[key] = antialias(self.tensor, self.affine, float(spacing_mm))
         return self.reduced[key]
 
     def sample(self, grids: Sequence[Grid], spacing_mm: float) -> torch.Tensor:
         """Normalised intensities on ``grids`` (equal shapes): ``(B, 1, D, H, W)``."""
-        t, a = self.at_spacing(spacing_mm)
-        out = self.intensity(sample(t, a, list(grids), padding_value=self.background))
+        grids = list(grids)
+        corners = np.concatenate([_grid_corners(g) for g in grids])
+        key = self.factors(spacing_mm)
+        if key in self.reduced:
+            src, a = self.reduced[key]
+        else:
+            # Filter only the reachable part; blocks aligned with the whole image's, so values are the same.
+            f = np.asarray(key)
+            lo, hi = _index_box(corners, self.affine, self.shape, 2 * f + 2, f)
+            src, a = antialias(_crop(self.tensor, lo, hi), self.affine @ _shift(lo), float(spacing_mm))
+        lo, hi = _index_box(corners, a, tuple(src.shape[2:]), np.ones(3, dtype=int), np.ones(3, dtype=int))
+        out = self.intensity(sample(_crop(src, lo, hi), a @ _shift(lo), grids, padding_value=self.background))
         # MONAI returns a MetaTensor, whose per-operation bookkeeping doubles the networks' CPU time.
         return out.as_tensor() if isinstance(out, MetaTensor) else out
 
@@ -268,23 +285,58 @@ class PreparedImage:
         t, a = self.at_spacing(spacing_mm)
         corners = np.array([[x, y, z] for x in (lo_ras[0], hi_ras[0]) for y in (lo_ras[1], hi_ras[1])
                             for z in (lo_ras[2], hi_ras[2])])
-        ijk = geometry.ras_to_ijk(corners, a)
-        size = np.asarray(t.shape[2:])
-        lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, size - 1)
-        hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, lo + 1, size)
-        crop = t[:, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].clone()
-        shift = np.eye(4)
-        shift[:3, 3] = lo
-        out_affine = a @ shift
+        lo, hi = _index_box(corners, a, tuple(t.shape[2:]), np.ones(3, dtype=int), np.ones(3, dtype=int))
+        crop = _crop(t, lo, hi).clone()
+        out_affine = a @ _shift(lo)
         return PreparedImage(crop, out_affine, (int(crop.shape[2]), int(crop.shape[3]), int(crop.shape[4])),
                              self.intensity, self.background, {(1, 1, 1): (crop, out_affine)})
 
 
+def _grid_corners(g: Grid) -> np.ndarray:
+    """World positions ``(8, 3)`` of a grid's corner voxel centres (the grid is their convex hull)."""
+    n = np.asarray(g.shape, dtype=np.float64) - 1.0
+    idx = np.array([[x, y, z] for x in (0.0, n[0]) for y in (0.0, n[1]) for z in (0.0, n[2])])
+    return g.grid_to_world(idx)
+
+
+def _index_box(points_ras: np.ndarray, affine: np.ndarray, size: Sequence[int], margin: np.ndarray,
+               align: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index range ``[lo, hi)`` of an array (``affine``, ``size``) holding ``points_ras`` plus ``margin`` voxels.
+
+    ``lo`` and ``hi`` are rounded out to multiples of ``align`` (box-filter blocks) and clipped to the
+    array; each axis keeps at least 2 voxels (or the whole axis), enough for trilinear sampling.
+    """
+    n = np.asarray(size, dtype=int)
+    ijk = geometry.ras_to_ijk(points_ras, affine).reshape(-1, 3)
+    lo = (np.floor(ijk.min(axis=0)).astype(int) - margin) // align * align
+    hi = -((-(np.ceil(ijk.max(axis=0)).astype(int) + margin + 1)) // align) * align
+    lo = np.clip(lo, 0, np.maximum(n - 2, 0))
+    hi = np.clip(hi, np.minimum(lo + 2, n), n)
+    return lo, hi
+
+
+def _crop(t: torch.Tensor, lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    return t[:, :, int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
+
+
+def _shift(lo: np.ndarray) -> np.ndarray:
+    """Index translation: voxel 0 of a crop starting at ``lo`` is voxel ``lo`` of the array."""
+    m = np.eye(4)
+    m[:3, 3] = lo
+    return m
+
+
 def prepare(image: Volume, modality: str, device: str | torch.device) -> PreparedImage:
     """The one preprocessing entry point (training, validation, inference): tensor, intensity map, padding."""
-    t = image_tensor(image.array, device)
-    return PreparedImage(t, np.asarray(image.affine, dtype=np.float64), image.shape,
-                         fit_intensity(image.array, modality), float(t.amin()))
+    array, affine = image.array, np.asarray(image.affine, dtype=np.float64)
+    if not array.flags.c_contiguous and array.flags.f_contiguous:
+        # NIfTI arrays come Fortran-ordered: view them with reversed axes (and the affine's columns
+        # reversed to match) instead of copying the whole volume. Sampling happens in world space.
+        array = array.T
+        affine = affine[:, [2, 1, 0, 3]]
+    t = image_tensor(array, device)
+    shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
+    return PreparedImage(t, affine, shape, fit_intensity(array, modality), float(t.amin()))
 
 
 # --- stages ----------------------------------------------------------------------------------------------
