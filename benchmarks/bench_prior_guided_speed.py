@@ -59,7 +59,8 @@ def main() -> int:
     parser.add_argument("--model", default="models/prior_guided-phantom-hn", help="model folder")
     parser.add_argument("--size", default="512,512,200", help="matrix I,J,K (default 512,512,200)")
     parser.add_argument("--seed", type=int, default=0, help="phantom seed (default 0)")
-    parser.add_argument("--index", type=int, default=0, help="phantom case index (default 0)")
+    parser.add_argument("--index", type=int, default=6, help="phantom case index (default 6: LPS, 0.67 x 0.67 x 1.33 "
+                        "mm, the smallest field of view of the first ten)")
     parser.add_argument("--repeat", type=int, default=3, help="fresh-process runs (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a shared 2-core "
                         "machine a second thread mostly waits for the other jobs)")

@@ -307,6 +307,28 @@ def test_predictions_follow_rigid_motion(trained: tuple[CascadeDetector, list[Sa
     assert finer < base + 1.0, (finer, base)
 
 
+def test_step_weights_switch_off_a_useless_refinement(
+        trained: tuple[CascadeDetector, list[Sample], list[Sample]]) -> None:
+    det, _, test = trained
+    assert np.all((det.step_weights >= 0) & (det.step_weights <= 1))
+    # A stage 2 that always pushes by its whole range along +x is far worse than no refinement on held-out
+    # images: the fitted share of its displacement is small, and never worse than stage 1 alone there.
+    bad = copy.deepcopy(det)
+    with torch.no_grad():
+        bad.cnn.fc2.weight.zero_()
+        bad.cnn.fc2.bias.zero_()
+        bad.cnn.fc2.bias[:, 0] = 1.0  # the output is in units of the landmark's range
+    cases = bad._cases(test[:6])
+    bad._stage1_estimates(cases)
+    table = bad._fit_step_weights(cases)
+    assert np.all(bad.step_weights < 0.5), table
+    for row in table.values():
+        assert row["val_mre_mm"] <= row["val_mre_stage1_mm"] < row["val_mre_full_step_mm"]
+    # The score halves when stage 2 wants to move by its whole range: s = s1 * (1 - 0.5 * 1).
+    pred = bad.predict_all(test[0].load_image())
+    assert np.allclose(pred.landmarks.scores, 0.5 * pred.stages[0].landmarks.scores)
+
+
 def test_profiles_build_and_describe_themselves() -> None:
     for profile in ("paper", "cpu", "tiny"):
         det = CascadeDetector.create(["a", "b", "c"], profile)

@@ -201,6 +201,20 @@ def test_patches_are_three_orthogonal_planes_along_the_frame_axes() -> None:
     assert torch.all(p[1, 3:] == 0.0)
 
 
+def test_preparing_a_box_gives_the_whole_image_inside_it() -> None:
+    image = read_image(HIPPO / "images" / "hippocampus_004.nii.gz")
+    # Stored flipped and anisotropic (2 x 1 x 1.5 mm), filtered to 3 mm: blocks of 1 x 3 x 2 voxels.
+    vol = Volume(np.ascontiguousarray(image.array[::-1]), image.affine @ np.diag([-2.0, 1.0, 1.5, 1.0]))
+    whole = prepare(vol, 3.0, "MR")
+    centre = canonical_frame(vol.affine, vol.shape, 1.0)[:3, 3]
+    part = prepare(vol, 3.0, "MR", roi_ras=(centre - 12.0, centre + 12.0))
+    assert part.tensor.numel() < whole.tensor.numel() / 3
+    assert np.array_equal(part.frame, whole.frame) and part.pad == whole.pad
+    centres = torch.tensor([[[0.5, -1.0, 0.25]], [[-1.5, 1.0, 0.0]]])  # within the box, in 3 mm units
+    a, b = extract_patches(whole, centres, None, 5), extract_patches(part, centres, None, 5)
+    assert torch.allclose(a, b, atol=1e-5)
+
+
 # --- update rules on a synthetic case where the true displacement is known ---------------------------------
 class _Oracle(nn.Module):
     """Reads each landmark's current position from its patches and returns the true shape displacement.

@@ -18,7 +18,7 @@ from lmk3d.data.datasets import load_dataset
 from lmk3d.data.samples import Sample
 from lmk3d.data.split import apply_split, make_split
 from lmk3d.detectors import detector_class, load_detector
-from lmk3d.detectors.prior_guided import PriorGuidedDetector, normalise_groups
+from lmk3d.detectors.prior_guided import PriorGuidedDetector, normalise_groups, prepare
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.networks.correlated_module import (
@@ -29,9 +29,9 @@ from lmk3d.networks.correlated_module import (
 )
 from lmk3d.networks.patch_unet import PatchUNet
 from lmk3d.networks.resnet_regressor import RESNET34_CHANNELS, RESNET34_LAYERS, ResNetRegressor
-from lmk3d.transforms.grid import Grid, image_tensor, sample
+from lmk3d.transforms.grid import Grid, antialias, image_tensor, sample
 from lmk3d.transforms.heatmap import gaussian_heatmaps
-from tests.conftest import DATA
+from tests.conftest import DATA, oblique_affine
 
 HIPPO = DATA / "hippocampus"
 PARTIAL = "HIPPO_ANTERIOR_TIP"  # removed from every other training case
@@ -181,6 +181,24 @@ def test_groups_come_from_config_or_groups_file() -> None:
     # Groups naming landmarks the detector lacks shrink; one left is no group.
     det = PriorGuidedDetector.create(["a", "b", "c"], "tiny", groups=((("a", "z"), "LR"),))
     assert det.groups == () and det.independent == (0, 1, 2)
+
+
+def test_sampling_reads_only_what_the_grids_reach_with_the_same_values(rng: np.random.Generator) -> None:
+    affine = oblique_affine(rng, spacing=(0.6, 0.7, 1.5))
+    arr = rng.normal(100.0, 20.0, size=(41, 37, 19)).astype(np.float32)
+    centre = geometry.ijk_to_ras((np.asarray(arr.shape) - 1) / 2.0, affine)
+    grids = [Grid.around(centre + rng.uniform(-6, 6, 3), (9, 8, 7), 1.9) for _ in range(3)]
+    grids.append(Grid.around(centre + 400.0, (9, 8, 7), 1.9))  # wholly outside: background
+    # Reference: box-filter the whole image, then sample (what a naive pipeline does).
+    prep = prepare(Volume(arr, affine), "MR", "cpu")
+    full, full_affine = antialias(image_tensor(arr), affine, 1.9)
+    expect = prep.intensity(sample(full, full_affine, grids, padding_value=prep.background))
+    torch.testing.assert_close(prep.sample(grids, 1.9), torch.as_tensor(expect), atol=1e-5, rtol=0)
+    # A Fortran-ordered array (as NIfTI gives) is viewed with reversed axes, not copied: same samples.
+    f_arr = np.asfortranarray(arr)
+    f_prep = prepare(Volume(f_arr, affine), "MR", "cpu")
+    assert f_prep.tensor.data_ptr() == f_arr.ctypes.data and f_prep.shape == arr.shape[::-1]
+    torch.testing.assert_close(f_prep.sample(grids, 1.9), torch.as_tensor(expect), atol=1e-5, rtol=0)
 
 
 # --- training on real MR --------------------------------------------------------------------------------

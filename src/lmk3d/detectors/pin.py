@@ -30,8 +30,8 @@ anatomical variation and resolves the landmarks. A head-and-neck CT is 250+ mm w
 landmarks move by centimetres relative to the field of view: a 33-pixel patch that covers that
 range has 5-7 mm pixels. A second PIN (same CNN and rules, its own shape model in a frame of
 ``max(image spacing, pixdim / fine_factor)`` mm) starts from the first one's answer; it is trained on
-shapes drawn around the truth within ``+-sample_range`` SDs of the residuals the first level leaves
-on the validation cases (the training cases when there are fewer than 5). On the hippocampus crops
+shapes drawn around the truth within ``+-sample_range`` RMS residuals of the first level on the
+validation cases (the training cases when there are fewer than 5; gross failures left out). On the hippocampus crops
 ``pixdim`` is already the image spacing, so the second level works at the same scale with a CNN
 trained on the narrower distribution of shapes the first level hands over (on the validation split
 this took the MRE from 1.78 to 1.69 mm).
@@ -56,7 +56,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.data import MetaTensor
 from torch import nn
 
 from lmk3d import geometry
@@ -218,7 +217,7 @@ class Prepared:
     """One image, ready for patch sampling.
 
     Attributes:
-        tensor: ``(1, 1, I, J, K)`` box-filtered, intensity-normalised image.
+        tensor: ``(1, 1, I, J, K)`` box-filtered, intensity-normalised image, minus ``pad``.
         ijk_from_world: ``(4, 4)`` inverse of the (filtered) image affine.
         frame: ``(4, 4)`` working frame -> world RAS mm.
         half_extent: ``(3,)`` half the field of view along the frame axes, in frame units.
@@ -240,30 +239,77 @@ def resolve_modality(array: np.ndarray) -> str:
     return "CT" if float(np.percentile(array[::step, ::step, ::step], 1.0)) < -500.0 else "MR"
 
 
-def prepare(volume: Volume, pixdim: float, modality: str, device: str | torch.device = "cpu") -> Prepared:
+def _flip_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A view of ``array`` (and its affine) whose axes point to R, A or S, in memory order.
+
+    The box filter's blocks start at index 0 of each axis, so flips are undone (the blocks then start
+    at the same anatomical side whatever the storage order); axis permutations do not change which
+    voxels share a block, so the axis order is left as stored (Fortran-ordered NIfTI data is taken as
+    its C-ordered transpose, so nothing is copied across strides).
+    """
+    a, aff = array, np.asarray(affine, dtype=np.float64)
+    if not a.flags.c_contiguous and a.flags.f_contiguous:
+        a = a.T
+        aff = aff @ np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=np.float64)
+    ornt = nib.orientations.io_orientation(aff)
+    for axis in range(3):
+        if ornt[axis, 1] < 0:
+            a = np.flip(a, axis=axis)
+            flip = np.eye(4)
+            flip[axis, axis], flip[axis, 3] = -1.0, a.shape[axis] - 1
+            aff = aff @ flip
+    return a, aff
+
+
+def prepare(volume: Volume, pixdim: float, modality: str, device: str | torch.device = "cpu",
+            roi_ras: tuple[np.ndarray, np.ndarray] | None = None) -> Prepared:
     """The one preprocessing function (training, validation, inference).
 
-    Reorders the array axes to the closest RAS order, box-filters to about ``pixdim`` (so large CT does
-    not alias), maps intensities by modality, and sets up the working frame. The intensity map is
-    linear, so filtering first gives the same image (except where a CT value lies outside the HU
-    window) at a fraction of the cost.
+    Box-filters to about ``pixdim`` (so large CT does not alias), maps intensities by modality, and
+    sets up the working frame. The intensity map is linear, so filtering first gives the same image
+    (except where a CT value lies outside the HU window) at a fraction of the cost.
+
+    Args:
+        roi_ras: optional world box ``(lo, hi)``: only the voxels inside it are prepared (the fine
+            level at inference: patches near the first level's answer). The frame, the intensity map
+            and the box-filter blocks still come from the whole image, so the result is the same
+            inside the box.
     """
     if modality not in ("CT", "MR"):
         raise LandmarkError(f"pin: modality must be resolved to CT or MR before preprocessing, got {modality!r}")
-    # Array axes permuted and flipped to the closest RAS order first (a view, exact): the box filter's
-    # blocks then start at the same anatomical side whatever the storage order of the input.
-    ornt = nib.orientations.io_orientation(volume.affine)
-    array = nib.orientations.apply_orientation(volume.array, ornt)
-    affine = volume.affine @ nib.orientations.inv_ornt_aff(ornt, volume.shape)
-    t, aff = antialias(image_tensor(array, device), affine, pixdim)
-    t = fit_intensity(array, modality)(t)
-    # A plain tensor: MONAI's MetaTensor bookkeeping would dominate the many small patch samplings.
-    t = (t.as_tensor() if isinstance(t, MetaTensor) else t).to(torch.float32).contiguous()
+    array, affine = _flip_canonical(volume.array, volume.affine)
+    if roi_ras is not None:
+        corners = np.array([[x, y, z] for x in (roi_ras[0][0], roi_ras[1][0]) for y in (roi_ras[0][1], roi_ras[1][1])
+                            for z in (roi_ras[0][2], roi_ras[1][2])])
+        ijk = geometry.ras_to_ijk(corners, affine)
+        size = np.asarray(array.shape)
+        # The crop starts on a box-filter block boundary, so its blocks are the whole image's blocks.
+        factor = np.maximum(1, np.floor(pixdim / geometry.spacing_from_affine(affine) + 1e-6)).astype(int)
+        lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, size - 1) // factor * factor
+        hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, lo + 2, size)
+        array = array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        shift = np.eye(4)
+        shift[:3, 3] = lo
+        affine = affine @ shift
+    src = image_tensor(array, device)
+    t, aff = antialias(src, affine, pixdim)
+    if t.data_ptr() == src.data_ptr():
+        t = t.clone()  # it may share memory with the caller's array, which the in-place steps must not touch
+    intensity = fit_intensity(volume.array, modality)
+    # The shared map ([lo, hi] -> [0, 1], clipped for CT) applied in place: on a full-resolution CT
+    # its out-of-place MONAI form costs several passes over hundreds of MB.
+    t.sub_(intensity.lo).mul_(1.0 / (intensity.hi - intensity.lo))
+    if intensity.clip:
+        t.clamp_(0.0, 1.0)
+    # The background is the whole image's darkest value, mapped; the tensor is stored minus it so
+    # that grid_sample's zero padding outside the field of view is that background.
+    pad = float(intensity(torch.tensor([float(volume.array.min())])).min())
+    t.sub_(pad)
     frame = canonical_frame(volume.affine, volume.shape, pixdim)
-    corners = np.array([[x, y, z] for x in (-0.5, volume.shape[0] - 0.5) for y in (-0.5, volume.shape[1] - 0.5)
-                        for z in (-0.5, volume.shape[2] - 0.5)])
-    in_frame = geometry.apply_affine(np.linalg.inv(frame), geometry.ijk_to_ras(corners, volume.affine))
-    return Prepared(t, np.linalg.inv(aff), frame, np.abs(in_frame).max(axis=0), float(t.amin()), float(pixdim))
+    box = np.array([[x, y, z] for x in (-0.5, volume.shape[0] - 0.5) for y in (-0.5, volume.shape[1] - 0.5)
+                    for z in (-0.5, volume.shape[2] - 0.5)])
+    in_frame = geometry.apply_affine(np.linalg.inv(frame), geometry.ijk_to_ras(box, volume.affine))
+    return Prepared(t.contiguous(), np.linalg.inv(aff), frame, np.abs(in_frame).max(axis=0), pad, float(pixdim))
 
 
 def plane_offsets(roi_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -300,8 +346,8 @@ def extract_patches(prep: Prepared, centres: torch.Tensor, frames: torch.Tensor 
     ijk = torch.einsum("bij,blpuvj->blpuvi", m[:, :3, :3], pts) + m[:, None, None, None, None, :3, 3]
     size = torch.as_tensor([max(int(d) - 1, 1) for d in prep.tensor.shape[2:]], dtype=torch.float32, device=dev)
     grid = (2.0 * ijk / size - 1.0).flip(-1).reshape(1, b * n * 3, roi_size, roi_size, 3)
-    # Zero padding of (image - pad), then + pad: outside samples take the background value.
-    out = F.grid_sample(prep.tensor - prep.pad, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    # The tensor holds image - pad: zero padding, then + pad, gives outside samples the background value.
+    out = F.grid_sample(prep.tensor, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(b, n * 3, roi_size, roi_size) + prep.pad
 
 
@@ -398,7 +444,17 @@ class PinIterate(Stage):
 
     def __call__(self, image: Volume, previous: LandmarkSet | None) -> LandmarkSet:
         det = self.detector
-        prep = prepare(image, det.level_pixdims[self.level], det.modality, det.device)
+        pixdim = det.level_pixdims[self.level]
+        roi = None
+        if self.level > 0 and previous is not None and previous.found.any():
+            # The fine level only looks near the first level's answer: prepare that box, not the
+            # whole (possibly 512 x 512 x 300) image. Margin: a patch side plus the search window.
+            c = det.config
+            reach = max(float(np.max(np.asarray(u.window))) for u in det.levels[self.level])
+            margin = pixdim * (c.roi_size + c.sample_range * reach)
+            pts = previous.xyz_mm_ras[previous.found]
+            roi = (pts.min(axis=0) - margin, pts.max(axis=0) + margin)
+        prep = prepare(image, pixdim, det.modality, det.device, roi)
         return det.refine([prep], None if previous is None else [previous], level=self.level)[0]
 
 
@@ -663,8 +719,9 @@ class PinDetector(Detector):
                    held_out: tuple[Data, Sequence[LandmarkSet | None]], seed: int) -> list[PinUnit]:
         """Fit the shape models of one level (on ``data``) and build fresh CNNs.
 
-        At the fine level the starting window is the SD (per mode, at least one frame unit) of the
-        residuals ``b_true - b_previous`` the previous level leaves on the ``held_out`` cases.
+        At the fine level the starting window is the RMS (per mode, at least one frame unit) of the
+        residuals ``b_true - b_previous`` the previous level leaves on the ``held_out`` cases, gross
+        failures (residual norm over 3 x the median) left out.
         """
         c = self.config
         _, gt, _ = self._frame_truth(data)
@@ -678,6 +735,10 @@ class PinDetector(Detector):
                 prev = np.stack([geometry.apply_affine(m, np.nan_to_num(s.reorder(self.landmark_names).xyz_mm_ras))
                                  for m, s in zip(inv, held_out[1], strict=True) if s is not None])
                 resid = model.project(hgt[:, g], hobs[:, g]) - model.project(prev[:, g])
+                # Gross failures of the previous level (over 3 x the median residual) are left out: the
+                # fine level cannot repair them, and one of them would widen its window many times over.
+                norms = np.linalg.norm(resid, axis=1)
+                resid = resid[norms <= 3.0 * np.median(norms)]
                 window = np.maximum(np.sqrt(np.mean(resid**2, axis=0)), 1.0)
             torch.manual_seed(seed + 100 * level + len(units))
             units.append(PinUnit(g, model, self._build_net(len(g), model), window, centred=level > 0))
