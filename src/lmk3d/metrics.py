@@ -141,10 +141,15 @@ def format_table(ev: Evaluation) -> str:
 
 def format_markdown(ev: Evaluation) -> str:
     """The same table as Markdown (for docs/)."""
-    radii = list(ev.overall.sdr)
+    return summaries_markdown(ev.per_landmark, ev.overall)
+
+
+def summaries_markdown(per_landmark: Mapping[str, Summary], overall: Summary) -> str:
+    """The Markdown table of per-landmark and overall summaries (e.g. read back from a ``metrics.json``)."""
+    radii = list(overall.sdr)
     head = ["landmark", "n", "missing", "MRE", "SD", "median"] + [f"SDR@{r}" for r in radii]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, s in [*ev.per_landmark.items(), (f"**{OVERALL}**", ev.overall)]:
+    for name, s in [*per_landmark.items(), (f"**{OVERALL}**", overall)]:
         cells = [name, str(s.n_truth), str(s.n_missing), f"{s.mre:.2f}", f"{s.sd:.2f}", f"{s.median:.2f}"]
         out.append("| " + " | ".join(cells + [f"{100 * s.sdr[r]:.1f}%" for r in radii]) + " |")
     return "\n".join(out)

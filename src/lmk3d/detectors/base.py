@@ -121,6 +121,14 @@ class Detector(abc.ABC):
         """Restore what :meth:`state` returned (nothing, for detectors without learned parts)."""
 
     # --- shared ---------------------------------------------------------------------------------
+    def prepare(self, image: Volume) -> Any:
+        """Preprocess ``image`` now, for the stages of the next :meth:`predict_all` on it to share.
+
+        Detectors whose stages share one preprocessing (``cascade``, ``prior_guided``) override it, so
+        callers (benchmarks, servers) can time or overlap it; the default does nothing and returns None.
+        """
+        return None
+
     def predict_all(self, image: Volume) -> Prediction:
         """Run every stage; keep each stage's landmarks and latency."""
         previous: LandmarkSet | None = None

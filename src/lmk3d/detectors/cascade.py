@@ -348,6 +348,10 @@ class CascadeDetector(Detector):
         self._cache = (weakref.ref(image), prep)
         return prep
 
+    def prepare(self, image: Volume) -> _Prepared:
+        self._cache = None
+        return self.prepared(image)
+
     def predict_all(self, image: Volume) -> Prediction:
         try:
             return super().predict_all(image)
@@ -459,6 +463,20 @@ class CascadeDetector(Detector):
         return d[0], np.linalg.norm((starts + raw).mean(axis=0) - centres, axis=-1)
 
     # --- training -------------------------------------------------------------------------------
+    def fit_step_weights(self, val: Sequence[Sample]) -> dict[str, Any]:
+        """Choose the stage-2 step weights ``w_n`` on held-out samples (what :meth:`fit` does at its end).
+
+        Lets a model trained before the weights existed get them without retraining; returns the
+        per-landmark table (weight, validation MRE of stage 1 alone, of the full step, and of the chosen one).
+        """
+        cases = self._cases(val)
+        if not cases:
+            raise LandmarkError("cascade: fit_step_weights needs labelled validation samples")
+        self._stage1_estimates(cases)
+        table = self._fit_step_weights(cases)
+        self.fitted_info.setdefault("training", {})["step_weights"] = table
+        return table
+
     def _fit_step_weights(self, val: list[_Case]) -> dict[str, Any]:
         """Per landmark, the share ``w_n`` of stage 2's displacement that minimises the validation error."""
         n = len(self.landmark_names)
