@@ -110,6 +110,21 @@ def test_exp_weighted_mse_by_hand() -> None:
     assert exp_weighted_mse(pred, target, mask, gamma=2.0).item() == pytest.approx((1 + math.e * 0.25) / 2, rel=1e-6)
 
 
+def test_target_weighting_by_hand() -> None:
+    # Two landmark channels and the background (last), 2 voxels; every channel counts.
+    pred = torch.tensor([[[0.0, 0.5], [0.2, 0.0], [1.0, 0.5]]])
+    target = torch.tensor([[[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]])
+    mask = torch.ones(1, 3, dtype=torch.bool)
+    got = exp_weighted_mse(pred, target, mask, gamma=2.0, include_target=True).item()
+    # Landmark channels: weights exp(2 * max(p, t)); the background keeps exp(2 * p).
+    ch0 = (math.exp(2.0) * 1.0 + math.exp(1.0) * 0.25) / 2  # the unpredicted spot weighs e^2, not e^0
+    ch1 = (math.exp(0.4) * 0.04 + 1.0 * 0.0) / 2
+    ch2 = (math.exp(2.0) * 1.0 + math.exp(1.0) * 0.25) / 2
+    assert got == pytest.approx((ch0 + ch1 + ch2) / 3, rel=1e-6)
+    plain = exp_weighted_mse(pred, target, mask, gamma=2.0)
+    assert plain.item() == pytest.approx(((1.0 + math.exp(1.0) * 0.25) / 2 + ch1 + ch2) / 3, rel=1e-6)
+
+
 def test_deep_supervision_weights() -> None:
     target = torch.zeros(1, 1, 2)
     mask = torch.tensor([[True]])
@@ -231,11 +246,17 @@ def test_save_load_identical(trained: tuple[CascadeDetector, list[Sample], list[
     det.save(tmp_path / "model")
     loaded = load_detector(tmp_path / "model", device="cpu")
     assert isinstance(loaded, CascadeDetector) and loaded.profile == det.profile
-    assert np.array_equal(loaded.ranges_mm, det.ranges_mm)
+    assert np.array_equal(loaded.ranges_mm, det.ranges_mm) and np.array_equal(loaded.step_weights, det.step_weights)
     for s in test[:3]:
         image = s.load_image()
         a, b = det.predict(image), loaded.predict(image)
         assert np.array_equal(a.xyz_mm_ras, b.xyz_mm_ras) and np.array_equal(a.scores, b.scores)
+    # Preparing ahead (as servers and benchmarks do) changes nothing, and the prepared image is not kept.
+    image = test[0].load_image()
+    loaded.prepare(image)
+    c = loaded.predict(image)
+    assert loaded._cache is None
+    assert np.array_equal(c.xyz_mm_ras, det.predict(image).xyz_mm_ras)
 
 
 def _permuted_flipped(image: Volume) -> Volume:
@@ -330,12 +351,13 @@ def test_step_weights_switch_off_a_useless_refinement(
 
 
 def test_profiles_build_and_describe_themselves() -> None:
-    for profile in ("paper", "cpu", "tiny"):
+    for profile in ("paper", "cpu", "cpu_ct", "tiny"):
         det = CascadeDetector.create(["a", "b", "c"], profile)
         assert det.unet.head.conv.out_channels == 4  # N + 1 heatmap channels
         assert det.cnn.num_networks == 3
     assert CascadeDetector.profiles["paper"].side_weights == (0.3, 0.6, 0.9)
     assert CascadeDetector.profiles["paper"].refine_lattice_mm == 0.0  # one patch per landmark, as published
+    assert not CascadeDetector.profiles["paper"].weight_target and not CascadeDetector.profiles["cpu"].weight_target
     with pytest.raises(ValueError, match="modality"):
         CascadeDetector.create(["a"], "tiny", modality="PET")
 

@@ -49,6 +49,28 @@ def test_outside_field_of_view_is_padding():
     assert torch.all(sample(image_tensor(vol), affine, g, padding_value=0.0) == 0.0)
 
 
+def test_sampling_reads_only_the_reachable_box_with_the_same_values(monkeypatch):
+    from lmk3d.transforms import grid as grid_module
+
+    rng = np.random.default_rng(3)
+    img = torch.as_tensor(rng.normal(size=(1, 1, 40, 30, 20)).astype(np.float32))
+    affine = oblique_affine(rng, spacing=(0.7, 0.8, 1.5))
+    centre = geometry.ijk_to_ras(np.array([19.5, 14.5, 9.5]), affine)
+    cases = []
+    for _ in range(60):  # inside, across the border, wholly outside (both sides), thin and wide grids
+        c = centre + rng.uniform(-45, 45, 3)
+        spacing = rng.uniform(0.3, 2.5)
+        cases.append([Grid.around(c + rng.uniform(-3, 3, 3), (5, 4, 3), spacing) for _ in range(3)])
+    cropped = [sample(img, affine, gs, padding_value=-7.0) for gs in cases]
+    boxes = [grid_module._crop_to_grids(img, affine, np.stack([g.affine for g in gs]), gs[0].shape) for gs in cases]
+    assert any(b is not None and b[0].numel() < img.numel() / 4 for b in boxes)  # the crop does crop
+    assert any(b is None for b in boxes)  # and grids far outside skip the image altogether
+    # Reference: the whole image, no crop.
+    monkeypatch.setattr(grid_module, "_crop_to_grids", lambda image, a, ga, shape: (image, a))
+    for gs, got in zip(cases, cropped, strict=True):
+        torch.testing.assert_close(got, sample(img, affine, gs, padding_value=-7.0), atol=1e-4, rtol=0)
+
+
 def test_patch_matches_simpleitk_resample_on_real_oblique_mprage():
     mprage = DATA / "dicom" / "mr_brain_sagittal_mprage"
     vol = read_image(mprage)

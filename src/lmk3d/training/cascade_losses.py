@@ -79,19 +79,26 @@ def heatmap_channel_mask(present: torch.Tensor) -> torch.Tensor:
 
 
 def exp_weighted_mse(prediction: torch.Tensor, target: torch.Tensor, channel_mask: torch.Tensor,
-                     gamma: float = 1.0) -> torch.Tensor:
+                     gamma: float = 1.0, include_target: bool = False) -> torch.Tensor:
     """Weighted MSE with weights ``exp(gamma * clamp(prediction, 0, 1))`` (constants), over the masked channels.
 
     Args:
         prediction, target: ``(B, C, *spatial)``.
         channel_mask: ``(B, C)`` bool, channels that count.
         gamma: the power's scale (1 = the paper's ``exp(prediction)``).
+        include_target: weigh the landmark channels (all but the last, the background) by
+            ``exp(gamma * max(prediction, target))`` instead (not the paper's form): a heat spot the
+            network does not predict yet still gets a large weight, so a small spot in a large grid is
+            not drowned by the background from the first step on.
 
     Returns:
         The scalar ``sum(m * w * (p - t)^2) / (sum(m) * voxels)``; zero when nothing is masked in.
     """
     # Clamped to the targets' range: an untrained network's outliers would otherwise get weights like e^50.
-    w = torch.exp(gamma * prediction.detach().clamp(0.0, 1.0))
+    base = prediction.detach().clamp(0.0, 1.0)
+    if include_target:
+        base = torch.cat([torch.maximum(base[:, :-1], target[:, :-1]), base[:, -1:]], dim=1)
+    w = torch.exp(gamma * base)
     per_channel = (w * (prediction - target) ** 2).flatten(2).mean(dim=2)
     m = channel_mask.to(per_channel.dtype)
     return (per_channel * m).sum() / m.sum().clamp(min=1.0)
@@ -99,7 +106,7 @@ def exp_weighted_mse(prediction: torch.Tensor, target: torch.Tensor, channel_mas
 
 def deep_supervision_loss(main: torch.Tensor, sides: Sequence[torch.Tensor], target: torch.Tensor,
                           channel_mask: torch.Tensor, gamma: float = 1.0,
-                          side_weights: Sequence[float] = SIDE_WEIGHTS) -> torch.Tensor:
+                          side_weights: Sequence[float] = SIDE_WEIGHTS, include_target: bool = False) -> torch.Tensor:
     """The paper's equation (2): ``L(P) + sum_s beta_s L(p^s)`` with the weighted MSE ``L``.
 
     Args:
@@ -111,9 +118,9 @@ def deep_supervision_loss(main: torch.Tensor, sides: Sequence[torch.Tensor], tar
     """
     if len(sides) != len(side_weights):
         raise ValueError(f"{len(sides)} side outputs but {len(side_weights)} side weights")
-    loss = exp_weighted_mse(main, target, channel_mask, gamma)
+    loss = exp_weighted_mse(main, target, channel_mask, gamma, include_target)
     for beta, side in zip(side_weights, sides, strict=True):
-        loss = loss + float(beta) * exp_weighted_mse(side, target, channel_mask, gamma)
+        loss = loss + float(beta) * exp_weighted_mse(side, target, channel_mask, gamma, include_target)
     return loss
 
 

@@ -132,6 +132,37 @@ def sampling_grid(image_affine: np.ndarray, image_shape: Sequence[int], grid_aff
     return norm.flip(-1)
 
 
+def _crop_to_grids(image: torch.Tensor, image_affine: np.ndarray, grid_affines: np.ndarray,
+                   shape: Sequence[int]) -> tuple[torch.Tensor, np.ndarray] | None:
+    """The part of ``image`` (a view) that trilinear sampling on the grids can reach, and its affine.
+
+    A margin of one voxel beyond the grids' extreme points keeps every interpolation inside the crop,
+    and the crop is clipped to the image, so sampling it gives exactly what sampling the whole image
+    gives (outside the image, the same zero padding). None when no grid point falls near the image.
+    Small patches in a large CT then cost what the patches cost, not a pass over the whole volume.
+    """
+    size = np.asarray(image.shape[2:])
+    hi_idx = np.asarray(shape, dtype=np.float64) - 1.0
+    corners = np.array([[x, y, z, 1.0] for x in (0.0, hi_idx[0]) for y in (0.0, hi_idx[1]) for z in (0.0, hi_idx[2])])
+    inv = np.linalg.inv(geometry.check_affine(image_affine))
+    ijk = np.einsum("ij,bjk,ck->bci", inv, np.asarray(grid_affines, dtype=np.float64), corners)[..., :3]
+    lo = np.floor(ijk.reshape(-1, 3).min(axis=0)).astype(np.int64) - 1
+    hi = np.ceil(ijk.reshape(-1, 3).max(axis=0)).astype(np.int64) + 2
+    # At least 2 voxels per axis (when the image has them): grid_sample maps every point of a 1-voxel
+    # axis onto that voxel, where the whole image would have given the padding.
+    lo = np.clip(lo, 0, np.maximum(size - 2, 0))
+    hi = np.clip(hi, 0, size)
+    if np.any(hi <= lo):
+        return None
+    hi = np.minimum(np.maximum(hi, lo + 2), size)
+    if np.all(lo == 0) and np.all(hi == size):
+        return image, image_affine
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    view = image[:, :, lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    return view, np.asarray(image_affine, dtype=np.float64) @ shift
+
+
 def sample(image: torch.Tensor, image_affine: np.ndarray, grids: Sequence[Grid] | Grid,
            padding_value: float | None = None) -> torch.Tensor:
     """Trilinear samples of ``image`` on one or several grids of the same shape.
@@ -149,8 +180,13 @@ def sample(image: torch.Tensor, image_affine: np.ndarray, grids: Sequence[Grid] 
     shape = gs[0].shape
     if any(g.shape != shape for g in gs):
         raise ValueError("all grids sampled together must have the same shape")
-    coords = sampling_grid(image_affine, image.shape[2:], np.stack([g.affine for g in gs]), shape, image.device)
     pad = float(image.amin()) if padding_value is None else float(padding_value)
+    affines = np.stack([g.affine for g in gs])
+    cropped = _crop_to_grids(image, image_affine, affines, shape)
+    if cropped is None:  # every grid lies wholly outside the image
+        return torch.full((len(gs), image.shape[1], *shape), pad, dtype=image.dtype, device=image.device)
+    image, image_affine = cropped
+    coords = sampling_grid(image_affine, image.shape[2:], affines, shape, image.device)
     # Sample (image - pad) with zero padding, then add pad back: outside voxels become ``pad``.
     shifted = image - pad if pad != 0.0 else image
     out = F.grid_sample(shifted.expand(len(gs), *image.shape[1:]), coords, mode="bilinear",
