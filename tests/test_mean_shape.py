@@ -148,3 +148,18 @@ def test_cli_bad_input_exits_2(tiny_set: Path, tmp_path: Path, capsys: pytest.Ca
     assert main(["train", "--detector", "mean_shape", "--profile", "paper2", "--data", str(tiny_set),
                  "--out", str(tmp_path / "m")]) == 2
     assert main(["predict", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "p"), "x.nii.gz"]) == 2
+    assert main(["train", "--detector", "mean_shape", "--data", str(tiny_set), "--out", str(tmp_path / "m"),
+                 "--set", "bogus=1"]) == 2
+    assert "unknown config field(s) bogus" in capsys.readouterr().err
+    assert main(["train", "--detector", "mean_shape", "--data", str(tiny_set), "--out", str(tmp_path / "m"),
+                 "--set", "hit_radius_mm"]) == 2
+    assert "expected FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_cli_train_config_overrides(tiny_set: Path, tmp_path: Path) -> None:
+    assert main(["train", "--detector", "mean_shape", "--data", str(tiny_set), "--out", str(tmp_path / "m"),
+                 "--no-progress", "--set", "hit_radius_mm=3.5"]) == 0
+    model = load_detector(tmp_path / "m", "cpu")
+    assert model.config.hit_radius_mm == 3.5 and model.profile == "cpu+overrides"
+    report = json.loads((tmp_path / "m" / "train_report.json").read_text())
+    assert report["command"].endswith("--set hit_radius_mm=3.5")

@@ -121,6 +121,26 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field of the profile's config, e.g. --set fine_epochs=120 (a Python "
+                   "literal: numbers, True/False, tuples; anything else is a string); repeatable")
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """``["a=1", "b=(2, 3)", "c=CT"]`` -> ``{"a": 1, "b": (2, 3), "c": "CT"}``."""
+    import ast
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise LandmarkError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            value: object = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            value = text.strip()
+        out[key.strip()] = value
+    return out
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -144,7 +164,7 @@ def run_train(args: argparse.Namespace) -> int:
     train, val, test = apply_split(labelled, split)
     print(f"{args.data}: {len(ds)} cases ({len(labelled)} labelled), {len(ds.names)} landmarks; split seed "
           f"{args.split_seed}: {len(train)} train / {len(val)} val / {len(test)} test")
-    det = cls.create(ds.names, args.profile)
+    det = cls.create(ds.names, args.profile, **parse_overrides(args.overrides))
     t0 = time.perf_counter()
     # Landmark groups are not passed: the prior-guided detector reads groups.json beside the images itself,
     # and detectors without groups reject options they do not know.
@@ -154,6 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
     det.save(out)
     command = _command_line("train", args, ["detector", "profile", "data", "images", "out", "split_seed",
                                             "val_fraction", "test_fraction", "max_minutes", "seed"])
+    command += "".join(f" --set {item}" for item in args.overrides)
     write_split(out / "split.json", split, {"data": str(args.data), "command": command})
     metrics: dict[str, object] = {}
     test_mre: float | None = None

@@ -89,6 +89,11 @@ class Detector(abc.ABC):
             raise LandmarkError(f"unknown profile {profile!r} for detector {cls.name!r}; choose one of {choices}")
         config = cls.profiles[profile]
         if overrides:
+            known = {f.name for f in dataclasses.fields(config)}
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise LandmarkError(f"{cls.name}: unknown config field(s) {', '.join(unknown)}; the fields are "
+                                    f"{', '.join(sorted(known))}")
             config = dataclasses.replace(config, **overrides)
         return cls(landmark_names, config, profile if not overrides else f"{profile}+overrides")
 
