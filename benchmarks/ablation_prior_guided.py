@@ -40,7 +40,7 @@ def main() -> int:
 
     os.chdir(ROOT)
     torch.set_num_threads(1)
-    from lmk3d.data import apply_split, load_dataset, read_split
+    from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.prior_guided import PriorGuidedDetector
     from lmk3d.metrics import evaluate
@@ -50,9 +50,7 @@ def main() -> int:
     assert isinstance(base, PriorGuidedDetector)
     if not base.groups:
         sys.exit(f"{args.model}: the model has no correlated landmark group to ablate")
-    ds = load_dataset(args.data)
-    split = read_split(Path(args.model) / "split.json")
-    train, val, test = apply_split(ds.labelled(), split)
+    _, split, train, val, test = model_split(args.model, args.data)
     truths = {s.case: s.landmarks for s in test if s.landmarks is not None}
     grouped = [n for names, _ in base.groups for n in names]
     rows = []

@@ -45,15 +45,13 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lmk3d.data import apply_split, load_dataset, read_split
+    from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.pin import PinDetector, Prepared, prepare
     from lmk3d.landmarks import LandmarkSet
     from lmk3d.metrics import evaluate
 
-    ds = load_dataset(args.data)
-    split = read_split(args.model)
-    train, val, test = apply_split(ds.labelled(), split)
+    ds, split, train, val, test = model_split(args.model, args.data)
     cases = {"train": train, "val": val, "test": test}[args.subset]
     truth = {s.case: s.landmarks for s in cases}
     names = ds.names

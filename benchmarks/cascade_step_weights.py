@@ -31,15 +31,13 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from lmk3d.data import apply_split, load_dataset, read_split
+    from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.cascade import CascadeDetector
     from lmk3d.io.atomic import atomic_write_text
     from lmk3d.metrics import Evaluation, evaluate, format_markdown
 
-    ds = load_dataset(args.data)
-    split = read_split(args.model)
-    _, val, test = apply_split(ds.labelled(), split)
+    _, split, _, val, test = model_split(args.model, args.data)
     truth = {s.case: s.landmarks for s in test if s.landmarks is not None}
     images = {s.case: s.load_image() for s in test}
 

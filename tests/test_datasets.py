@@ -17,6 +17,7 @@ from lmk3d.data import (
     image_geometry,
     load_dataset,
     make_split,
+    model_split,
     read_groups,
     read_split,
     write_groups,
@@ -168,6 +169,9 @@ def test_split_file_roundtrip_and_apply(tmp_path: Path) -> None:
     assert read_split(path) == split and read_split(tmp_path) == split
     train, val, test = apply_split(list(ds), split)
     assert [s.case for s in test] == list(split.test)
+    cut = model_split(tmp_path, HIPPOCAMPUS)  # a model folder holding split.json
+    assert cut.split == split and [s.case for s in cut.test] == list(split.test)
+    assert [s.case for s in cut.train] == [s.case for s in train] and len(cut.val) == len(val) == 20
     doc["val"].append(doc["train"][0])
     path.write_text(json.dumps(doc))
     with pytest.raises(LandmarkFormatError, match="both"):
