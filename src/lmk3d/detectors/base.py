@@ -185,6 +185,16 @@ class Detector(abc.ABC):
         return det
 
 
+def freeze_sequences(config: Any, names: Sequence[str]) -> None:
+    """Turn the named fields of a frozen config back into tuples (checkpoints and JSON hand back lists).
+
+    Keeps the config hashable and comparable; a scalar becomes a 1-tuple. Call from ``__post_init__``.
+    """
+    for name in names:
+        value = getattr(config, name)
+        object.__setattr__(config, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
+
+
 def mark_outside(landmarks: LandmarkSet, image: Volume) -> LandmarkSet:
     """Mark landmarks outside the image's field of view as not found (the contract's rule)."""
     finite = np.isfinite(landmarks.xyz_mm_ras).all(axis=1)

@@ -51,7 +51,7 @@ import torch
 from monai.data import MetaTensor
 
 from lmk3d.data.samples import Sample
-from lmk3d.detectors.base import Detector, Prediction, Stage, default_device
+from lmk3d.detectors.base import Detector, Prediction, Stage, default_device, freeze_sequences
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
@@ -68,10 +68,6 @@ from lmk3d.training.loop import deadline_from, seed_everything, train_network
 from lmk3d.transforms.grid import Grid, antialias, image_tensor, random_world_transform, sample
 from lmk3d.transforms.heatmap import decode_peaks
 from lmk3d.transforms.intensity import IntensityMap, fit_intensity
-
-
-def _tuple(value: Any) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 @dataclass(frozen=True)
@@ -160,9 +156,7 @@ class CascadeConfig:
     stage1_share: float = 0.6
 
     def __post_init__(self) -> None:
-        # Checkpoints and JSON may hand back lists: keep the frozen config hashable and comparable.
-        for name in ("coarse_size", "channels", "side_weights", "roi_size", "cnn_channels", "scale_range"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        freeze_sequences(self, ("coarse_size", "channels", "side_weights", "roi_size", "cnn_channels", "scale_range"))
         if self.modality not in ("CT", "MR", "auto"):
             raise LandmarkError(f"cascade: unknown modality {self.modality!r}; choose CT, MR or auto")
         if self.spatial_dims != 3 or self.in_channels != 1:

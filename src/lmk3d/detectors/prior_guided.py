@@ -51,7 +51,7 @@ from torch import nn
 from lmk3d import geometry
 from lmk3d.data.datasets import GROUPS_FILE, LandmarkGroup, image_geometry, read_groups
 from lmk3d.data.samples import Sample
-from lmk3d.detectors.base import Detector, Prediction, Stage, default_device
+from lmk3d.detectors.base import Detector, Prediction, Stage, default_device, freeze_sequences
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
@@ -74,9 +74,6 @@ AXES: dict[str, int] = {"LR": 0, "AP": 1, "SI": 2}
 
 Group = tuple[tuple[str, ...], str]
 
-
-def _tuple(value: Any) -> tuple[Any, ...]:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _axis(name: str) -> int:
@@ -196,9 +193,8 @@ class PriorGuidedConfig:
     min_score: float = 0.1
 
     def __post_init__(self) -> None:
-        # Checkpoints hand back lists: keep the frozen config comparable.
-        for name in ("coarse_roi_size", "coarse_layers", "coarse_channels", "roi_size", "channels", "scale_range"):
-            object.__setattr__(self, name, _tuple(getattr(self, name)))
+        freeze_sequences(self, ("coarse_roi_size", "coarse_layers", "coarse_channels", "roi_size", "channels",
+                                "scale_range"))
         object.__setattr__(self, "groups", normalise_groups(self.groups))
         if self.modality not in ("CT", "MR", "auto"):
             raise LandmarkError(f"prior_guided: unknown modality {self.modality!r}; choose CT, MR or auto")
