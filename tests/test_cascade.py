@@ -19,6 +19,7 @@ from lmk3d.landmarks import LandmarkSet
 from lmk3d.metrics import evaluate
 from lmk3d.networks.displacement_cnn import DisplacementCNN
 from lmk3d.networks.heatmap_unet import HeatmapUNet
+from lmk3d.shape.pairwise import PairwisePrior
 from lmk3d.training.cascade_losses import (
     deep_supervision_loss,
     displacement_loss,
@@ -28,6 +29,7 @@ from lmk3d.training.cascade_losses import (
     normalise_with_background,
 )
 from lmk3d.transforms.grid import Grid, image_tensor, sample
+from lmk3d.transforms.heatmap import gaussian_heatmaps
 from tests.conftest import DATA
 
 HIPPO = DATA / "hippocampus"
@@ -350,6 +352,38 @@ def test_step_weights_switch_off_a_useless_refinement(
     assert np.allclose(pred.landmarks.scores, 0.5 * pred.stages[0].landmarks.scores)
 
 
+def test_shape_decode_is_chosen_on_validation_saved_and_refuses_a_twin(
+        trained: tuple[CascadeDetector, list[Sample], list[Sample]], tmp_path: Path) -> None:
+    det, train, test = trained
+    info = det.fitted_info["training"]["decode"]
+    assert info["chosen"] == det.decode and (det.pair_prior is None) == (det.decode == "peak")
+    if det.decode == "shape":  # only when strictly better on the validation images
+        assert info["val_mre_shape_mm"] < info["val_mre_peak_mm"]
+    shaped = copy.deepcopy(det)
+    shaped.pair_prior = PairwisePrior.fit(np.stack([k.xyz for k in shaped._cases(train[:30])]), noise_mm=2.0)
+    shaped.decode = "shape"
+    shaped.save(tmp_path / "model")
+    loaded = load_detector(tmp_path / "model", device="cpu")
+    assert isinstance(loaded, CascadeDetector) and loaded.decode == "shape"
+    np.testing.assert_array_equal(loaded.pair_prior.mean, shaped.pair_prior.mean)  # type: ignore[union-attr]
+    image = test[0].load_image()
+    assert np.array_equal(loaded.predict(image).xyz_mm_ras, shaped.predict(image).xyz_mm_ras)
+    # Heatmaps with a spot on every landmark, where channel 0 is brighter on landmark 3's place than on its
+    # own: the per-channel maximum takes the wrong spot, the joint decode keeps landmark 0's own.
+    truth = test[0].landmarks.reorder(det.landmark_names).xyz_mm_ras  # type: ignore[union-attr]
+    grid = shaped.coarse_grid(shaped.prepare(image))
+    pts = torch.as_tensor(grid.world_to_grid(truth))
+    n = len(truth)
+    h = torch.zeros(1, n + 1, *grid.shape, dtype=torch.float64)
+    h[0, :n] = 0.8 * gaussian_heatmaps(pts, grid.shape, 1.0)
+    h[0, 0] += 0.95 * gaussian_heatmaps(pts[3], grid.shape, 1.0)
+    peak, _ = shaped._decode(h, [grid], "peak")
+    joint, score = shaped._decode(h, [grid], "shape")
+    assert np.linalg.norm(peak[0, 0] - truth[3]) < 1.0
+    np.testing.assert_allclose(joint[0], truth, atol=0.5)
+    assert 0.5 < score[0, 0] <= 0.8  # the score is that of the spot taken (a voxel value), not of the 0.95 one
+
+
 def test_profiles_build_and_describe_themselves() -> None:
     for profile in ("paper", "cpu", "cpu_ct", "tiny"):
         det = CascadeDetector.create(["a", "b", "c"], profile)
@@ -357,6 +391,7 @@ def test_profiles_build_and_describe_themselves() -> None:
         assert det.cnn.num_networks == 3
     assert CascadeDetector.profiles["paper"].side_weights == (0.3, 0.6, 0.9)
     assert CascadeDetector.profiles["paper"].refine_lattice_mm == 0.0  # one patch per landmark, as published
+    assert not CascadeDetector.profiles["paper"].shape_decode and CascadeDetector.profiles["cpu"].shape_decode
     assert not CascadeDetector.profiles["paper"].weight_target and not CascadeDetector.profiles["cpu"].weight_target
     with pytest.raises(ValueError, match="modality"):
         CascadeDetector.create(["a"], "tiny", modality="PET")

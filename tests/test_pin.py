@@ -479,6 +479,9 @@ def test_fine_level_starts_from_the_first_and_improves_it(tmp_path: Path) -> Non
     assert [r["level"] for r in report["units"]] == [0, 1]
     fine = det.levels[1][0]
     assert fine.centred and np.all(np.asarray(fine.window) >= 1.0)
+    # The first level keeps 99.5 % of the variance, the fine level every mode (3N = 12 here, 30 cases).
+    assert det.units[0].shape.n_modes < 12 and det.units[0].shape.explained >= 0.995
+    assert fine.shape.n_modes == 12 and fine.shape.explained == pytest.approx(1.0)
     truth = {s.case: s.landmarks for s in test}
     preds = {s.case: det.predict_all(read_image(s.image_path)) for s in test}
     assert [st.name for st in next(iter(preds.values())).stages] == ["mean_shape", "pin", "pin_fine"]

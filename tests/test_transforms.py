@@ -10,7 +10,7 @@ import torch
 from lmk3d import geometry
 from lmk3d.io.image import read_image
 from lmk3d.transforms.grid import Grid, antialias, image_tensor, random_world_transform, sample
-from lmk3d.transforms.heatmap import decode_peaks, gaussian_heatmaps
+from lmk3d.transforms.heatmap import decode_peaks, gaussian_heatmaps, local_peaks
 from lmk3d.transforms.intensity import fit_intensity
 from tests.conftest import DATA, oblique_affine
 
@@ -124,6 +124,27 @@ def test_heatmap_encode_decode_roundtrip():
     # a second, weaker blob elsewhere does not move the decoded peak
     h2 = h[0] + 0.6 * gaussian_heatmaps(pts[0] + torch.tensor([0.0, 0.0, 4.0], dtype=pts.dtype), (16, 13, 9), 1.5)
     np.testing.assert_allclose(decode_peaks(h2)[0].numpy(), pts[0].numpy(), atol=0.15)
+
+
+def test_local_peaks_lists_every_blob_brightest_first():
+    a = torch.tensor([4.3, 5.6, 6.2], dtype=torch.float64)
+    b = torch.tensor([13.7, 12.2, 15.4], dtype=torch.float64)
+    shape = (20, 18, 22)
+    # Two far-apart Gaussian blobs of heights 0.7 and 0.9 (the second brighter), one heatmap; a second
+    # heatmap with only one blob.
+    h = torch.stack([0.7 * gaussian_heatmaps(a, shape, 1.5) + 0.9 * gaussian_heatmaps(b, shape, 1.5),
+                     gaussian_heatmaps(a, shape, 1.5)])
+    pos, val = local_peaks(h, k=3, radius=2)
+    assert pos.shape == (2, 3, 3) and val.shape == (2, 3)
+    np.testing.assert_allclose(pos[0, 0].numpy(), b.numpy(), atol=1e-3)
+    np.testing.assert_allclose(pos[0, 1].numpy(), a.numpy(), atol=1e-3)
+    assert float(val[0, 0]) > float(val[0, 1]) > 0.6
+    # The first candidate is decode_peaks' answer; missing candidates are NaN with value -inf.
+    np.testing.assert_allclose(pos[:, 0].numpy(), decode_peaks(h)[0].numpy())
+    assert torch.isnan(pos[0, 2]).all() and torch.isnan(pos[1, 1:]).all()
+    assert torch.isinf(val[1, 1:]).all() and bool((val[1, 1:] < 0).all())
+    with pytest.raises(ValueError, match="k >= 1"):
+        local_peaks(h, k=0)
 
 
 def test_intensity_maps():

@@ -23,11 +23,19 @@ it sees every offset that stage 1 makes in practice, including the larger ones o
 Augmentation moves the sampling grids (random rotation, scaling, translation); the landmarks stay
 where they are in world space, and stage 2's targets are expressed along the moved patch's axes.
 
-Two additions to the paper, both switched off in the ``paper`` profile: stage 2 may average its
-estimates over a small lattice of patch centres around ``S0`` (``refine_lattice_mm``), and after
-training, the share ``w_n`` of stage 2's displacement kept for landmark ``n`` is chosen on the
-validation images (``fit_step_weights``): the prediction is ``S0 + w_n * d``, so a refinement network
-that does not beat stage 1 on held-out images is damped or switched off instead of making things worse.
+Three additions to the paper, all switched off in the ``paper`` profile:
+
+- stage 2 may average its estimates over a small lattice of patch centres around ``S0``
+  (``refine_lattice_mm``);
+- after training, the share ``w_n`` of stage 2's displacement kept for landmark ``n`` is chosen on the
+  validation images (``fit_step_weights``): the prediction is ``S0 + w_n * d``, so a refinement network
+  that does not beat stage 1 on held-out images is damped or switched off instead of making things worse;
+- stage 1 may decode its heatmaps jointly (``shape_decode``): each channel's few highest local maxima
+  are candidates, and :class:`lmk3d.shape.pairwise.PairwisePrior`, fitted on the training
+  configurations, picks the combination that is both bright and laid out like a real configuration.
+  A channel that also lights up on the landmark's twin (the other side's mandible angle, the vertebra
+  below) then keeps the right peak even when the twin's is brighter. Whether a model uses it is decided
+  on the validation images after stage 1 (the paper's per-channel maximum on ties), and recorded.
 
 Score (per landmark, in [0, 1]): ``s1 * s2`` where ``s1 = clip(peak / k, 0, 1)`` is the stage-1 peak
 height relative to the target height ``k``, and ``s2 = 1 - 0.5 * min(|d_raw| / r_n, 1)`` falls from 1
@@ -57,6 +65,7 @@ from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.networks.displacement_cnn import DisplacementCNN
 from lmk3d.networks.heatmap_unet import HeatmapUNet
+from lmk3d.shape.pairwise import PairwisePrior
 from lmk3d.training.cascade_losses import (
     SIDE_WEIGHTS,
     deep_supervision_loss,
@@ -66,7 +75,7 @@ from lmk3d.training.cascade_losses import (
 )
 from lmk3d.training.loop import deadline_from, seed_everything, train_network
 from lmk3d.transforms.grid import Grid, antialias, image_tensor, random_world_transform, sample
-from lmk3d.transforms.heatmap import decode_peaks
+from lmk3d.transforms.heatmap import decode_peaks, local_peaks
 from lmk3d.transforms.intensity import IntensityMap, fit_intensity
 
 
@@ -101,6 +110,9 @@ class CascadeConfig:
         refine_lattice_mm: 0 runs stage 2 once, on the patch centred at ``S0`` (the paper). A positive
             ``a`` also centres patches on the 3x3x3 lattice ``S0 + {-a, 0, a}^3`` and averages the 27
             estimates (test-time averaging: less variance at 27 times stage 2's small cost).
+        shape_decode, decode_candidates: let stage 1 choose among ``decode_candidates`` local maxima per
+            channel with the pairwise shape prior (see the module docstring) when that beats the paper's
+            per-channel maximum on the validation images; False always takes the maximum (the paper).
         fit_step_weights: after training, choose per landmark the share ``w_n`` in {0, 0.1, ..., 1} of
             stage 2's displacement that minimises the validation error (the prediction is
             ``S0 + w_n * d``); False keeps ``w_n = 1``, the paper's full step. Where stage 2 cannot
@@ -140,6 +152,8 @@ class CascadeConfig:
     min_range_mm: float = 2.0
     refine_lattice_mm: float = 1.5
     fit_step_weights: bool = True
+    shape_decode: bool = True
+    decode_candidates: int = 3
     lr: float = 3e-3
     batch_size: int = 2
     max_epochs: int = 40
@@ -168,6 +182,8 @@ class CascadeConfig:
         if len(self.side_weights) > len(self.channels) - 1:
             raise LandmarkError(f"cascade: {len(self.side_weights)} side outputs need at least "
                                 f"{len(self.side_weights) + 1} U-Net levels, got channels={self.channels}")
+        if self.decode_candidates < 1:
+            raise LandmarkError(f"cascade: decode_candidates must be at least 1, got {self.decode_candidates}")
         if not 0.0 < self.heatmap_height <= 1.0:
             raise LandmarkError(f"cascade: heatmap_height must be in (0, 1], got {self.heatmap_height}")
 
@@ -181,6 +197,7 @@ PAPER = CascadeConfig(
     lr=1e-3, patch_lr=1e-3, batch_size=4, max_epochs=1, min_iterations=11250, patience=100_000,
     patch_batch_size=4, patch_epochs=1, patch_min_iterations=45000, patches_per_case=1,
     rotation_deg=0.0, scale_range=(1.0, 1.0), translation_mm=0.0, refine_lattice_mm=0.0, fit_step_weights=False,
+    shape_decode=False,
 )
 #: Sized for this 2-core CPU: the 140 hippocampus training cases train in about 20 minutes of one
 #: thread (32^3 stage-1 grid); whole CT gets a 48^3 grid (about 5 mm) and the same number of steps.
@@ -308,6 +325,8 @@ class CascadeDetector(Detector):
         n = len(self.landmark_names)
         self.ranges_mm = np.full(n, float(config.min_range_mm))
         self.step_weights = np.ones(n)
+        self.pair_prior: PairwisePrior | None = None
+        self.decode = "peak"  # or "shape": the pairwise prior chooses among local maxima
         self.coarse_shape: tuple[int, int, int] = tuple(int(v) for v in config.coarse_size)  # type: ignore[assignment]
         self.fitted_modality: str | None = None
         self.fitted_info: dict[str, Any] = {}
@@ -329,7 +348,8 @@ class CascadeDetector(Detector):
     def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
         sd = {"stage1": self.unet.state_dict(), "stage2": self.cnn.state_dict()}
         fitted = {"ranges_mm": self.ranges_mm.tolist(), "coarse_shape": list(self.coarse_shape),
-                  "modality": self.fitted_modality, "step_weights": self.step_weights.tolist()}
+                  "modality": self.fitted_modality, "step_weights": self.step_weights.tolist(), "decode": self.decode,
+                  "pair_prior": None if self.pair_prior is None else self.pair_prior.state()}
         return sd, {**fitted, **self.fitted_info}
 
     def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:
@@ -341,7 +361,10 @@ class CascadeDetector(Detector):
         self.coarse_shape = tuple(int(v) for v in fitted["coarse_shape"])  # type: ignore[assignment]
         self.fitted_modality = fitted.get("modality")
         self.step_weights = np.asarray(fitted.get("step_weights", np.ones(len(self.landmark_names))), dtype=np.float64)
-        own = ("ranges_mm", "coarse_shape", "modality", "step_weights")
+        prior = fitted.get("pair_prior")
+        self.pair_prior = None if prior is None else PairwisePrior.from_state(prior)
+        self.decode = str(fitted.get("decode", "peak"))
+        own = ("ranges_mm", "coarse_shape", "modality", "step_weights", "decode", "pair_prior")
         self.fitted_info = {k: v for k, v in fitted.items() if k not in own}
 
     # --- preprocessing --------------------------------------------------------------------------
@@ -398,14 +421,31 @@ class CascadeDetector(Detector):
         with self._autocast():
             return self.unet(x).float()
 
-    def _decode(self, heatmaps: torch.Tensor, grids: Sequence[Grid]) -> tuple[np.ndarray, np.ndarray]:
-        """Peaks -> ``(B, N, 3)`` world RAS mm and ``(B, N)`` stage-1 scores ``clip(peak / k, 0, 1)``."""
+    def _decode(self, heatmaps: torch.Tensor, grids: Sequence[Grid],
+                decode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Peaks -> ``(B, N, 3)`` world RAS mm and ``(B, N)`` stage-1 scores ``clip(peak / k, 0, 1)``.
+
+        ``decode`` overrides the model's: ``"peak"`` (each channel's maximum) or ``"shape"`` (the pairwise
+        prior chooses among each channel's local maxima).
+        """
         n = len(self.landmark_names)
-        pos, peak = decode_peaks(heatmaps[:, :n])
-        pos_np = pos.detach().cpu().double().numpy()
-        xyz = np.stack([g.grid_to_world(p) for g, p in zip(grids, pos_np, strict=True)])
-        score = np.clip(peak.detach().cpu().double().numpy() / self.config.heatmap_height, 0.0, 1.0)
-        return xyz, score
+        k = self.config.heatmap_height
+        if (decode or self.decode) == "shape" and self.pair_prior is not None:
+            pos_t, val_t = local_peaks(heatmaps[:, :n], self.config.decode_candidates, radius=2)
+            pos_c = pos_t.detach().cpu().double().numpy()  # (B, N, K, 3)
+            val = val_t.detach().cpu().double().numpy()
+            rows = np.arange(n)
+            xyz, peak = np.empty((len(grids), n, 3)), np.empty((len(grids), n))
+            for b, g in enumerate(grids):
+                world = g.grid_to_world(pos_c[b].reshape(-1, 3)).reshape(pos_c[b].shape)
+                choice = self.pair_prior.select(world, val[b], val[b, :, 0] >= self.config.min_peak * k)
+                xyz[b], peak[b] = world[rows, choice], val[b, rows, choice]
+        else:
+            pos, peak_t = decode_peaks(heatmaps[:, :n])
+            pos_np = pos.detach().cpu().double().numpy()
+            xyz = np.stack([g.grid_to_world(p) for g, p in zip(grids, pos_np, strict=True)])
+            peak = peak_t.detach().cpu().double().numpy()
+        return xyz, np.clip(peak / k, 0.0, 1.0)
 
     def _displacements(self, preps: Sequence[_Prepared], centres: np.ndarray,
                        grids: Sequence[Sequence[Grid]] | None = None) -> torch.Tensor:
@@ -521,15 +561,36 @@ class CascadeDetector(Detector):
             out.append(_Case(s.case, prepare(image, self.modality(image.array), self.device), xyz, lm.found.copy()))
         return out
 
-    def _stage1_estimates(self, cases: Sequence[_Case], batch: int = 8) -> None:
+    def _stage1_estimates(self, cases: Sequence[_Case], batch: int = 8, decode: str | None = None) -> None:
         self.unet.eval()
         with torch.no_grad():
             for i in range(0, len(cases), batch):
                 chunk = cases[i:i + batch]
                 grids = [self.coarse_grid(c.prep) for c in chunk]
-                xyz, _ = self._decode(self._heatmaps([c.prep for c in chunk], grids), grids)
+                xyz, _ = self._decode(self._heatmaps([c.prep for c in chunk], grids), grids, decode)
                 for c, p in zip(chunk, xyz, strict=True):
                     c.stage1 = p
+
+    def _fit_decode(self, train: list[_Case], val: list[_Case]) -> dict[str, Any]:
+        """Fit the pairwise prior on the training configurations; keep it if it beats the peaks on ``val``."""
+        self.decode, self.pair_prior = "peak", None
+        if not (self.config.shape_decode and val and len(self.landmark_names) > 1):
+            return {"chosen": "peak"}
+        noise = float(max(self.coarse_grid(k.prep).spacing_mm.max() for k in train))
+        try:
+            self.pair_prior = PairwisePrior.fit(np.stack([k.xyz for k in train]), noise)
+        except LandmarkError as err:  # e.g. too few training cases for any pair
+            return {"chosen": "peak", "why": str(err)}
+        mre = {}
+        for mode in ("peak", "shape"):
+            self._stage1_estimates(val, decode=mode)
+            mre[mode] = self._mre(val, [v.stage1 for v in val if v.stage1 is not None])
+        # Ties keep the paper's per-channel maximum.
+        self.decode = "shape" if mre["shape"] < mre["peak"] else "peak"
+        if self.decode == "peak":
+            self.pair_prior = None
+        return {"chosen": self.decode, "noise_mm": noise, "val_mre_peak_mm": mre["peak"],
+                "val_mre_shape_mm": mre["shape"]}
 
     @staticmethod
     def _mre(cases: Sequence[_Case], preds: Sequence[np.ndarray]) -> float:
@@ -699,8 +760,10 @@ class CascadeDetector(Detector):
                                   "n_train": len(tr), "n_val": len(va), "modality": self.modality(np.zeros(1)),
                                   "coarse_shape": list(self.coarse_shape)}
         if which == "all":
+            self.decode, self.pair_prior = "peak", None  # stage 1's validation during training: the paper's
             report["stage1"] = self._fit_stage1(tr, va, rng, deadline_from(max_minutes, self.config.stage1_share),
                                                 progress)
+            report["decode"] = self._fit_decode(tr, va)
         report["ranges"] = self._set_ranges(tr, va)
         if va:
             report["stage1_val_mre_mm"] = self._mre(va, [v.stage1 for v in va if v.stage1 is not None])

@@ -45,10 +45,56 @@ def decode_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = heatmaps.shape[-3:]
     flat = heatmaps.reshape(-1, dims[0] * dims[1] * dims[2])
     peak, arg = flat.max(dim=1)
-    idx = torch.stack([arg // (dims[1] * dims[2]), (arg // dims[2]) % dims[1], arg % dims[2]], dim=1)
+    pos = _refine(heatmaps.reshape(-1, *dims), _unravel(arg, dims), peak)
+    return pos.reshape(*lead, 3), peak.reshape(lead)
+
+
+def local_peaks(heatmaps: torch.Tensor, k: int, radius: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` highest local maxima of each heatmap, sub-voxel refined as in :func:`decode_peaks`.
+
+    A voxel is a local maximum when it is the largest in the cube of ``2 radius + 1`` voxels around it
+    and positive. Candidates are sorted by value, the first being the global maximum of
+    :func:`decode_peaks`; a heatmap with fewer than ``k`` maxima pads its rows with NaN positions and
+    ``-inf`` values.
+
+    Args:
+        heatmaps: ``(..., D, H, W)``.
+        k: candidates per heatmap (at least 1).
+        radius: half-size of the neighbourhood, in voxels.
+
+    Returns:
+        ``(positions (..., k, 3) float grid indices, values (..., k))``.
+    """
+    if k < 1 or radius < 0:
+        raise ValueError(f"local_peaks needs k >= 1 and radius >= 0, got k={k}, radius={radius}")
+    lead = heatmaps.shape[:-3]
+    dims = heatmaps.shape[-3:]
     vol = heatmaps.reshape(-1, *dims)
-    m = torch.arange(idx.shape[0], device=heatmaps.device)
-    pos = idx.to(heatmaps.dtype).clone()
+    pooled = torch.nn.functional.max_pool3d(vol[:, None], 2 * radius + 1, 1, radius)[:, 0]
+    is_max = (vol >= pooled) & (vol > 0)
+    flat = torch.where(is_max, vol, torch.full_like(vol, -torch.inf)).reshape(vol.shape[0], -1)
+    kk = min(k, flat.shape[1])
+    val, arg = flat.topk(kk, dim=1)
+    pos = torch.full((vol.shape[0], k, 3), torch.nan, dtype=heatmaps.dtype, device=heatmaps.device)
+    values = torch.full((vol.shape[0], k), -torch.inf, dtype=heatmaps.dtype, device=heatmaps.device)
+    values[:, :kk] = val
+    rows = torch.arange(vol.shape[0], device=heatmaps.device).repeat_interleave(kk)
+    idx = _unravel(arg.reshape(-1), dims)
+    refined = _refine(vol[rows], idx, val.reshape(-1)).reshape(vol.shape[0], kk, 3)
+    pos[:, :kk] = torch.where(torch.isfinite(val)[..., None], refined, torch.full_like(refined, torch.nan))
+    return pos.reshape(*lead, k, 3), values.reshape(*lead, k)
+
+
+def _unravel(arg: torch.Tensor, dims: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Flat indices ``(M,)`` -> ``(M, 3)`` voxel indices."""
+    return torch.stack([arg // (dims[1] * dims[2]), (arg // dims[2]) % dims[1], arg % dims[2]], dim=1)
+
+
+def _refine(vol: torch.Tensor, idx: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """Log-parabola sub-voxel refinement of voxel ``idx[m]`` of ``vol[m]`` (``(M, D, H, W)``, value ``peak[m]``)."""
+    dims = vol.shape[-3:]
+    m = torch.arange(idx.shape[0], device=vol.device)
+    pos = idx.to(vol.dtype).clone()
     eps = 1e-12
     for axis in range(3):
         lo_i, hi_i = idx.clone(), idx.clone()
@@ -64,4 +110,4 @@ def decode_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         safe = torch.where(curved, denom, -torch.ones_like(denom))
         off = torch.where(curved, 0.5 * (lm - lp) / safe, torch.zeros_like(denom))
         pos[:, axis] += off.clamp(-0.5, 0.5)
-    return pos.reshape(*lead, 3), peak.reshape(lead)
+    return pos
