@@ -365,6 +365,10 @@ def test_shape_decode_is_chosen_on_validation_saved_and_refuses_a_twin(
     shaped.save(tmp_path / "model")
     loaded = load_detector(tmp_path / "model", device="cpu")
     assert isinstance(loaded, CascadeDetector) and loaded.decode == "shape"
+    # A checkpoint written before shape_decode existed always took each channel's maximum.
+    payload = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=False)
+    del payload["config"]["shape_decode"]
+    assert CascadeDetector.from_checkpoint(payload, "cpu").config.shape_decode is False
     np.testing.assert_array_equal(loaded.pair_prior.mean, shaped.pair_prior.mean)  # type: ignore[union-attr]
     image = test[0].load_image()
     assert np.array_equal(loaded.predict(image).xyz_mm_ras, shaped.predict(image).xyz_mm_ras)

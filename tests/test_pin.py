@@ -417,6 +417,12 @@ def test_save_load_identical(trained: tuple[PinDetector, list[Sample], list[Samp
         image = read_image(s.image_path)
         a, b = det.predict(image), loaded.predict(image)
         assert np.array_equal(a.xyz_mm_ras, b.xyz_mm_ras) and np.array_equal(a.scores, b.scores)
+    # A checkpoint written before fine_variance_kept existed fitted both levels with variance_kept: it
+    # loads with that value, not with today's default.
+    payload = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=False)
+    del payload["config"]["fine_variance_kept"]
+    old = PinDetector.from_checkpoint(payload, "cpu")
+    assert isinstance(old, PinDetector) and old.config.fine_variance_kept == det.config.variance_kept != 1.0
 
 
 def _rotation(deg: float, axis: np.ndarray, centre: np.ndarray) -> np.ndarray:

@@ -174,12 +174,20 @@ class Detector(abc.ABC):
         os.replace(tmp, d / CHECKPOINT_FILE)
         return d / CHECKPOINT_FILE
 
+    @staticmethod
+    def upgrade_config(cfg: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's config with the fields added since it was written set to what it was trained with.
+
+        Without this, a field added later would take today's default and misdescribe the older model.
+        """
+        return cfg
+
     @classmethod
     def from_checkpoint(cls, payload: dict[str, Any], device: str) -> Detector:
         """Build from a loaded checkpoint dict, with the same network-building code as training."""
         cfg = payload["config"]
         if cls.config_class is not None:
-            cfg = cls.config_class(**cfg)
+            cfg = cls.config_class(**cls.upgrade_config(dict(cfg)))
         det = cls(payload["landmark_names"], cfg, payload.get("profile", "custom"))
         det.load_state(payload["state_dicts"], payload["fitted"], device)
         return det

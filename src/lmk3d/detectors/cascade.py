@@ -332,6 +332,12 @@ class CascadeDetector(Detector):
         self.fitted_info: dict[str, Any] = {}
         self._cache: tuple[weakref.ref[Volume], _Prepared] | None = None
 
+    @staticmethod
+    def upgrade_config(cfg: dict[str, Any]) -> dict[str, Any]:
+        # Checkpoints from before shape_decode always took each channel's maximum.
+        cfg.setdefault("shape_decode", False)
+        return cfg
+
     # --- networks -------------------------------------------------------------------------------
     def _build(self) -> tuple[HeatmapUNet, DisplacementCNN]:
         """The same networks for training and for loading a checkpoint."""

@@ -481,6 +481,12 @@ class PinDetector(Detector):
         self.levels: list[list[PinUnit]] = []
         self.device = "cpu"
 
+    @staticmethod
+    def upgrade_config(cfg: dict[str, Any]) -> dict[str, Any]:
+        # Checkpoints from before fine_variance_kept fitted both levels with variance_kept.
+        cfg.setdefault("fine_variance_kept", cfg.get("variance_kept", PinConfig.variance_kept))
+        return cfg
+
     # --- resolved settings ------------------------------------------------------------------------
     @property
     def units(self) -> list[PinUnit]:
