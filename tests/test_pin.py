@@ -417,12 +417,13 @@ def test_save_load_identical(trained: tuple[PinDetector, list[Sample], list[Samp
         image = read_image(s.image_path)
         a, b = det.predict(image), loaded.predict(image)
         assert np.array_equal(a.xyz_mm_ras, b.xyz_mm_ras) and np.array_equal(a.scores, b.scores)
-    # A checkpoint written before fine_variance_kept existed fitted both levels with variance_kept: it
-    # loads with that value, not with today's default.
+    # A checkpoint written before fine_variance_kept and fine_levels existed fitted both levels with
+    # variance_kept and had one fine level: it loads with those values, not with today's defaults.
     payload = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=False)
-    del payload["config"]["fine_variance_kept"]
+    del payload["config"]["fine_variance_kept"], payload["config"]["fine_levels"]
     old = PinDetector.from_checkpoint(payload, "cpu")
     assert isinstance(old, PinDetector) and old.config.fine_variance_kept == det.config.variance_kept != 1.0
+    assert old.config.fine_levels == 1
 
 
 def _rotation(deg: float, axis: np.ndarray, centre: np.ndarray) -> np.ndarray:
@@ -475,14 +476,16 @@ def _resample(image: Volume, spacing: float) -> Volume:
     return Volume(arr, grid.affine)
 
 
-def test_fine_level_starts_from_the_first_and_improves_it(tmp_path: Path) -> None:
+def test_fine_levels_start_from_the_previous_and_improve_it(tmp_path: Path) -> None:
     samples = _hippocampus_in_larger_canvas(tmp_path, 42, seed=0)
     train, test = samples[:36], samples[36:]
-    det = PinDetector.create(train[0].landmarks.names, "tiny", fine_factor=4.0)  # type: ignore[union-attr]
+    det = PinDetector.create(train[0].landmarks.names, "tiny", fine_factor=4.0, fine_levels=2)  # type: ignore[union-attr]
     report = det.fit(train[:30], train[30:], seed=0, progress=False)
-    # The first level needs ~3 mm pixels to see the +-9 mm placements; the fine one works at the 1 mm spacing.
-    assert det.level_pixdims[0] > 2.0 and det.level_pixdims[1] == 1.0
-    assert [r["level"] for r in report["units"]] == [0, 1]
+    # The first level needs ~3 mm pixels to see the +-9 mm placements; the fine ones work at the 1 mm spacing.
+    assert det.level_pixdims[0] > 2.0 and det.level_pixdims[1:] == [1.0, 1.0]
+    assert [r["level"] for r in report["units"]] == [0, 1, 2]
+    # Each fine level is trained on the residuals its predecessor leaves: the second window is narrower.
+    assert np.mean(det.levels[2][0].window) < np.mean(det.levels[1][0].window)  # type: ignore[arg-type]
     fine = det.levels[1][0]
     assert fine.centred and np.all(np.asarray(fine.window) >= 1.0)
     # The first level keeps 99.5 % of the variance, the fine level every mode (3N = 12 here, 30 cases).
@@ -490,10 +493,12 @@ def test_fine_level_starts_from_the_first_and_improves_it(tmp_path: Path) -> Non
     assert fine.shape.n_modes == 12 and fine.shape.explained == pytest.approx(1.0)
     truth = {s.case: s.landmarks for s in test}
     preds = {s.case: det.predict_all(read_image(s.image_path)) for s in test}
-    assert [st.name for st in next(iter(preds.values())).stages] == ["mean_shape", "pin", "pin_fine"]
+    assert [st.name for st in next(iter(preds.values())).stages] == ["mean_shape", "pin", "pin_fine", "pin_fine2"]
     coarse = evaluate({c: p.stages[1].landmarks for c, p in preds.items()}, truth)  # type: ignore[arg-type]
+    second = evaluate({c: p.stages[2].landmarks for c, p in preds.items()}, truth)  # type: ignore[arg-type]
     final = evaluate({c: p.landmarks for c, p in preds.items()}, truth)  # type: ignore[arg-type]
-    assert final.overall.mre < 0.9 * coarse.overall.mre, (final.overall.mre, coarse.overall.mre)
+    assert second.overall.mre < 0.9 * coarse.overall.mre, (second.overall.mre, coarse.overall.mre)
+    assert final.overall.mre < second.overall.mre + 0.2, (final.overall.mre, second.overall.mre)
     det.save(tmp_path / "model")
     image = read_image(test[0].image_path)
     assert load_detector(tmp_path / "model", "cpu").predict(image).allclose(det.predict(image), atol_mm=1e-9)
