@@ -525,6 +525,24 @@ def test_single_landmark_variant_and_grid19_layout(tmp_path: Path) -> None:
     assert loaded.predict(image).allclose(det.predict(image), atol_mm=1e-9)
 
 
+def test_fine_step_resolves_finer_levels_down_to_the_image_spacing() -> None:
+    table = read_table(HIPPO / "landmarks.csv")
+    cases = sorted(table)[:4]
+    samples = [Sample(c, HIPPO / "images" / f"{c}.nii.gz", table[c]) for c in cases]
+    det = PinDetector.create(table[cases[0]].names, "tiny", pixdim=4.0, fine_factor=2.0, fine_levels=3,
+                             fine_step=1.5)
+
+    def truth(s: Sample) -> tuple[np.ndarray, np.ndarray]:
+        lm = s.landmarks.reorder(det.landmark_names)  # type: ignore[union-attr]
+        return lm.xyz_mm_ras, lm.found
+
+    det.config = det._resolve(samples, det.config, truth)
+    # 4 mm / 2 = 2 mm, then 2 / 1.5 = 1.333 mm, then 0.889 mm floored at the 1 mm image spacing.
+    assert det.level_pixdims == [4.0, 2.0, 1.333, 1.0]
+    with pytest.raises(LandmarkError, match="fine_step"):
+        PinConfig(fine_step=0.5)
+
+
 def test_config_and_fit_options_are_checked() -> None:
     with pytest.raises(LandmarkError, match="choose one of A, B, C"):
         PinConfig(rule="D")

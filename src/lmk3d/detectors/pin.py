@@ -36,7 +36,7 @@ validation cases (the training cases when there are fewer than 5; gross failures
 trained on the narrower distribution of shapes the first level hands over (on the validation split
 this took the MRE from 1.78 to 1.69 mm). The fine level's shape model keeps every mode
 (``fine_variance_kept``), and ``fine_levels`` chains more fine levels the same way, each trained on
-the residuals its predecessor leaves.
+the residuals its predecessor leaves and, with ``fine_step`` above 1, working at finer pixels.
 
 **Score** (per landmark, in [0, 1]): ``exp(-spread^2 / (2 spread_scale_mm^2))`` where ``spread`` is the
 RMS distance (mm) of the initialisations' final positions from their mean: initialisations that agree
@@ -119,8 +119,12 @@ class PinConfig:
         fine_factor, fine_pixdim: a second, finer PIN level (an extension of the paper, see the module
             docstring). ``fine_pixdim`` None = chosen at fit time: ``max(median finest image spacing,
             pixdim / fine_factor)``; 0 = no fine level; ``fine_factor`` 0 = never.
-        fine_levels: how many fine levels, all at ``fine_pixdim``; each starts from the previous one's
-            answer and is trained on the narrower window of that level's validation residuals.
+        fine_levels: how many fine levels; each starts from the previous one's answer and is trained on
+            the narrower window of that level's validation residuals.
+        fine_step: each fine level after the first works at pixels ``fine_step`` times finer than the one
+            before, never finer than the median finest image spacing (1 = all at ``fine_pixdim``).
+        fine_pixdims: the fine levels' pixel sizes, resolved at fit time from the three settings above
+            (empty = ``fine_levels`` times ``fine_pixdim``, as checkpoints from before ``fine_step`` had).
         n_random_inits: random initialisations besides the previous stage's (paper: 5).
         init_range: random initialisations uniform within ``+-init_range * sqrt(lambda)`` of the first.
         init_layout: ``"random"`` or ``"grid19"`` (the paper's 19 points: the centre and 18 shifts of a
@@ -159,6 +163,8 @@ class PinConfig:
     fine_factor: float = 4.0
     fine_pixdim: float | None = None
     fine_levels: int = 1
+    fine_step: float = 1.0
+    fine_pixdims: tuple[float, ...] = ()
     n_random_inits: int = 5
     init_range: float = 1.0
     init_layout: str = "random"
@@ -178,6 +184,7 @@ class PinConfig:
             (self.roi_size >= 1 and len(self.channels) >= 1, "roi_size must be >= 1 with at least one conv layer"),
             (self.pixdim is None or self.pixdim > 0, f"pixdim {self.pixdim}; use a positive mm value or None"),
             (self.fine_levels >= 1, f"fine_levels {self.fine_levels}; use 1 or more"),
+            (self.fine_step >= 1.0, f"fine_step {self.fine_step}; use 1 or more"),
             (self.fine_pixdim is None or self.fine_pixdim >= 0,
              f"fine_pixdim {self.fine_pixdim}; use a positive mm value, 0 (no fine level) or None"),
             (0.0 <= self.alpha <= 1.0, f"alpha {self.alpha}; use a value in [0, 1]"),
@@ -190,6 +197,7 @@ class PinConfig:
         # Checkpoints store tuples as lists (JSON-like); keep the dataclass hashable and comparable.
         object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         object.__setattr__(self, "fc_channels", tuple(int(c) for c in self.fc_channels))
+        object.__setattr__(self, "fine_pixdims", tuple(float(p) for p in self.fine_pixdims))
         object.__setattr__(self, "scale_range", (float(self.scale_range[0]), float(self.scale_range[1])))
 
 
@@ -519,8 +527,10 @@ class PinDetector(Detector):
     @property
     def level_pixdims(self) -> list[float]:
         """The frame unit (mm) of each level."""
-        fine = self.config.fine_pixdim
-        return [self.pixdim] + ([float(fine)] * self.config.fine_levels if fine else [])
+        c = self.config
+        if c.fine_pixdims:
+            return [self.pixdim] + list(c.fine_pixdims)
+        return [self.pixdim] + ([float(c.fine_pixdim)] * c.fine_levels if c.fine_pixdim else [])
 
     @property
     def modality(self) -> str:
@@ -691,7 +701,8 @@ class PinDetector(Detector):
             lm = s.landmarks.reorder(self.landmark_names)  # type: ignore[union-attr]
             return np.where(lm.found[:, None], lm.xyz_mm_ras, np.nan), lm.found.copy()
 
-        if init == "scratch" and (c.pixdim is None or c.modality == "auto" or c.fine_pixdim is None):
+        if init == "scratch" and (c.pixdim is None or c.modality == "auto" or c.fine_pixdim is None
+                                  or (c.fine_step != 1.0 and not c.fine_pixdims)):
             self.config = c = self._resolve(train, c, truth)
         n_levels = len(self.level_pixdims)
         groups = [list(range(len(self.landmark_names)))] if c.variant == "multiple" else [
@@ -782,7 +793,7 @@ class PinDetector(Detector):
         return out
 
     def _resolve(self, train: Sequence[Sample], c: PinConfig, truth: Any) -> PinConfig:
-        """Choose ``pixdim``, ``fine_pixdim`` and ``modality`` from the training set (see :class:`PinConfig`)."""
+        """Choose ``pixdim``, ``fine_pixdim(s)`` and ``modality`` from the training set (see :class:`PinConfig`)."""
         from lmk3d.data.datasets import image_geometry
 
         modality = resolve_modality(train[0].load_image().array) if c.modality == "auto" else c.modality
@@ -800,7 +811,9 @@ class PinDetector(Detector):
         fine = c.fine_pixdim
         if fine is None:
             fine = round(max(finest, pixdim / c.fine_factor), 3) if c.fine_factor > 0 else 0.0
-        return dataclasses.replace(c, pixdim=pixdim, fine_pixdim=fine, modality=modality)
+        floor = min(fine, finest)  # later levels go no finer than the images (or than a finer first fine level)
+        fines = tuple(round(max(floor, fine / c.fine_step**k), 3) for k in range(c.fine_levels)) if fine else ()
+        return dataclasses.replace(c, pixdim=pixdim, fine_pixdim=fine, fine_pixdims=fines, modality=modality)
 
     def _train_unit(self, unit: PinUnit, train_data: Data, val_data: Data, val_starts: Sequence[LandmarkSet | None],
                     rng: np.random.Generator, deadline: float | None, progress: bool, title: str) -> dict[str, Any]:
