@@ -30,7 +30,6 @@ def main() -> int:
     from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.cascade import CascadeDetector
-    from lmk3d.shape.pairwise import PairwisePrior
 
     torch.set_num_threads(args.threads)
     det = load_detector(args.model, "cpu")
@@ -41,9 +40,7 @@ def main() -> int:
         if not args.fit_prior:
             raise SystemExit(f"{args.model} has no fitted pairwise prior (it decodes with the maximum): "
                              "pass --fit-prior to fit one on its training split")
-        train = det._cases(split.train)
-        noise = float(max(det.coarse_grid(k.prep).spacing_mm.max() for k in train))
-        det.pair_prior = PairwisePrior.fit(np.stack([k.xyz for k in train]), noise)
+        det.pair_prior, _ = det._pair_prior_from(det._cases(split.train))
     print(f"{args.model} on {args.data} (split seed {split.split.seed}); model decode: {det.decode}\n")
     print("| split | cases | stage-1 decode | stage-1 MRE (mm) | final MRE (mm) | final median | errors > 8 mm |")
     print("|---|---|---|---|---|---|---|")

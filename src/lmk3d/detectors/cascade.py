@@ -577,14 +577,18 @@ class CascadeDetector(Detector):
                 for c, p in zip(chunk, xyz, strict=True):
                     c.stage1 = p
 
+    def _pair_prior_from(self, train: list[_Case]) -> tuple[PairwisePrior, float]:
+        """The pairwise prior of the training configurations, and its candidate noise: the coarsest stage-1 voxel."""
+        noise = float(max(self.coarse_grid(k.prep).spacing_mm.max() for k in train))
+        return PairwisePrior.fit(np.stack([k.xyz for k in train]), noise), noise
+
     def _fit_decode(self, train: list[_Case], val: list[_Case]) -> dict[str, Any]:
         """Fit the pairwise prior on the training configurations; keep it if it beats the peaks on ``val``."""
         self.decode, self.pair_prior = "peak", None
         if not (self.config.shape_decode and val and len(self.landmark_names) > 1):
             return {"chosen": "peak"}
-        noise = float(max(self.coarse_grid(k.prep).spacing_mm.max() for k in train))
         try:
-            self.pair_prior = PairwisePrior.fit(np.stack([k.xyz for k in train]), noise)
+            self.pair_prior, noise = self._pair_prior_from(train)
         except LandmarkError as err:  # e.g. too few training cases for any pair
             return {"chosen": "peak", "why": str(err)}
         mre = {}
