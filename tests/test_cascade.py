@@ -386,6 +386,11 @@ def test_shape_decode_is_chosen_on_validation_saved_and_refuses_a_twin(
     assert np.linalg.norm(peak[0, 0] - truth[3]) < 1.0
     np.testing.assert_allclose(joint[0], truth, atol=0.5)
     assert 0.5 < score[0, 0] <= 0.8  # the score is that of the spot taken (a voxel value), not of the 0.95 one
+    # A flat-zero channel has no local maximum: a finite position with score 0 (not found), never NaN.
+    h[0, 1] = 0.0
+    flat, score = shaped._decode(h, [grid], "shape")
+    assert np.isfinite(flat).all() and score[0, 1] == 0.0
+    np.testing.assert_allclose(flat[0, [0, 2, 3]], truth[[0, 2, 3]], atol=0.5)
 
 
 def test_profiles_build_and_describe_themselves() -> None:

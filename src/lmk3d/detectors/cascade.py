@@ -436,21 +436,21 @@ class CascadeDetector(Detector):
         """
         n = len(self.landmark_names)
         k = self.config.heatmap_height
+        pos, peak_t = decode_peaks(heatmaps[:, :n])
+        pos_np = pos.detach().cpu().double().numpy()
+        xyz = np.stack([g.grid_to_world(p) for g, p in zip(grids, pos_np, strict=True)])
+        peak = peak_t.detach().cpu().double().numpy()
         if (decode or self.decode) == "shape" and self.pair_prior is not None:
             pos_t, val_t = local_peaks(heatmaps[:, :n], self.config.decode_candidates, radius=2)
             pos_c = pos_t.detach().cpu().double().numpy()  # (B, N, K, 3)
             val = val_t.detach().cpu().double().numpy()
             rows = np.arange(n)
-            xyz, peak = np.empty((len(grids), n, 3)), np.empty((len(grids), n))
             for b, g in enumerate(grids):
                 world = g.grid_to_world(pos_c[b].reshape(-1, 3)).reshape(pos_c[b].shape)
                 choice = self.pair_prior.select(world, val[b], val[b, :, 0] >= self.config.min_peak * k)
-                xyz[b], peak[b] = world[rows, choice], val[b, rows, choice]
-        else:
-            pos, peak_t = decode_peaks(heatmaps[:, :n])
-            pos_np = pos.detach().cpu().double().numpy()
-            xyz = np.stack([g.grid_to_world(p) for g, p in zip(grids, pos_np, strict=True)])
-            peak = peak_t.detach().cpu().double().numpy()
+                # A channel without any local maximum (flat zero) keeps the per-channel answer.
+                ok = np.isfinite(world[rows, choice]).all(axis=1)
+                xyz[b, ok], peak[b, ok] = world[rows, choice][ok], val[b, rows, choice][ok]
         return xyz, np.clip(peak / k, 0.0, 1.0)
 
     def _displacements(self, preps: Sequence[_Prepared], centres: np.ndarray,
