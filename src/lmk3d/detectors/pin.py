@@ -111,6 +111,10 @@ class PinConfig:
         steps_per_epoch, max_epochs, patience: ``max_epochs * steps_per_epoch`` iterations at most
             (paper: 100,000); validation MRE after every epoch, early stop after ``patience`` epochs
             without improvement.
+        val_statistic: ``"mean"`` or ``"median"`` of the validation errors, the number that picks the
+            best epoch and stops early. With few validation cases, one the search cannot reach (a
+            truncated field of view, a pose far outside the training ones) carries the mean and makes
+            the choice noise; the median follows the cases the network can improve.
         max_rotation_deg, scale_range, intensity_jitter: augmentation (the frame is rotated/scaled about
             the field-of-view centre; intensities are scaled and shifted by up to ``intensity_jitter``).
         rule: inference update rule ``"A"``, ``"B"`` or ``"C"``.
@@ -153,6 +157,7 @@ class PinConfig:
     steps_per_epoch: int = 100
     max_epochs: int = 60
     patience: int = 20
+    val_statistic: str = "mean"
     max_rotation_deg: float = 5.0
     scale_range: tuple[float, float] = (0.95, 1.05)
     intensity_jitter: float = 0.1
@@ -183,6 +188,7 @@ class PinConfig:
             (self.spatial_dims == 2, f"spatial_dims {self.spatial_dims}; PIN's CNN is 2D (2.5D input): use 2"),
             (self.roi_size >= 1 and len(self.channels) >= 1, "roi_size must be >= 1 with at least one conv layer"),
             (self.pixdim is None or self.pixdim > 0, f"pixdim {self.pixdim}; use a positive mm value or None"),
+            (self.val_statistic in ("mean", "median"), f"val_statistic {self.val_statistic!r}; choose mean or median"),
             (self.fine_levels >= 1, f"fine_levels {self.fine_levels}; use 1 or more"),
             (self.fine_step >= 1.0, f"fine_step {self.fine_step}; use 1 or more"),
             (self.fine_pixdim is None or self.fine_pixdim >= 0,
@@ -742,7 +748,9 @@ class PinDetector(Detector):
             "n_train": len(train), "n_val": len(val), "seed": seed,
             "modes": [u.shape.n_modes for u in self.units],
             "explained": [u.shape.explained for u in self.units],
-            "units": reports, "best_val_mre_mm": float(np.mean([r["best_val"] for r in reports[-len(groups):]])),
+            "units": reports, "val_statistic": c.val_statistic,
+            "best_val_mre_mm" if c.val_statistic == "mean" else "best_val_median_mm":
+                float(np.mean([r["best_val"] for r in reports[-len(groups):]])),
             "seconds": time.monotonic() - t_start,
         }
 
@@ -895,10 +903,13 @@ class PinDetector(Detector):
                     pos = geometry.apply_affine(p.frame, x[i].reshape(-1, 3)).reshape(x.shape[1], -1, 3).mean(axis=0)
                     errs.append(np.linalg.norm(pos - w[lm], axis=1)[f[lm]])
                 flat = np.concatenate(errs)
-                return float(flat.mean()) if flat.size else float("nan")
+                if not flat.size:
+                    return float("nan")
+                return float(np.median(flat)) if c.val_statistic == "median" else float(flat.mean())
 
         report = train_network(title, unit.net, train_epoch, validate, max_epochs=c.max_epochs, deadline=deadline,
-                               patience=c.patience, progress=progress)
+                               patience=c.patience, progress=progress,
+                               metric_name="val_mre_mm" if c.val_statistic == "mean" else "val_median_mm")
         return report.to_dict()
 
     # --- checkpoint -----------------------------------------------------------------------------
