@@ -510,9 +510,12 @@ def test_single_landmark_variant_and_grid19_layout(tmp_path: Path) -> None:
     cases = sorted(table)[:6]
     samples = [Sample(c, HIPPO / "images" / f"{c}.nii.gz", table[c]) for c in cases]
     det = PinDetector.create(table[cases[0]].names, "tiny", variant="single", max_epochs=1, steps_per_epoch=2,
-                             init_layout="grid19")
+                             init_layout="grid19", val_statistic="median")
     report = det.fit(samples[:4], samples[4:], seed=0, progress=False)
     assert len(det.units) == 4 and report["modes"] == [3, 3, 3, 3]
+    # Epochs were picked by the median validation error, and the report says so.
+    assert report["val_statistic"] == "median" and "best_val_median_mm" in report
+    assert all("val_median_mm" in u["history"][-1] for u in report["units"])
     assert all(np.array_equal(u.shape.components, np.eye(3)) for u in det.units)
     image = read_image(samples[5].image_path)
     prep = prepare(image, det.pixdim, det.modality)
@@ -548,6 +551,8 @@ def test_config_and_fit_options_are_checked() -> None:
         PinConfig(rule="D")
     with pytest.raises(LandmarkError, match="choose one of multiple, single"):
         PinConfig(variant="pairs")
+    with pytest.raises(LandmarkError, match="val_statistic 'mode'"):
+        PinConfig(val_statistic="mode")
     with pytest.raises(LandmarkError, match="unknown profile"):
         PinDetector.create(["a"], "huge")
     det = PinDetector.create(["a"], "tiny")
