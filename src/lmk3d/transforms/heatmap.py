@@ -45,7 +45,8 @@ def decode_peaks(heatmaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     dims = heatmaps.shape[-3:]
     flat = heatmaps.reshape(-1, dims[0] * dims[1] * dims[2])
     peak, arg = flat.max(dim=1)
-    pos = _refine(heatmaps.reshape(-1, *dims), _unravel(arg, dims), peak)
+    rows = torch.arange(arg.shape[0], device=heatmaps.device)
+    pos = _refine(heatmaps.reshape(-1, *dims), rows, _unravel(arg, dims), peak)
     return pos.reshape(*lead, 3), peak.reshape(lead)
 
 
@@ -80,7 +81,7 @@ def local_peaks(heatmaps: torch.Tensor, k: int, radius: int = 2) -> tuple[torch.
     values[:, :kk] = val
     rows = torch.arange(vol.shape[0], device=heatmaps.device).repeat_interleave(kk)
     idx = _unravel(arg.reshape(-1), dims)
-    refined = _refine(vol[rows], idx, val.reshape(-1)).reshape(vol.shape[0], kk, 3)
+    refined = _refine(vol, rows, idx, val.reshape(-1)).reshape(vol.shape[0], kk, 3)
     pos[:, :kk] = torch.where(torch.isfinite(val)[..., None], refined, torch.full_like(refined, torch.nan))
     return pos.reshape(*lead, k, 3), values.reshape(*lead, k)
 
@@ -90,10 +91,13 @@ def _unravel(arg: torch.Tensor, dims: torch.Size | tuple[int, ...]) -> torch.Ten
     return torch.stack([arg // (dims[1] * dims[2]), (arg // dims[2]) % dims[1], arg % dims[2]], dim=1)
 
 
-def _refine(vol: torch.Tensor, idx: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
-    """Log-parabola sub-voxel refinement of voxel ``idx[m]`` of ``vol[m]`` (``(M, D, H, W)``, value ``peak[m]``)."""
+def _refine(vol: torch.Tensor, rows: torch.Tensor, idx: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """Log-parabola sub-voxel refinement of voxel ``idx[m]`` of heatmap ``vol[rows[m]]`` (value ``peak[m]``).
+
+    ``vol`` is ``(V, D, H, W)``; several candidates of one heatmap share its row, nothing is copied.
+    """
     dims = vol.shape[-3:]
-    m = torch.arange(idx.shape[0], device=vol.device)
+    m = rows
     pos = idx.to(vol.dtype).clone()
     eps = 1e-12
     for axis in range(3):
