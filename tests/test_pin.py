@@ -307,6 +307,79 @@ def test_rule_a_walks_unit_steps_and_ends_within_one_step(
     assert np.abs(b[0, 0].numpy() - b_true).max() <= 1.0 + 1e-4
 
 
+class _BlobReader(nn.Module):
+    """Reads a Gaussian blob's offset from the patch centre (in-plane intensity centroids) as the move in a
+    coordinate shape space (``W = I``): its answer is in whatever frame the patches were sampled in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        p = patches.double().clamp_min(0.0)
+        r = torch.arange(p.shape[-1], dtype=torch.float64) - (p.shape[-1] - 1) / 2.0
+        mass = p.sum(dim=(-2, -1))
+        along_u = (p * r[:, None]).sum(dim=(-2, -1)) / mass  # plane 0: frame axes (0, 1); plane 1: (0, 2)
+        along_v = (p * r[None, :]).sum(dim=(-2, -1)) / mass
+        d = torch.stack([along_u[:, 0], along_v[:, 0], along_v[:, 1]], dim=1)
+        return d.float(), torch.zeros(d.shape[0], 6)
+
+
+def test_test_time_views_map_back_to_the_world() -> None:
+    # A blob 15 mm from the field-of-view centre of a flipped, permuted image; views rotated up to 10
+    # degrees and scaled by up to 10 % about that centre move it by up to 3 frame units. A reader that
+    # answers in each view's frame ends on the blob only if every view is mapped back through its own frame.
+    shape = (61, 61, 61)
+    affine = np.array([[-1.0, 0, 0, 30.0], [0, 0, 1.0, -33.0], [0, 1.0, 0, 7.0], [0, 0, 0, 1]])
+    centre = canonical_frame(affine, shape, 1.0)[:3, 3]
+    blob = centre + np.array([9.0, -12.0, 0.0])
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    dist2 = ((geometry.ijk_to_ras(ijk, affine) - blob) ** 2).sum(-1)
+    prep = _ramp_prepared(shape, np.exp(-dist2 / (2 * 2.0**2)).reshape(shape), affine)
+    rng = np.random.default_rng(0)
+    model = ShapeModel.coordinates((blob - centre) + rng.normal(0.0, 5.0, size=(20, 1, 3)))
+    det = PinDetector.create(["a"], "tiny", pixdim=1.0, modality="CT", roi_size=25, rule="B", iterations=20,
+                             tolerance_mm=1e-4, n_random_inits=2, init_range=1.0, tta=6, max_rotation_deg=10.0,
+                             scale_range=(0.9, 1.1))
+    det.units = [PinUnit([0], model, _BlobReader(), np.ones(3), centred=True)]  # type: ignore[arg-type]
+    views = det.views([prep])[0]
+    assert views.shape == (7, 4, 4) and np.array_equal(views[0], prep.frame)
+    assert np.allclose(views[:, :3, 3], centre)  # rotated and scaled about the field-of-view centre
+    scale = np.cbrt(np.linalg.det(views[1:, :3, :3]))
+    rot = views[1:, :3, :3] / scale[:, None, None]
+    angle = np.degrees(np.arccos(np.clip((np.trace(rot, axis1=1, axis2=2) - 1) / 2, -1, 1)))
+    assert np.all((scale >= 0.9) & (scale <= 1.1)) and np.all(angle <= 10.0 * math.sqrt(3)) and angle.min() > 0.5
+    moved = np.linalg.norm(geometry.apply_affine(np.linalg.inv(views[1]), blob) - (blob - centre))
+    assert moved > 1.0  # the views differ from the working frame where the blob is
+    start = LandmarkSet(["a"], (blob + np.array([1.5, -1.0, 0.5]))[None], np.ones(1), np.ones(1, dtype=bool))
+    out = det.refine([prep], [start])[0]
+    assert np.linalg.norm(out.xyz_mm_ras[0] - blob) < 0.2, out.xyz_mm_ras[0] - blob
+    assert out.found[0] and out.scores[0] > 0.99  # every view and start agrees
+    assert np.array_equal(det.views([prep])[0], views)  # drawn from the seed: the same every call
+
+
+def test_single_landmark_fine_level_after_a_multiple_first_level(tmp_path: Path) -> None:
+    table = read_table(HIPPO / "landmarks.csv")
+    cases = sorted(table)[:8]
+    samples = [Sample(c, HIPPO / "images" / f"{c}.nii.gz", table[c]) for c in cases]
+    det = PinDetector.create(table[cases[0]].names, "tiny", pixdim=2.0, fine_factor=2.0, fine_variant="single",
+                             max_epochs=1, steps_per_epoch=2)
+    report = det.fit(samples[:6], samples[6:], seed=0, progress=False)
+    assert len(det.levels[0]) == 1 and det.levels[0][0].shape.n_modes < 12
+    fine = det.levels[1]
+    assert [u.landmarks for u in fine] == [[0], [1], [2], [3]]
+    assert all(np.array_equal(u.shape.components, np.eye(3)) and u.centred for u in fine)
+    assert all(np.asarray(u.window).shape == (3,) and np.all(np.asarray(u.window) >= 1.0) for u in fine)
+    assert [r["level"] for r in report["units"]] == [0, 1, 1, 1, 1] and report["fine_variant"] == "single"
+    image = read_image(samples[7].image_path)
+    stages = det.predict_all(image).stages
+    assert [st.name for st in stages] == ["mean_shape", "pin", "pin_fine"]
+    det.save(tmp_path)
+    assert load_detector(tmp_path, "cpu").predict(image).allclose(det.predict(image), atol_mm=1e-9)
+    with pytest.raises(LandmarkError, match="fine_variant 'pairs'"):
+        PinConfig(fine_variant="pairs")
+
+
 # --- learning on a small real set, with partial annotation -------------------------------------------------
 def _hippocampus_in_larger_canvas(root: Path, n_cases: int, seed: int) -> list[Sample]:
     """Real MR crops pasted at random offsets (+-9 voxels about the middle) into a 56 x 64 x 56 mm canvas.
@@ -424,6 +497,10 @@ def test_save_load_identical(trained: tuple[PinDetector, list[Sample], list[Samp
     old = PinDetector.from_checkpoint(payload, "cpu")
     assert isinstance(old, PinDetector) and old.config.fine_variance_kept == det.config.variance_kept != 1.0
     assert old.config.fine_levels == 1
+    # ... and before fine_variant: its fine level had the first level's variant.
+    payload["config"]["variant"] = "single"
+    del payload["config"]["fine_variant"]
+    assert PinDetector.upgrade_config(payload["config"])["fine_variant"] == "single"
 
 
 def _rotation(deg: float, axis: np.ndarray, centre: np.ndarray) -> np.ndarray:

@@ -37,6 +37,9 @@ trained on the narrower distribution of shapes the first level hands over (on th
 this took the MRE from 1.78 to 1.69 mm). The fine level's shape model keeps every mode
 (``fine_variance_kept``), and ``fine_levels`` chains more fine levels the same way, each trained on
 the residuals its predecessor leaves and, with ``fine_step`` above 1, working at finer pixels.
+``fine_variant = "single"`` makes the fine levels the paper's single-landmark variant (one CNN and
+``W = I`` per landmark), started from the first level's configuration. ``tta`` adds test-time views
+(rotated and scaled frames, as in training augmentation) to every level's initialisations.
 
 **Score** (per landmark, in [0, 1]): ``exp(-spread^2 / (2 spread_scale_mm^2))`` where ``spread`` is the
 RMS distance (mm) of the initialisations' final positions from their mean: initialisations that agree
@@ -91,6 +94,10 @@ class PinConfig:
             +-3 SD range of every landmark coordinate); the resolved value is stored.
         modality: ``"CT"``, ``"MR"`` or ``"auto"`` (CT when the training images hold air at about -1000).
         variant: ``"multiple"`` (one CNN, PCA shape space) or ``"single"`` (one CNN per landmark, ``W = I``).
+        fine_variant: the same for the fine levels (an extension, like the fine levels themselves):
+            ``"single"`` refines each landmark on its own from the first level's configuration, so
+            the shape model keeps the search among plausible configurations (the twin on the other
+            side is not one) while each landmark's last millimetres depend only on its own patches.
         variance_kept: PCA variance kept (paper: 99.5 %).
         fine_variance_kept: the same for the fine level's shape model (an extension, like the fine level
             itself). 1.0 keeps every mode (at most ``3N`` and one fewer than the training cases): on
@@ -135,7 +142,13 @@ class PinConfig:
             quarter of the field of view, applied to the mean shape).
         b_limit: ``b`` is kept within ``+-b_limit * sqrt(lambda)`` (the plausible shapes the CNN was trained on).
         spread_scale_mm, min_score: the score (see the module docstring) and the "not found" threshold.
-        seed: of the random initialisations (inference is deterministic).
+        tta: test-time augmentation (an extension; 0 = off, as in the paper): every level also runs
+            in this many extra views of the image, each a frame rotated and scaled about the
+            field-of-view centre within the training augmentation (``max_rotation_deg``,
+            ``scale_range``), drawn once from ``seed``; the answer and the spread are taken over all
+            views' initialisations, mapped back to world coordinates. Averages out the part of the CNN's
+            error that depends on how the patches happen to be sampled.
+        seed: of the random initialisations and views (inference is deterministic).
     """
 
     spatial_dims: int = 2
@@ -143,6 +156,7 @@ class PinConfig:
     pixdim: float | None = None
     modality: str = "auto"
     variant: str = "multiple"
+    fine_variant: str = "multiple"
     variance_kept: float = 0.995
     fine_variance_kept: float = 1.0
     channels: tuple[int, ...] = (16, 32, 64, 128, 128)
@@ -176,12 +190,14 @@ class PinConfig:
     b_limit: float = 3.0
     spread_scale_mm: float = 3.0
     min_score: float = 0.05
+    tta: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
             (self.rule in RULES, f"rule {self.rule!r}; choose one of {', '.join(RULES)}"),
             (self.variant in VARIANTS, f"variant {self.variant!r}; choose one of {', '.join(VARIANTS)}"),
+            (self.fine_variant in VARIANTS, f"fine_variant {self.fine_variant!r}; choose one of {', '.join(VARIANTS)}"),
             (self.init_layout in INIT_LAYOUTS, f"init_layout {self.init_layout!r}; choose one of "
              f"{', '.join(INIT_LAYOUTS)}"),
             (self.modality in MODALITIES, f"modality {self.modality!r}; choose one of {', '.join(MODALITIES)}"),
@@ -194,8 +210,8 @@ class PinConfig:
             (self.fine_pixdim is None or self.fine_pixdim >= 0,
              f"fine_pixdim {self.fine_pixdim}; use a positive mm value, 0 (no fine level) or None"),
             (0.0 <= self.alpha <= 1.0, f"alpha {self.alpha}; use a value in [0, 1]"),
-            (self.iterations >= 0 and self.iterations_rule_a >= 0 and self.n_random_inits >= 0,
-             "iterations, iterations_rule_a and n_random_inits must be >= 0"),
+            (self.iterations >= 0 and self.iterations_rule_a >= 0 and self.n_random_inits >= 0 and self.tta >= 0,
+             "iterations, iterations_rule_a, n_random_inits and tta must be >= 0"),
         ]
         for ok, what in checks:
             if not ok:
@@ -512,6 +528,7 @@ class PinDetector(Detector):
         # fine level at most.
         cfg.setdefault("fine_variance_kept", cfg.get("variance_kept", PinConfig.variance_kept))
         cfg.setdefault("fine_levels", 1)
+        cfg.setdefault("fine_variant", cfg.get("variant", PinConfig.variant))  # the fine level had the first's
         return cfg
 
     # --- resolved settings ------------------------------------------------------------------------
@@ -585,12 +602,14 @@ class PinDetector(Detector):
 
     @torch.no_grad()
     def iterate(self, unit: PinUnit, preps: Sequence[Prepared], b0: torch.Tensor, rule: str | None = None,
-                iterations: int | None = None) -> tuple[torch.Tensor, int]:
+                iterations: int | None = None, frames: Sequence[np.ndarray] | None = None) -> tuple[torch.Tensor, int]:
         """Run the update rule for ``C`` images at once (one CNN batch per iteration).
 
         Args:
             b0: ``(C, K, n_b)`` initialisations.
             rule, iterations: override the config's.
+            frames: per image, ``(K, 4, 4)`` frame -> world of each row (test-time views); None = the
+                image's working frame for every row.
 
         Returns:
             The final ``(C, K, n_b)`` and the number of iterations run.
@@ -603,9 +622,11 @@ class PinDetector(Detector):
         limit = c.b_limit * unit.std_t
         n_c, k, _ = b.shape
         done = 0
+        rows = [None] * n_c if frames is None else [
+            torch.as_tensor(f, dtype=torch.float32, device=self.device) for f in frames]
         for _ in range(t_max):
             x = unit.shapes(b)  # (C, K, L, 3)
-            patches = torch.cat([extract_patches(p, x[i], None, c.roi_size) for i, p in enumerate(preps)])
+            patches = torch.cat([extract_patches(p, x[i], rows[i], c.roi_size) for i, p in enumerate(preps)])
             d, logits = unit.net(patches)
             step = update_step(d.float(), logits, rule).reshape(n_c, k, -1)
             b = torch.maximum(torch.minimum(b + step, limit), -limit)
@@ -616,21 +637,37 @@ class PinDetector(Detector):
                 break
         return b, done
 
-    def _starts(self, unit: PinUnit, preps: Sequence[Prepared],
-                previous: Sequence[LandmarkSet | None] | None) -> torch.Tensor:
-        """``(C, K, n_b)`` initialisations: around each image's previous configuration, or the mean."""
+    def views(self, preps: Sequence[Prepared]) -> list[np.ndarray]:
+        """Per image, ``(1 + tta, 4, 4)`` view frames -> world: the working frame, then ``tta`` rotated and
+        scaled copies of it (the same draws for every image, about each one's field-of-view centre)."""
+        c = self.config
+        out = []
+        for p in preps:
+            rng = np.random.default_rng(c.seed + 1)
+            extra = [random_world_transform(rng, p.frame[:3, 3], c.max_rotation_deg, c.scale_range) @ p.frame
+                     for _ in range(c.tta)]
+            out.append(np.stack([p.frame] + extra))
+        return out
+
+    def _starts(self, unit: PinUnit, preps: Sequence[Prepared], previous: Sequence[LandmarkSet | None] | None,
+                views: Sequence[np.ndarray] | None = None) -> torch.Tensor:
+        """``(C, V K, n_b)`` initialisations: around each image's previous configuration, or the mean, in
+        each of its ``V`` view frames (default: the working frame only)."""
         rows = []
         for i, p in enumerate(preps):
-            first = None
             prev = None if previous is None else previous[i]
+            sel, xyz = None, None
             if prev is not None:
                 prev = prev.reorder(self.landmark_names)
-                sel = prev.found[unit.landmarks]
-                if sel.any():
-                    pts = geometry.apply_affine(np.linalg.inv(p.frame), np.nan_to_num(
-                        prev.xyz_mm_ras[unit.landmarks])).reshape(-1, 3)
+                sel, xyz = prev.found[unit.landmarks], np.nan_to_num(prev.xyz_mm_ras[unit.landmarks])
+            per_view = []
+            for frame in (p.frame[None] if views is None else views[i]):
+                first = None
+                if sel is not None and xyz is not None and sel.any():
+                    pts = geometry.apply_affine(np.linalg.inv(frame), xyz).reshape(-1, 3)
                     first = unit.shape.project(pts, sel)
-            rows.append(self.initial_params(unit, p, first))
+                per_view.append(self.initial_params(unit, p, first))
+            rows.append(torch.cat(per_view))
         return torch.stack(rows)
 
     def refine(self, preps: Sequence[Prepared], previous: Sequence[LandmarkSet | None] | None = None,
@@ -651,11 +688,15 @@ class PinDetector(Detector):
         n = len(self.landmark_names)
         out_xyz = np.full((len(preps), n, 3), np.nan)
         out_spread = np.full((len(preps), n), np.inf)
+        views = self.views(preps)
         for unit in self.levels[level]:
-            b, _ = self.iterate(unit, preps, self._starts(unit, preps, previous), rule)
-            x = unit.shapes(b).double().cpu().numpy()  # (C, K, L, 3) frame
-            for i, p in enumerate(preps):
-                world = geometry.apply_affine(p.frame, x[i].reshape(-1, 3)).reshape(x.shape[1], -1, 3)
+            starts = self._starts(unit, preps, previous, views)
+            per_view = starts.shape[1] // len(views[0])
+            frames = [np.repeat(v, per_view, axis=0) for v in views]  # (V K, 4, 4) per image
+            b, _ = self.iterate(unit, preps, starts, rule, frames=frames if c.tta else None)
+            x = unit.shapes(b).double().cpu().numpy()  # (C, V K, L, 3) view frames
+            for i in range(len(preps)):
+                world = np.einsum("kij,klj->kli", frames[i][:, :3, :3], x[i]) + frames[i][:, None, :3, 3]
                 mean = world.mean(axis=0)
                 out_xyz[i, unit.landmarks] = mean
                 out_spread[i, unit.landmarks] = np.sqrt(((world - mean) ** 2).sum(-1).mean(axis=0))
@@ -711,9 +752,13 @@ class PinDetector(Detector):
                                   or (c.fine_step != 1.0 and not c.fine_pixdims)):
             self.config = c = self._resolve(train, c, truth)
         n_levels = len(self.level_pixdims)
-        groups = [list(range(len(self.landmark_names)))] if c.variant == "multiple" else [
-            [k] for k in range(len(self.landmark_names))]
-        n_units, trained = n_levels * len(groups), 0
+        n = len(self.landmark_names)
+
+        def level_groups(variant: str) -> list[list[int]]:
+            return [list(range(n))] if variant == "multiple" else [[k] for k in range(n)]
+
+        groups = [level_groups(c.variant if lv == 0 else c.fine_variant) for lv in range(n_levels)]
+        n_units, trained = sum(len(g) for g in groups), 0
         reports: list[dict[str, Any]] = []
         if init == "scratch":
             self.levels = []
@@ -729,7 +774,7 @@ class PinDetector(Detector):
                 # The fine level's window comes from the previous level's residuals on the validation
                 # cases when there are enough of them: on the training cases they are optimistic.
                 held_out = (val_data, starts_val) if len(val_data) >= 5 else (train_data, starts_train)
-                self.levels.append(self._new_units(level, groups, train_data, held_out, seed))
+                self.levels.append(self._new_units(level, groups[level], train_data, held_out, seed))
             for unit in self.levels[level]:
                 unit.to(self.device)
                 remaining = None if max_minutes is None else max(
@@ -744,13 +789,14 @@ class PinDetector(Detector):
                 starts_train = self._refine_batched([p for p, _, _ in train_data], starts_train, level)
                 starts_val = self._refine_batched([p for p, _, _ in val_data], starts_val, level)
         return {
-            "detector": self.name, "variant": c.variant, "pixdim": self.level_pixdims, "modality": self.modality,
+            "detector": self.name, "variant": c.variant, "fine_variant": c.fine_variant,
+            "pixdim": self.level_pixdims, "modality": self.modality,
             "n_train": len(train), "n_val": len(val), "seed": seed,
             "modes": [u.shape.n_modes for u in self.units],
             "explained": [u.shape.explained for u in self.units],
             "units": reports, "val_statistic": c.val_statistic,
             "best_val_mre_mm" if c.val_statistic == "mean" else "best_val_median_mm":
-                float(np.mean([r["best_val"] for r in reports[-len(groups):]])),
+                float(np.mean([r["best_val"] for r in reports[-len(groups[-1]):]])),
             "seconds": time.monotonic() - t_start,
         }
 
@@ -774,9 +820,10 @@ class PinDetector(Detector):
         c = self.config
         _, gt, _ = self._frame_truth(data)
         units: list[PinUnit] = []
+        variant = c.variant if level == 0 else c.fine_variant
         for g in groups:
             kept = c.variance_kept if level == 0 else c.fine_variance_kept
-            model = ShapeModel.fit(gt[:, g], kept) if c.variant == "multiple" else \
+            model = ShapeModel.fit(gt[:, g], kept) if variant == "multiple" else \
                 ShapeModel.coordinates(gt[:, g])
             window = None
             if level > 0:
@@ -784,6 +831,7 @@ class PinDetector(Detector):
                 prev = np.stack([geometry.apply_affine(m, np.nan_to_num(s.reorder(self.landmark_names).xyz_mm_ras))
                                  for m, s in zip(inv, held_out[1], strict=True) if s is not None])
                 resid = model.project(hgt[:, g], hobs[:, g]) - model.project(prev[:, g])
+                resid = resid[hobs[:, g].any(axis=1)]  # a case without these landmarks says nothing
                 # Gross failures of the previous level (over 3 x the median residual) are left out: the
                 # fine level cannot repair them, and one of them would widen its window many times over.
                 norms = np.linalg.norm(resid, axis=1)
