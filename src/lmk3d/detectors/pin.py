@@ -111,12 +111,6 @@ class PinConfig:
         norm: conv normalisation: ``"batch"`` (trains several times faster here) or None (the paper).
         alpha: classification weight in the loss (paper: 0.5).
         sample_range: training ``b`` drawn uniformly within ``+-sample_range * sqrt(lambda)``.
-        fine_sampling: how the fine levels draw their training shapes around the truth: ``"uniform"``
-            (within ``+-sample_range`` windows per mode, as the first level) or ``"graded"`` (each
-            shape's box half-width drawn uniformly in ``(0, sample_range]`` first). In 15 modes a
-            uniform box puts almost no shape near the truth (the typical one is ``sqrt(15 / 3) * 3``
-            windows away), yet the answer is where the CNN says "no move"; graded boxes train that
-            part as densely as the far ones (an extension, like the fine levels).
         batch_size, learning_rate: Adam, as in the paper (64, 1e-3); cosine-annealed over ``max_epochs``
             (or over the time budget, whichever ends first).
         cases_per_batch: images per batch (each gives ``batch_size / cases_per_batch`` shapes), so that
@@ -171,7 +165,6 @@ class PinConfig:
     norm: str | None = "batch"
     alpha: float = 0.5
     sample_range: float = 3.0
-    fine_sampling: str = "uniform"
     batch_size: int = 64
     cases_per_batch: int = 16
     learning_rate: float = 1e-3
@@ -204,8 +197,6 @@ class PinConfig:
         checks = [
             (self.rule in RULES, f"rule {self.rule!r}; choose one of {', '.join(RULES)}"),
             (self.variant in VARIANTS, f"variant {self.variant!r}; choose one of {', '.join(VARIANTS)}"),
-            (self.fine_sampling in ("uniform", "graded"),
-             f"fine_sampling {self.fine_sampling!r}; choose one of uniform, graded"),
             (self.fine_variant in VARIANTS, f"fine_variant {self.fine_variant!r}; choose one of {', '.join(VARIANTS)}"),
             (self.init_layout in INIT_LAYOUTS, f"init_layout {self.init_layout!r}; choose one of "
              f"{', '.join(INIT_LAYOUTS)}"),
@@ -882,15 +873,12 @@ class PinDetector(Detector):
 
     def training_params(self, unit: PinUnit, b_true: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Training shapes ``(B, n_b)`` for true parameters ``b_true`` ``(B, n_b)``: uniform within
-        ``+-sample_range`` windows per mode (about 0 at the first level, about the truth at the fine
-        levels, where ``fine_sampling = "graded"`` first draws each shape's box size), clipped to the
-        plausible range at the fine levels."""
+        ``+-sample_range`` windows per mode, about 0 at the first level (the paper) and about the truth
+        at the fine levels, there clipped to the plausible range."""
         c = self.config
         b = rng.uniform(-c.sample_range, c.sample_range, size=b_true.shape) * np.asarray(unit.window)
         if not unit.centred:
             return b
-        if c.fine_sampling == "graded":
-            b *= rng.uniform(0.0, 1.0, size=(b_true.shape[0], 1))
         std = unit.shape.std
         return np.clip(b + b_true, -c.b_limit * std, c.b_limit * std)
 
