@@ -376,6 +376,18 @@ def test_training_shapes_about_the_mean_or_the_truth(rng: np.random.Generator) -
     assert np.allclose(b0.std(axis=0), 3.0 * model.std / math.sqrt(3.0), rtol=0.1)
 
 
+def test_fine_levels_validate_on_the_cases_the_previous_level_brought_within_reach() -> None:
+    det = PinDetector.create(["a", "b"], "tiny")
+    truth = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
+    offsets = [1.0, 2.0, 1.5, 40.0, 2.5]  # the fourth case: the previous level failed grossly
+    data = [(None, truth.copy(), np.array([True, True])) for _ in offsets]
+    data[4][2][1] = False  # one landmark not annotated: only the other counts
+    starts = [LandmarkSet(["b", "a"], (truth + [0.0, off, 0.0])[::-1], np.ones(2), np.ones(2, dtype=bool))
+              for off in offsets]
+    assert det.reachable(data, starts) == [True, True, True, False, True]  # type: ignore[arg-type]
+    assert det.reachable(data, [None] * 5) == [True] * 5  # type: ignore[arg-type]
+
+
 def test_single_landmark_fine_level_after_a_multiple_first_level(tmp_path: Path) -> None:
     table = read_table(HIPPO / "landmarks.csv")
     cases = sorted(table)[:8]
@@ -389,6 +401,7 @@ def test_single_landmark_fine_level_after_a_multiple_first_level(tmp_path: Path)
     assert all(np.array_equal(u.shape.components, np.eye(3)) and u.centred for u in fine)
     assert all(np.asarray(u.window).shape == (3,) and np.all(np.asarray(u.window) >= 1.0) for u in fine)
     assert [r["level"] for r in report["units"]] == [0, 1, 1, 1, 1] and report["fine_variant"] == "single"
+    assert all(r["val_cases"] + len(r["val_left_out"]) == 2 for r in report["units"])
     image = read_image(samples[7].image_path)
     stages = det.predict_all(image).stages
     assert [st.name for st in stages] == ["mean_shape", "pin", "pin_fine"]

@@ -121,7 +121,8 @@ class PinConfig:
         val_statistic: ``"mean"`` or ``"median"`` of the validation errors, the number that picks the
             best epoch and stops early. With few validation cases, one the search cannot reach (a
             truncated field of view, a pose far outside the training ones) carries the mean and makes
-            the choice noise; the median follows the cases the network can improve.
+            the choice noise; the median follows the cases the network can improve. The fine levels
+            leave such cases out of their validation either way (:meth:`PinDetector.reachable`).
         max_rotation_deg, scale_range, intensity_jitter: augmentation (the frame is rotated/scaled about
             the field-of-view centre; intensities are scaled and shifted by up to ``intensity_jitter``).
         rule: inference update rule ``"A"``, ``"B"`` or ``"C"``.
@@ -775,14 +776,21 @@ class PinDetector(Detector):
                 # cases when there are enough of them: on the training cases they are optimistic.
                 held_out = (val_data, starts_val) if len(val_data) >= 5 else (train_data, starts_train)
                 self.levels.append(self._new_units(level, groups[level], train_data, held_out, seed))
+            # A fine level is validated on the cases its predecessor brought within reach (see
+            # reachable()): a case the first level put centimetres off would carry the mean and pick
+            # the epochs by noise, and no fine level can repair it.
+            keep = self.reachable(val_data, starts_val) if level > 0 else [True] * len(val_data)
+            val_used = [v for v, k in zip(val_data, keep, strict=True) if k]
+            starts_used = [st for st, k in zip(starts_val, keep, strict=True) if k]
             for unit in self.levels[level]:
                 unit.to(self.device)
                 remaining = None if max_minutes is None else max(
                     0.0, max_minutes - (time.monotonic() - t_start) / 60.0) / (n_units - trained)
                 title = f"{level_name(level)}[{','.join(self.landmark_names[k] for k in unit.landmarks)}]"
-                rep = self._train_unit(unit, train_data, val_data, starts_val, rng, deadline_from(remaining), progress,
-                                       title)
-                reports.append({"level": level, "pixdim": pixdim, **rep})
+                rep = self._train_unit(unit, train_data, val_used, starts_used, rng, deadline_from(remaining),
+                                       progress, title)
+                reports.append({"level": level, "pixdim": pixdim, "val_cases": len(val_used),
+                                "val_left_out": [i for i, k in enumerate(keep) if not k], **rep})
                 trained += 1
             if level + 1 < n_levels:
                 # The next level starts where this one ends, on training and validation cases alike.
@@ -840,6 +848,21 @@ class PinDetector(Detector):
             torch.manual_seed(seed + 100 * level + len(units))
             units.append(PinUnit(g, model, self._build_net(len(g), model), window, centred=level > 0))
         return units
+
+    def reachable(self, data: Data, starts: Sequence[LandmarkSet | None]) -> list[bool]:
+        """Per case, whether the previous level's answer is not a gross failure: its mean landmark error
+        at most 3 x the median over the cases (the rule the fine level's window uses). Cases without a
+        previous answer or without annotated landmarks count as reachable."""
+        errors = np.full(len(data), np.nan)
+        for i, ((_, xyz, found), st) in enumerate(zip(data, starts, strict=True)):
+            if st is not None and found.any():
+                err = np.linalg.norm(st.reorder(self.landmark_names).xyz_mm_ras - xyz, axis=1)[found]
+                if np.isfinite(err).any():
+                    errors[i] = np.nanmean(err)
+        if not np.isfinite(errors).any():
+            return [True] * len(data)
+        limit = 3.0 * float(np.nanmedian(errors))
+        return [not (np.isfinite(e) and e > limit) for e in errors]
 
     def _refine_batched(self, preps: list[Prepared], starts: Sequence[LandmarkSet | None], level: int,
                         chunk: int = 32) -> list[LandmarkSet | None]:
