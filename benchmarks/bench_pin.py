@@ -85,8 +85,9 @@ def main() -> int:
             ev = evaluate({s.case: p for s, p in zip(cases, preds, strict=True)}, truth)
             per_rule[(levels, rule)] = (ev, seconds)
             t = multi.config.iterations_rule_a if rule == "A" else multi.config.iterations
+            fine = "" if multi.config.fine_variant == "multiple" else f", fine: {multi.config.fine_variant}"
             where = "first level only (the paper's PIN)" if levels == 1 and n_levels > 1 else (
-                f"{levels} levels" if levels > 1 else "one level")
+                f"{levels} levels{fine}" if levels > 1 else "one level")
             rows.append((f"PIN-Multiple, {where}, rule {rule}", "C+R", str(t), ev, seconds, 0.0))
 
     print("Table 1 (cf. Li et al. 2018, Table 1): update rules, multiple-landmark model "
@@ -127,7 +128,8 @@ def main() -> int:
         table2 = [(f"PIN-Single ({len(single.level_pixdims)} level(s))", ev_single, sec_single),
                   ("PIN-Multiple (first level)", *per_rule[(1, "C")])]
         if n_levels > 1:
-            table2.append((f"PIN-Multiple ({n_levels} levels)", *per_rule[(n_levels, "C")]))
+            fine = "" if multi.config.fine_variant == "multiple" else f", fine: {multi.config.fine_variant}"
+            table2.append((f"PIN-Multiple ({n_levels} levels{fine})", *per_rule[(n_levels, "C")]))
         for label, ev, sec in table2:
             cells = [_mre_sd(ev.errors_mm[:, j]) for j in range(len(names))]
             print(f"| {label} | " + " | ".join(cells) + f" | {_mre_sd(ev.errors_mm.ravel())} | {sec:.3f} |")
