@@ -327,7 +327,7 @@ class _BlobReader(nn.Module):
 
 def test_test_time_views_map_back_to_the_world() -> None:
     # A blob 15 mm from the field-of-view centre of a flipped, permuted image; views rotated up to 10
-    # degrees and scaled by up to 10 % about that centre move it by up to 3 frame units. A reader that
+    # degrees about each axis and scaled by up to 10 % about that centre move it by several frame units. A reader that
     # answers in each view's frame ends on the blob only if every view is mapped back through its own frame.
     shape = (61, 61, 61)
     affine = np.array([[-1.0, 0, 0, 30.0], [0, 0, 1.0, -33.0], [0, 1.0, 0, 7.0], [0, 0, 0, 1]])
@@ -381,9 +381,12 @@ def test_fine_levels_validate_on_the_cases_the_previous_level_brought_within_rea
     truth = np.array([[0.0, 0.0, 0.0], [10.0, 0.0, 0.0]])
     offsets = [1.0, 2.0, 1.5, 40.0, 2.5]  # the fourth case: the previous level failed grossly
     data = [(None, truth.copy(), np.array([True, True])) for _ in offsets]
-    data[4][2][1] = False  # one landmark not annotated: only the other counts
     starts = [LandmarkSet(["b", "a"], (truth + [0.0, off, 0.0])[::-1], np.ones(2), np.ones(2, dtype=bool))
               for off in offsets]
+    # The fifth case's "b" is 100 mm off but not annotated: only "a" counts (answers in another order).
+    data[4][2][1] = False
+    starts[4] = LandmarkSet(["b", "a"], np.array([[110.0, 2.5, 0.0], [0.0, 2.5, 0.0]]), np.ones(2),
+                            np.ones(2, dtype=bool))
     assert det.reachable(data, starts) == [True, True, True, False, True]  # type: ignore[arg-type]
     assert det.reachable(data, [None] * 5) == [True] * 5  # type: ignore[arg-type]
 
