@@ -48,20 +48,21 @@ def main() -> int:
 
     base = load_detector(args.model, "cpu")
     assert isinstance(base, PriorGuidedDetector)
-    if not base.groups:
+    if not base.fine.groups:
         sys.exit(f"{args.model}: the model has no correlated landmark group to ablate")
     _, split, train, val, test = model_split(args.model, args.data)
     truths = {s.case: s.landmarks for s in test if s.landmarks is not None}
-    grouped = [n for names, _ in base.groups for n in names]
+    grouped = [n for names, _ in base.fine.groups for n in names]
     rows = []
     for fusion, attention, slices in ROWS:
-        cfg = dataclasses.replace(base.config, groups=base.groups, fusion=fusion, axis_attention=attention,
+        cfg = dataclasses.replace(base.config, groups=base.fine.groups, fusion=fusion, axis_attention=attention,
                                   slice_detection=slices)
         seed_everything(args.seed)  # the row's new correlated module starts from seeded weights
         det = PriorGuidedDetector(base.landmark_names, cfg, f"{base.profile}+ablation", device="cpu")
-        det.fitted = {k: v for k, v in base.fitted.items() if k in ("modality", "pixdim")}
-        det.coarse_net.load_state_dict(base.coarse_net.state_dict())
-        det.fine_nets.load_state_dict(base.fine_nets.state_dict())
+        det.modality_fitted = base.modality_fitted
+        det.fine.pixdim_fitted = base.fine.pixdim_fitted
+        det.coarse.net.load_state_dict(base.coarse.net.state_dict())
+        det.fine.fine_nets.load_state_dict(base.fine.fine_nets.state_dict())
         t0 = time.perf_counter()
         report = det.fit(train, val, seed=args.seed, progress=False, init="current", parts=("groups",))
         seconds = time.perf_counter() - t0
@@ -70,7 +71,7 @@ def main() -> int:
         print(f"fusion={fusion} attention={attention} slice={slices}: " + ", ".join(
             f"{n} {ev.per_landmark[n].mre:.2f}" for n in grouped) + f" ({seconds:.0f} s)", flush=True)
     # The last row's model again, its key slice used only as a training signal (slice_constraint=0).
-    det.config = dataclasses.replace(det.config, slice_constraint=0.0)
+    det.config = det.fine.config = dataclasses.replace(det.config, slice_constraint=0.0)
     ev = evaluate({s.case: det.predict(s.load_image()) for s in test}, truths)
     rows.append((True, True, True, 0.0, ev, report, seconds))
 

@@ -47,7 +47,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
-    from lmk3d.detectors.pin import PinDetector, Prepared, prepare
+    from lmk3d.detectors.pin import PinDetector, PinImage
     from lmk3d.landmarks import LandmarkSet
     from lmk3d.metrics import evaluate
 
@@ -60,14 +60,15 @@ def main() -> int:
     multi = load_detector(args.model, "cpu")
     assert isinstance(multi, PinDetector)
     images = [s.load_image() for s in cases]
-    preps = [[prepare(im, px, multi.modality) for im in images] for px in multi.level_pixdims]
+    prepared = [multi.prepare(im) for im in images]  # the shared preprocessing, once per image
+    preps = [[PinImage.from_prepared(p, px) for p in prepared] for px in multi.level_pixdims]
 
-    def run(det: PinDetector, preps: list[list[Prepared]], rule: str, levels: int) -> tuple[list[LandmarkSet], float]:
+    def run(det: PinDetector, preps: list[list[PinImage]], rule: str, levels: int) -> tuple[list[LandmarkSet], float]:
         """Chain the first ``levels`` levels (from the mean shape); seconds per image for the iterations."""
         t0 = time.perf_counter()
         preds: list[LandmarkSet] | None = None
         for level in range(levels):
-            preds = det.refine(preps[level], preds, rule=rule, level=level)
+            preds = det.levels[level].refine(preps[level], preds, rule=rule)
         assert preds is not None
         return preds, (time.perf_counter() - t0) / len(cases)
 
@@ -118,7 +119,8 @@ def main() -> int:
         single = load_detector(args.single_model, "cpu")
     if single is not None:
         assert isinstance(single, PinDetector)
-        sp = [[prepare(im, px, single.modality) for im in images] for px in single.level_pixdims]
+        single_prepared = [single.prepare(im) for im in images]
+        sp = [[PinImage.from_prepared(p, px) for p in single_prepared] for px in single.level_pixdims]
         preds, sec_single = run(single, sp, "C", len(single.level_pixdims))
         ev_single = evaluate({s.case: p for s, p in zip(cases, preds, strict=True)}, truth)
         print("Table 2 (cf. Li et al. 2018, Table 2): single vs multiple landmarks, rule C, MRE ± SD in mm")

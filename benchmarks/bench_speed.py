@@ -11,8 +11,8 @@ one inference: torch, the model, the image. Rows:
 
 - ``model_load``: reading the checkpoint (listed apart: a server does it once);
 - ``read_image``: reading the NIfTI file;
-- ``preprocess``: the preprocessing shared by the stages (:meth:`Detector.prepare`; detectors whose
-  stages preprocess on their own, like ``pin``, show it inside their stages);
+- ``preprocess``: the one prepared image every stage reads (:meth:`Detector.prepare`: orientation, modality,
+  intensity map, the image on the device);
 - ``stage_<name>``: each stage of ``predict_all``;
 - ``write``: writing the ``.mrk.json``;
 - ``end_to_end``: read + preprocess + stages + write (load to written markups).
@@ -49,19 +49,34 @@ def measure(model: str, image_path: str, device: str, threads: int) -> dict[str,
     t1 = time.perf_counter()
     image = read_image(image_path)
     t2 = time.perf_counter()
-    det.prepare(image)  # the stages of the next predict_all reuse it
+    prep = det.prepare(image)
+    if det.device.type == "cuda":
+        torch.cuda.synchronize(det.device)
     t3 = time.perf_counter()
-    pred = det.predict_all(image)
+    pred = det.predict_all(image, prep)  # every stage reads this prepared image; the runner times each
     t4 = time.perf_counter()
     out = Path(image_path).with_suffix("").with_suffix(f".{det.name}.mrk.json")
     write_landmarks(out, pred.landmarks)
     t5 = time.perf_counter()
     row = {"model_load": t1 - t0, "read_image": t2 - t1, "preprocess": t3 - t2}
-    row.update({f"stage_{k}": v for k, v in pred.latencies.items()})
+    row.update({f"stage_{s.name}": s.seconds for s in pred.stages})
     row.update({"write": t5 - t4, "end_to_end": t5 - t1,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
                 "found": float(pred.landmarks.found.sum())})
     return row
+
+
+def device_name(device: str) -> str:
+    """The device in words (the GPU's name on CUDA)."""
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda: no CUDA device on this machine")
+        return f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda})"
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def phantom_file(size_text: str, seed: int, index: int) -> Path:
@@ -109,7 +124,7 @@ def main() -> int:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"`python benchmarks/bench_speed.py {' '.join(sys.argv[1:])}`: {path.relative_to(ROOT)} "
           f"({path.stat().st_size / 1e6:.0f} MB), model {args.model}, {args.threads} torch thread(s), "
-          f"{args.device}, median of {len(rows)} fresh processes\n")
+          f"device: {device_name(args.device)}, median of {len(rows)} fresh processes\n")
     print("| step | seconds (median) | min | max |")
     print("|---|---|---|---|")
     for key in rows[0]:

@@ -30,32 +30,32 @@ def main() -> int:
     from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.cascade import CascadeDetector
+    from lmk3d.detectors.cascade.training import case_mre, pair_prior_from, stage1_estimates
 
     torch.set_num_threads(args.threads)
     det = load_detector(args.model, "cpu")
     if not isinstance(det, CascadeDetector):
         raise SystemExit(f"{args.model} is a {det.name} model, not a cascade one")
     split = model_split(args.model, args.data)
-    if args.fit_prior or det.pair_prior is None:
+    if args.fit_prior or det.stage1.pair_prior is None:
         if not args.fit_prior:
             raise SystemExit(f"{args.model} has no fitted pairwise prior (it decodes with the maximum): "
                              "pass --fit-prior to fit one on its training split")
-        det.pair_prior, _ = det._pair_prior_from(det._cases(split.train))
-    print(f"{args.model} on {args.data} (split seed {split.split.seed}); model decode: {det.decode}\n")
+        det.stage1.pair_prior, _ = pair_prior_from(det.stage1, det.training_cases(split.train))
+    print(f"{args.model} on {args.data} (split seed {split.split.seed}); model decode: {det.stage1.decode}\n")
     print("| split | cases | stage-1 decode | stage-1 MRE (mm) | final MRE (mm) | final median | errors > 8 mm |")
     print("|---|---|---|---|---|---|---|")
     for name in ("val", "test"):
-        cases = det._cases(getattr(split, name))
+        cases = det.training_cases(getattr(split, name))
         for decode in ("peak", "shape"):
-            det._stage1_estimates(cases, decode=decode)
-            s1 = det._mre(cases, [k.stage1 for k in cases])
+            stage1_estimates(det.stage1, cases, decode=decode)
+            s1 = case_mre(cases, [k.stage1 for k in cases])
             errs = []
-            with torch.no_grad():
-                for k in cases:
-                    assert k.stage1 is not None
-                    d, _ = det._refine(k.prep, k.stage1)
-                    pred = k.stage1 + det.step_weights[:, None] * d
-                    errs.append(np.linalg.norm(pred - k.xyz, axis=1)[k.present])
+            for k in cases:
+                assert k.stage1 is not None
+                d, _ = det.stage2.refine(k.image, k.stage1)
+                pred = k.stage1 + det.stage2.step_weights[:, None] * d
+                errs.append(np.linalg.norm(pred - k.xyz, axis=1)[k.present])
             e = np.concatenate(errs)
             label = "maximum per channel (paper)" if decode == "peak" else "joint, pairwise prior"
             print(f"| {name} | {len(cases)} | {label} | {s1:.2f} | {e.mean():.2f} | {np.median(e):.2f} | "

@@ -11,7 +11,7 @@ from lmk3d.cli import main
 from lmk3d.io import write_landmarks
 from lmk3d.io.table import write_table
 from lmk3d.landmarks import LandmarkSet
-from lmk3d.metrics import evaluate, format_markdown, format_table, radial_errors
+from lmk3d.metrics import evaluate, evaluate_detector, format_markdown, format_table, radial_errors
 
 
 def truth_and_pred() -> tuple[dict[str, LandmarkSet], dict[str, LandmarkSet]]:
@@ -106,3 +106,30 @@ def test_cli_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     assert "evaluate" in capsys.readouterr().out
+
+
+def test_evaluate_detector_predicts_each_sample_and_scores_the_labelled_ones() -> None:
+    truths, preds = truth_and_pred()
+
+    class Case:  # a Sample's interface: case, landmarks, load_image()
+        def __init__(self, case: str, landmarks: LandmarkSet | None) -> None:
+            self.case, self.landmarks = case, landmarks
+
+        def load_image(self) -> str:
+            return self.case
+
+    class Detector:  # predicts the table above for each "image"
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def predict(self, image: str) -> LandmarkSet:
+            self.seen.append(image)
+            return preds.get(image, LandmarkSet.empty(("A",)))
+
+    det = Detector()
+    cases = [Case("case1", truths["case1"]), Case("case2", truths["case2"]), Case("unlabelled", None)]
+    ev = evaluate_detector(det, cases, radii=(2.0,))  # type: ignore[arg-type]
+    assert det.seen == ["case1", "case2", "unlabelled"]
+    expected = evaluate(preds, truths, radii=(2.0,))
+    assert ev.cases == ("case1", "case2")
+    assert ev.to_dict() == expected.to_dict()

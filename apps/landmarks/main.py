@@ -17,6 +17,8 @@ dcmqi from PyPI on ``PATH``).
 
 Each served model gets the shared infer task (``lib/infers``) and train task (``lib/trainers``); the
 ``least_confident`` strategy (``lib/activelearning``) joins MONAI Label's ``random`` and ``first``.
+The library does the work (reading images and labels, label maps, splitting, scoring, publishing);
+``lib`` holds MONAI Label adapters only, and ``lib/request_check`` is the one shim on MONAI Label.
 Bad input is answered with a 4xx and a message, never a bare 500 (``lib/errors``): an unknown model,
 image or strategy (404), an unreadable image, label or option (422), training with no final label
 (409). A local studies folder is a :class:`lib.datastore.LandmarkDatastore`, which checks each
@@ -41,8 +43,9 @@ from lib.datastore import LandmarkDatastore
 from lib.dicomweb import LandmarkDICOMwebDatastore
 from lib.errors import NOT_FOUND, http_error, unknown_image
 from lib.infers import LandmarkInferTask, make_infer_task
+from lib.request_check import install_request_check
 from lib.scores import ScoreCache
-from lib.trainers import LandmarkTrainTask, install_request_check
+from lib.trainers import LandmarkTrainTask
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp

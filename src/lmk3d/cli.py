@@ -105,21 +105,25 @@ def _command_line(name: str, args: argparse.Namespace, keys: Sequence[str]) -> s
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--detector", required=True, help="registered detector name (mean_shape, prior_guided, "
-                   "pin, cascade)")
+    p.add_argument("--resume", metavar="MODEL_DIR", help="continue the interrupted training whose model folder "
+                   "is MODEL_DIR (its train_state.pt holds the command, the finished phases and the last epoch); "
+                   "no other option is needed")
+    p.add_argument("--detector", help="registered detector name (mean_shape, prior_guided, pin, cascade)")
     p.add_argument("--profile", default="cpu", help="config profile of the detector (default cpu)")
-    p.add_argument("--data", required=True, help="dataset: a folder with landmarks.csv and images/ (e.g. "
+    p.add_argument("--data", help="dataset: a folder with landmarks.csv and images/ (e.g. "
                    "../shared/data/hippocampus), a phantom folder, a folder of images with <case>.mrk.json or "
                    ".fcsv files, or a landmark table CSV")
     p.add_argument("--images", help="image folder, when --data is a table CSV not beside an images/ folder")
-    p.add_argument("--out", required=True, help="model folder: checkpoint.pt, split.json, train_report.json, "
-                   "metrics.json (the test split)")
+    p.add_argument("--out", help="model folder: checkpoint.pt, split.json, train_report.json, "
+                   "metrics.json (the test split); train_state.pt while training")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the case-level split (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="validation fraction (default 0.1)")
     p.add_argument("--test-fraction", type=float, default=0.2, help="test fraction (default 0.2)")
-    p.add_argument("--max-minutes", type=float, help="training time budget")
+    p.add_argument("--max-minutes", type=float, help="training time budget (minutes, > 0)")
+    p.add_argument("--max-epochs", type=int, help="caps every training phase's epochs (>= 1; default: the "
+                   "config's)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--device", help="where to train and evaluate: cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one field of the profile's config, e.g. --set fine_epochs=120 (a Python "
@@ -143,6 +147,29 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     return out
 
 
+#: The ``train`` options a resumed run takes from the interrupted one.
+TRAIN_KEYS = ("detector", "profile", "data", "images", "out", "split_seed", "val_fraction", "test_fraction",
+              "max_minutes", "max_epochs", "seed", "device", "overrides")
+
+
+def _train_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, object] | None]:
+    """The arguments to train with, and the resume state when ``--resume`` was given."""
+    if not args.resume:
+        missing = [f"--{k}" for k in ("detector", "data", "out") if getattr(args, k) is None]
+        if missing:
+            raise LandmarkError(f"{', '.join(missing)} required (or --resume MODEL_DIR)")
+        return args, None
+    from lmk3d.training.loop import read_train_state
+
+    state = read_train_state(args.resume)
+    saved = dict(state.get("meta", {}).get("args", {}))
+    if not saved:
+        raise LandmarkError(f"{args.resume}: its train_state.pt does not say how the training was started")
+    merged = argparse.Namespace(**{**vars(args), **saved, "out": str(args.resume), "resume": args.resume,
+                                   "no_progress": args.no_progress})
+    return merged, state
+
+
 def run_train(args: argparse.Namespace) -> int:
     import platform
     import time
@@ -153,7 +180,20 @@ def run_train(args: argparse.Namespace) -> int:
     from lmk3d.detectors import detector_class, load_detector
     from lmk3d.io.atomic import atomic_write_text
     from lmk3d.metrics import evaluate, format_table
+    from lmk3d.training.loop import Trainer, TrainOptions
 
+    args, resume_state = _train_args(args)
+    for key, low in (("val_fraction", 0.0), ("test_fraction", 0.0)):
+        v = getattr(args, key)
+        if not low <= v < 1.0:
+            raise LandmarkError(f"--{key.replace('_', '-')} {v}: give a fraction in [0, 1)")
+    if args.val_fraction + args.test_fraction >= 1.0:
+        raise LandmarkError("--val-fraction and --test-fraction leave no training cases")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise LandmarkError(f"--out {out}: exists and is not a folder")
+    options = TrainOptions(seed=args.seed, max_minutes=args.max_minutes, max_epochs=args.max_epochs,
+                           device=args.device, progress=not args.no_progress, state_dir=str(out))
     cls = detector_class(args.detector)
     ds = load_dataset(args.data, args.images)
     labelled = ds.labelled()
@@ -164,16 +204,20 @@ def run_train(args: argparse.Namespace) -> int:
     train, val, test = apply_split(labelled, split)
     print(f"{args.data}: {len(ds)} cases ({len(labelled)} labelled), {len(ds.names)} landmarks; split seed "
           f"{args.split_seed}: {len(train)} train / {len(val)} val / {len(test)} test")
-    det = cls.create(ds.names, args.profile, **parse_overrides(args.overrides))
+    det = cls.create(ds.names, args.profile, args.device, **parse_overrides(args.overrides))
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(options, resume_state, {"args": {k: getattr(args, k) for k in TRAIN_KEYS}})
+    if resume_state is not None:
+        print(f"resuming {args.detector} in {out}: {len(trainer.completed)} phase(s) finished before")
     t0 = time.perf_counter()
     # Landmark groups are not passed: the prior-guided detector reads groups.json beside the images itself,
     # and detectors without groups reject options they do not know.
-    fit_report = det.fit(train, val, seed=args.seed, max_minutes=args.max_minutes, progress=not args.no_progress)
+    fit_report = det.fit(train, val, trainer=trainer)
     train_seconds = time.perf_counter() - t0
-    out = Path(args.out)
     det.save(out)
+    trainer.finish()
     command = _command_line("train", args, ["detector", "profile", "data", "images", "out", "split_seed",
-                                            "val_fraction", "test_fraction", "max_minutes", "seed"])
+                                            "val_fraction", "test_fraction", "max_minutes", "max_epochs", "seed"])
     command += "".join(f" --set {item}" for item in args.overrides)
     write_split(out / "split.json", split, {"data": str(args.data), "command": command})
     metrics: dict[str, object] = {}
@@ -190,6 +234,7 @@ def run_train(args: argparse.Namespace) -> int:
     report = {
         "detector": args.detector, "profile": args.profile, "data": str(args.data), "command": command,
         "seed": args.seed, "split_seed": args.split_seed, "max_minutes": args.max_minutes,
+        "max_epochs": args.max_epochs, "resumed": resume_state is not None,
         "counts": {"train": len(train), "val": len(val), "test": len(test)},
         "landmark_names": list(ds.names), "groups": [g.to_dict() for g in ds.groups],
         "train_seconds": round(train_seconds, 2), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
@@ -199,6 +244,27 @@ def run_train(args: argparse.Namespace) -> int:
     atomic_write_text(out / "train_report.json", json.dumps(report, indent=2, default=_jsonable))
     extra = f"; test MRE {test_mre:.2f} mm" if test_mre is not None and np.isfinite(test_mre) else ""
     print(f"trained {args.detector} ({args.profile}) in {train_seconds:.1f} s -> {out}{extra}")
+    return 0
+
+
+def add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("detector", help="registered detector name (mean_shape, prior_guided, pin, cascade)")
+    p.add_argument("--profile", default="cpu", help="config profile (default cpu)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one field, as for train; repeatable")
+
+
+def run_config(args: argparse.Namespace) -> int:
+    """Print the resolved config ``train`` would use, as JSON."""
+    import dataclasses
+
+    from lmk3d.detectors import detector_class
+
+    cls = detector_class(args.detector)
+    config = cls.resolve_config(args.profile, **parse_overrides(args.overrides))
+    doc = {"detector": cls.name, "profile": args.profile, "overrides": list(args.overrides),
+           "config": dataclasses.asdict(config)}
+    print(json.dumps(doc, indent=2, default=_jsonable))
     return 0
 
 
@@ -270,6 +336,13 @@ def run_predict(args: argparse.Namespace) -> int:
                                     "instances and frame of reference)")
             write_sr(out / f"{c}.sr.dcm", pred.landmarks, p,
                      algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"])
+        elif args.format == "json":
+            from lmk3d.io.atomic import atomic_write_text
+            from lmk3d.io.table import landmarks_to_json
+
+            doc = {**landmarks_to_json(pred.landmarks, volume.affine), "detector": model.name,
+                   "stages": pred.stages_json()}
+            atomic_write_text(out / f"{c}.json", json.dumps(doc, indent=2))
         else:
             write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
         table[c] = pred.landmarks
@@ -291,6 +364,7 @@ COMMANDS: list[Command] = [
     ("train", "train a detector on a dataset (case-level split) and score it on the test split", add_train,
      run_train),
     ("predict", "predict landmarks on images with a trained model", add_predict, run_predict),
+    ("config", "print the resolved config of a detector profile (what train would use)", add_config, run_config),
     ("serve", "start the MONAI Label server with the landmarks app (127.0.0.1 unless --host)", serve.add_serve,
      serve.run_serve),
 ]

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lmk3d.landmarks import LandmarkSet, all_names
+
+if TYPE_CHECKING:
+    from lmk3d.data.samples import Sample
+    from lmk3d.detectors import Detector
 
 SDR_RADII_MM: tuple[float, ...] = (2.0, 2.5, 3.0, 4.0, 8.0)
 OVERALL = "overall"
@@ -117,6 +121,21 @@ def evaluate(
     per = {n: Summary.of(err[:, j], int(miss[:, j].sum()), radii) for j, n in enumerate(names)}
     overall = Summary.of(err.ravel(), int(miss.sum()), radii)
     return Evaluation(names, cases, err, miss, per, overall, tuple(unmatched))
+
+
+def evaluate_detector(
+    detector: Detector, samples: Sequence[Sample], radii: Sequence[float] = SDR_RADII_MM
+) -> Evaluation:
+    """Score a detector on labelled cases: predict each sample's image, then :func:`evaluate`.
+
+    Args:
+        detector: a trained detector.
+        samples: the cases; those without landmarks are predicted but not scored.
+        radii: the SDR radii (mm).
+    """
+    truths = {s.case: s.landmarks for s in samples if s.landmarks is not None}
+    preds = {s.case: detector.predict(s.load_image()) for s in samples}
+    return evaluate(preds, truths, radii)
 
 
 def format_table(ev: Evaluation) -> str:

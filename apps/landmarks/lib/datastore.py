@@ -6,7 +6,7 @@ subclass checks first, so a bad upload is a 4xx with a message and the label alr
 it was:
 
 - an unknown image id: 404;
-- a file that is not an accepted label, or one that does not decode (see :mod:`lib.labels`): 422.
+- a file that is not an accepted label, or one that does not decode (see :mod:`lmk3d.io.labels`): 422.
 
 A ``.json`` point list is stored as ``.mrk.json`` (the datastore's rescans only pick up the file
 extensions it lists, and ``.json`` is not one of them), and a new label that replaces one of another
@@ -25,8 +25,8 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 
 from lib.errors import bad_input, unknown_image
-from lib.labels import read_label
 from lmk3d.io import landmark_suffix
+from lmk3d.io.labels import read_label
 from lmk3d.io.markups import write_markups
 
 logger = logging.getLogger(__name__)

@@ -13,14 +13,16 @@ landmark server needs (docs/pacs.md):
   SR is written in).
 - **Geometry**: a series whose slices are not evenly spaced along their normal, that is tilted
   (gantry tilt: slice positions not along the normal), or whose slices differ in orientation is
-  refused with a 422 naming the problem; it is never resampled silently.
+  refused with a 422 naming the problem; it is never resampled silently. The check is the library's
+  :func:`lmk3d.io.dicom_series.check_series_geometry`, which ``lmk3d.io.read_image`` (the CLI) applies
+  too, so the CLI and the server refuse the same series with the same message.
 - **Errors**: an unknown SeriesInstanceUID is a 404; a non-image series a 422; a PACS that refuses
   (HTTP 401/403, other 4xx/5xx) a 502, and one that cannot be reached a 503, each with a message.
   ``GET /info/`` keeps answering and reports the PACS error under ``datastore``.
 - **Landmark reports**: :meth:`store_sr` builds a TID 1500 SR with ``lmk3d.io.dicom_sr.build_sr`` from
   the downloaded series and stores it by STOW-RS.
 - **Corrections**: a final label (``PUT /datastore/label?tag=final``: a point list or sphere label map,
-  checked by :func:`lib.labels.read_label`) is stored to the PACS as an SR of series description
+  checked by :func:`lmk3d.io.labels.read_label`) is stored to the PACS as an SR of series description
   :data:`FINAL_SERIES_DESCRIPTION`; the newest such SR per image series is the image's final label,
   which the train task reads back (``get_label_uri`` downloads it as a ``.dcm`` file). Other tags stay
   in the local cache, as MONAI Label does.
@@ -39,7 +41,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import requests
 from monailabel.datastore.dicom import DICOMWebDatastore
 from monailabel.datastore.local import LocalDatastore
@@ -47,9 +48,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.errors import NOT_FOUND, UNPROCESSABLE, bad_input, http_error
-from lib.labels import read_label
-from lmk3d.errors import LandmarkError
+from lmk3d.io.dicom_series import check_series_geometry
 from lmk3d.io.dicom_sr import build_sr
+from lmk3d.io.labels import read_label
 from lmk3d.landmarks import LandmarkSet
 
 logger = logging.getLogger(__name__)
@@ -62,10 +63,6 @@ NON_IMAGE_MODALITIES = frozenset({"SR", "SEG", "PR", "KO", "RTSTRUCT", "RTPLAN",
 #: Series description of the SRs that hold corrected (final) landmarks.
 FINAL_SERIES_DESCRIPTION = "lmk3d final landmarks"
 FINAL_SERIES_NUMBER = 9902
-#: Tolerances of the geometry check: positions written as DS text carry ~1e-4 mm of rounding.
-SPACING_TOL_MM = 0.01
-SPACING_TOL_REL = 1e-3
-ORIENTATION_TOL = 1e-4
 _CREDENTIALS_HELP = ("set MONAI_LABEL_DICOMWEB_USERNAME and MONAI_LABEL_DICOMWEB_PASSWORD (lmk3d serve takes "
                      "them from LMK3D_PACS_USER and LMK3D_PACS_PASSWORD)")
 
@@ -296,40 +293,3 @@ def _referenced_series(sr: Dataset) -> list[str]:
         for series in study.get("ReferencedSeriesSequence", []):
             out.append(str(series.SeriesInstanceUID))
     return out
-
-
-def check_series_geometry(datasets: Sequence[Dataset]) -> None:
-    """Refuse a series that is not a regular grid of parallel, evenly spaced, untilted slices.
-
-    Raises:
-        LandmarkError: slices of different orientations, two slices at one position, gantry tilt
-            (consecutive positions not along the slice normal), or uneven spacing; the message gives
-            the numbers.
-    """
-    images = [d for d in datasets if "ImagePositionPatient" in d and "ImageOrientationPatient" in d]
-    if len(images) < 2:
-        return  # a single (possibly multi-frame) object: the reader decides
-    iops = np.array([[float(v) for v in d.ImageOrientationPatient] for d in images])
-    if np.abs(iops - iops[0]).max() > ORIENTATION_TOL:
-        raise LandmarkError("its slices have different Image Orientation (Patient) values; a volume needs "
-                            "parallel slices (split the series, or reconstruct it as one volume)")
-    normal = np.cross(iops[0, :3], iops[0, 3:])
-    pos = np.array([[float(v) for v in d.ImagePositionPatient] for d in images])
-    pos = pos[np.argsort(pos @ normal)]
-    steps = np.diff(pos, axis=0)
-    along = steps @ normal
-    if along.min() <= SPACING_TOL_MM:
-        raise LandmarkError(f"two of its slices lie at the same position (step {along.min():.4f} mm along the "
-                            "slice normal); it may hold several volumes")
-    across = np.linalg.norm(steps - np.outer(along, normal), axis=1)
-    if across.max() > SPACING_TOL_MM:
-        angle = float(np.degrees(np.arctan2(across.max(), np.median(along))))
-        raise LandmarkError(f"its slices are sheared (gantry tilt of about {angle:.2f} degrees: slice positions "
-                            f"move {across.max():.3f} mm across the slice normal per slice); tilted series are "
-                            "refused rather than read as an orthogonal grid; resample it to an untilted volume first")
-    median = float(np.median(along))
-    worst = float(np.abs(along - median).max())
-    if worst > max(SPACING_TOL_MM, SPACING_TOL_REL * median):
-        raise LandmarkError(f"its slices are not evenly spaced (spacing {along.min():.4f} to {along.max():.4f} mm "
-                            f"along the slice normal, median {median:.4f} mm); uneven series are refused rather "
-                            "than read with one spacing; resample it to even spacing first")

@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -29,6 +29,8 @@ DEFAULT_FRACTIONS: tuple[float, float, float] = (0.7, 0.1, 0.2)
 DEFAULT_SEED = 0
 SPLIT_FILE = "split.json"
 SUBSETS = ("train", "val", "test")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -153,3 +155,32 @@ def read_split(path: str | os.PathLike[str]) -> Split:
     fr = doc.get("fractions", DEFAULT_FRACTIONS)
     return Split(parts["train"], parts["val"], parts["test"], int(doc.get("seed", DEFAULT_SEED)),
                  (float(fr[0]), float(fr[1]), float(fr[2])))
+
+
+def holdout_split(items: Sequence[T], val_fraction: float, seed: int = DEFAULT_SEED) -> tuple[list[T], list[T]]:
+    """A seeded train / held-out split of a few labelled items (e.g. the images an annotator corrected).
+
+    Unlike :func:`make_split` it keeps the items' order-dependent permutation (the MONAI Label app's
+    train task has always split this way): ``numpy.random.default_rng(seed).permutation(len(items))``,
+    the first ``round(len(items) * val_fraction)`` held out. At least one item is always kept for
+    training, at least one is held out when ``val_fraction > 0`` and there are two or more, and none
+    with fewer than two.
+
+    Args:
+        items: the items to split (samples, case ids...), in a stable order.
+        val_fraction: the share to hold out, in ``[0, 1)``.
+        seed: the permutation seed.
+
+    Returns:
+        ``(train, val)``, each in permutation order.
+
+    Raises:
+        LandmarkFormatError: ``val_fraction`` outside ``[0, 1)``.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise LandmarkFormatError(f"val_fraction {val_fraction!r} must be in [0, 1)")
+    order = np.random.default_rng(seed).permutation(len(items))
+    n_val = 0
+    if len(items) >= 2 and val_fraction > 0:
+        n_val = min(len(items) - 1, max(1, round(len(items) * val_fraction)))
+    return [items[i] for i in order[n_val:]], [items[i] for i in order[:n_val]]

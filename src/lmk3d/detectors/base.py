@@ -1,16 +1,19 @@
-"""The detector contract (../shared/DETECTOR_CONTRACT.md): ``Detector``, ``Stage``, checkpoints, registry.
+"""The detector framework (../shared/DETECTOR_CONTRACT.md): ``Stage``, ``Detector``, the pipeline runner.
 
-A detector is a list of stages; each stage takes the (preprocessed) image and the previous stage's
-``LandmarkSet`` and returns a new one. ``Detector.predict`` runs them in order, timing each, and
-returns world-mm RAS landmarks in the frame of the *original* image.
+A detector is a list of **stages** plus a config. A stage owns its networks and its fitted state,
+takes the :class:`~lmk3d.preprocessing.PreparedImage` and the previous stage's ``LandmarkSet``, and
+returns landmarks with scores. :meth:`Detector.predict_all` is the one pipeline runner: it prepares
+the image once on the detector's device (chosen once, at construction or load), runs the stages in
+order without leaving the device between them (mixed precision on CUDA, float32 on CPU), times each,
+and returns world-mm RAS landmarks in the frame of the *original* image.
 
-Checkpoints are one self-describing file, ``checkpoint.pt`` in a model folder::
+Training goes through :meth:`Detector.fit`, which builds a :class:`~lmk3d.training.loop.Trainer`
+(seed, budgets, device, progress, resume state) and hands it to the detector's :meth:`Detector.fit_with`.
 
-    {"detector": "cascade", "version": "0.1.0", "profile": "cpu", "config": {...resolved...},
-     "landmark_names": [...], "state_dicts": {"stage1": {...}, ...}, "fitted": {...}}
-
-``load_detector(dir)`` reads the detector name from the file and builds the right class through the
-registry, with the same network-building code used for training.
+Checkpoints are written and read by :mod:`lmk3d.checkpoint` only: the detector contributes its
+config, its detector-level fitted state (:meth:`Detector.fitted_state`) and each stage's
+:meth:`Stage.state`; :func:`load_detector` reads the detector name from the file and builds the class
+through the registry, with the same network-building code used for training.
 """
 
 from __future__ import annotations
@@ -20,18 +23,27 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from lmk3d.checkpoint import CHECKPOINT_FILE, CheckpointError, data_fingerprint, read_checkpoint, write_checkpoint
 from lmk3d.data.samples import Sample
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
+from lmk3d.preprocessing import PreparedImage, resolve_modality
 
-CHECKPOINT_FILE = "checkpoint.pt"
+if TYPE_CHECKING:  # importing torch at module level would slow the CLI's start
+    import torch
+
+    from lmk3d.training.loop import Trainer
+
+__all__ = ["CHECKPOINT_FILE", "Detector", "Prediction", "Stage", "StageResult", "default_device", "detector_class",
+           "detector_names", "freeze_sequences", "load_detector", "mark_outside", "register"]
 
 
 @dataclass
@@ -49,41 +61,85 @@ class Prediction:
 
     landmarks: LandmarkSet
     stages: list[StageResult] = field(default_factory=list)
+    prepare_seconds: float = 0.0
 
     @property
     def latencies(self) -> dict[str, float]:
-        return {s.name: s.seconds for s in self.stages}
+        return {"prepare": self.prepare_seconds} | {s.name: s.seconds for s in self.stages}
+
+    def stages_json(self) -> list[dict[str, Any]]:
+        """Each stage's landmarks and latency, JSON-able (how the first guess was refined)."""
+        out = []
+        for s in self.stages:
+            lm = s.landmarks
+            points = [{"name": n, "xyz_mm_ras": [float(v) for v in lm.xyz_mm_ras[i]] if lm.found[i] else None,
+                       "score": float(lm.scores[i]), "found": bool(lm.found[i])} for i, n in enumerate(lm.names)]
+            out.append({"name": s.name, "seconds": round(s.seconds, 4), "landmarks": points})
+        return out
 
 
 class Stage(abc.ABC):
-    """One step of a detector chain."""
+    """One step of a detector's chain: owns its networks and fitted state.
+
+    Subclasses set ``name``, build their networks in ``__init__`` (the same code for training and
+    loading), list them in :meth:`networks`, keep fitted plain data in :meth:`fitted` /
+    :meth:`load_fitted`, and implement :meth:`__call__`.
+    """
 
     name: str = "stage"
 
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The stage's networks by name (saved and loaded by state dict)."""
+        return {}
+
+    def fitted(self) -> dict[str, Any]:
+        """Fitted state other than weights (plain types only)."""
+        return {}
+
+    def load_fitted(self, fitted: dict[str, Any]) -> None:  # noqa: B027
+        """Restore :meth:`fitted` (called before the weights are loaded, so it may rebuild networks)."""
+
+    def state(self) -> dict[str, Any]:
+        return {"networks": {k: m.state_dict() for k, m in self.networks().items()}, "fitted": self.fitted()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.load_fitted(dict(state.get("fitted", {})))
+        saved = state.get("networks", {})
+        for key, net in self.networks().items():
+            if key not in saved:
+                raise CheckpointError(f"stage {self.name!r}: the checkpoint has no weights for network {key!r}")
+            net.load_state_dict(saved[key])
+            net.eval()
+
     @abc.abstractmethod
-    def __call__(self, image: Volume, previous: LandmarkSet | None) -> LandmarkSet:
-        """Return landmarks (world RAS mm, frame of ``image``) given the previous stage's."""
+    def __call__(self, image: PreparedImage, previous: LandmarkSet | None) -> LandmarkSet:
+        """Landmarks (world RAS mm, frame of the original image) given the previous stage's."""
 
 
 class Detector(abc.ABC):
     """Base class of every detector.
 
     Subclasses set ``name``, ``config_class`` (a frozen dataclass) and ``profiles`` (profile name ->
-    config instance: ``paper``, ``cpu``, ``tiny``...), and implement the abstract methods.
+    config instance: ``paper``, ``cpu``, ``tiny``...), and implement :meth:`stages` and :meth:`fit_with`.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type | None] = None
     profiles: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, landmark_names: Sequence[str], config: Any, profile: str = "custom") -> None:
+    def __init__(self, landmark_names: Sequence[str], config: Any, profile: str = "custom",
+                 device: str | None = None) -> None:
         self.landmark_names = tuple(landmark_names)
         self.config = config
         self.profile = profile
+        self.device = _torch_device(device)
+        self.modality_fitted: str | None = None
+        self.data_fingerprint: str | None = None
+        self.training: dict[str, Any] = {}
 
     @classmethod
-    def create(cls, landmark_names: Sequence[str], profile: str = "cpu", **overrides: Any) -> Detector:
-        """A new, untrained detector from a named profile, with optional config overrides."""
+    def resolve_config(cls, profile: str = "cpu", **overrides: Any) -> Any:
+        """The config ``create`` would use: a profile with overrides (unknown field: a clear error)."""
         if profile not in cls.profiles:
             choices = ", ".join(cls.profiles) or "(none)"
             raise LandmarkError(f"unknown profile {profile!r} for detector {cls.name!r}; choose one of {choices}")
@@ -94,85 +150,42 @@ class Detector(abc.ABC):
             if unknown:
                 raise LandmarkError(f"{cls.name}: unknown config field(s) {', '.join(unknown)}; the fields are "
                                     f"{', '.join(sorted(known))}")
-            config = dataclasses.replace(config, **overrides)
-        return cls(landmark_names, config, profile if not overrides else f"{profile}+overrides")
+            checked = {k: checked_value(cls.name, k, getattr(config, k), v) for k, v in overrides.items()}
+            try:
+                config = dataclasses.replace(config, **checked)
+            except (TypeError, ValueError) as e:
+                raise LandmarkError(f"{cls.name}: bad config value ({e})") from None
+        return config
+
+    @classmethod
+    def create(cls, landmark_names: Sequence[str], profile: str = "cpu", device: str | None = None,
+               **overrides: Any) -> Detector:
+        """A new, untrained detector from a named profile, with optional config overrides."""
+        config = cls.resolve_config(profile, **overrides)
+        return cls(landmark_names, config, profile if not overrides else f"{profile}+overrides", device)
 
     # --- to implement -------------------------------------------------------------------------
     @abc.abstractmethod
     def stages(self) -> list[Stage]:
-        """The inference chain, in order."""
+        """The inference chain, in order (the same stage objects every call)."""
 
     @abc.abstractmethod
-    def fit(
-        self,
-        train: Sequence[Sample],
-        val: Sequence[Sample] | None = None,
-        *,
-        seed: int = 0,
-        max_minutes: float | None = None,
-        progress: bool = True,
-        **options: Any,
-    ) -> dict[str, Any]:
-        """Train (seeded, resumable where the detector supports it, within ``max_minutes``).
+    def fit_with(self, trainer: Trainer, train: Sequence[Sample], val: Sequence[Sample], **options: Any
+                 ) -> dict[str, Any]:
+        """Train every stage through ``trainer``; return a JSON-able report."""
 
-        Returns a JSON-able training report (epochs, losses, best validation MRE in mm, seconds...).
-        """
+    def fitted_state(self) -> dict[str, Any]:
+        """Detector-level fitted state (plain types), beside the stages'."""
+        return {"modality": self.modality_fitted}
 
-    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """``(state_dicts, fitted)`` to store in the checkpoint; detectors with networks override."""
-        return {}, {}
+    def load_fitted_state(self, fitted: dict[str, Any]) -> None:
+        """Restore :meth:`fitted_state` (before the stages load theirs)."""
+        self.modality_fitted = fitted.get("modality")
 
-    def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:  # noqa: B027
-        """Restore what :meth:`state` returned (nothing, for detectors without learned parts)."""
-
-    # --- shared ---------------------------------------------------------------------------------
-    def prepare(self, image: Volume) -> Any:
-        """Preprocess ``image`` now, for the stages of the next :meth:`predict_all` on it to share.
-
-        Detectors whose stages share one preprocessing (``cascade``, ``prior_guided``) override it, so
-        callers (benchmarks, servers) can time or overlap it; the default does nothing and returns None.
-        """
-        return None
-
-    def predict_all(self, image: Volume) -> Prediction:
-        """Run every stage; keep each stage's landmarks and latency."""
-        previous: LandmarkSet | None = None
-        results = []
-        for stage in self.stages():
-            t0 = time.perf_counter()
-            previous = stage(image, previous)
-            results.append(StageResult(stage.name, previous, time.perf_counter() - t0))
-        if previous is None:
-            raise RuntimeError(f"detector {self.name!r} has no stages")
-        return Prediction(mark_outside(previous, image), results)
-
-    def predict(self, image: Volume) -> LandmarkSet:
-        return self.predict_all(image).landmarks
-
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``checkpoint.pt`` atomically (temporary file, then rename)."""
-        import torch
-
-        from lmk3d import __version__
-
-        state_dicts, fitted = self.state()
-        is_config = dataclasses.is_dataclass(self.config) and not isinstance(self.config, type)
-        cfg = dataclasses.asdict(self.config) if is_config else dict(self.config or {})
-        payload = {
-            "detector": self.name,
-            "version": __version__,
-            "profile": self.profile,
-            "config": cfg,
-            "landmark_names": list(self.landmark_names),
-            "state_dicts": state_dicts,
-            "fitted": fitted,
-        }
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tmp = d / f".{CHECKPOINT_FILE}.tmp{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, d / CHECKPOINT_FILE)
-        return d / CHECKPOINT_FILE
+    @classmethod
+    def upgrade_checkpoint(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        """A format-1 checkpoint (``state_dicts``/``fitted`` per detector) mapped onto format 2."""
+        raise CheckpointError(f"{cls.name}: this checkpoint predates the stage layout and cannot be converted")
 
     @staticmethod
     def upgrade_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -182,15 +195,132 @@ class Detector(abc.ABC):
         """
         return cfg
 
+    # --- training -------------------------------------------------------------------------------
+    def fit(
+        self,
+        train: Sequence[Sample],
+        val: Sequence[Sample] | None = None,
+        *,
+        seed: int = 0,
+        max_minutes: float | None = None,
+        progress: bool = True,
+        trainer: Trainer | None = None,
+        **options: Any,
+    ) -> dict[str, Any]:
+        """Train (seeded, within ``max_minutes``); ``trainer`` carries more (epochs, device, resume).
+
+        Returns a JSON-able training report (epochs, losses, best validation MRE in mm, seconds...).
+        """
+        from lmk3d.training.loop import Trainer, TrainOptions
+
+        if trainer is None:
+            trainer = Trainer(TrainOptions(seed=seed, max_minutes=max_minutes, progress=progress,
+                                           device=str(self.device)))
+        self.device = trainer.device
+        labelled = [s for s in train if s.landmarks is not None]
+        self.data_fingerprint = data_fingerprint([(s.case, s.landmarks) for s in labelled])
+        t0 = time.monotonic()
+        report = self.fit_with(trainer, train, list(val or []), **options)
+        report.setdefault("seconds", time.monotonic() - t0)
+        report["seed"] = trainer.options.seed
+        report["device"] = str(trainer.device)
+        self.training = {k: v for k, v in report.items() if not isinstance(v, dict) or "history" not in v}
+        return report
+
+    def resolve_modality(self, array: np.ndarray | None) -> str:
+        """The config's modality, else the one fixed in training, else (first training image) a guess."""
+        configured = str(getattr(self.config, "modality", "auto"))
+        modality = resolve_modality(configured, self.modality_fitted, array)
+        if configured == "auto" and self.modality_fitted is None:
+            self.modality_fitted = modality
+        return modality
+
+    # --- inference -------------------------------------------------------------------------------
+    def prepare(self, image: Volume) -> PreparedImage:
+        """The one preprocessing of a request: every stage reads this object."""
+        configured = str(getattr(self.config, "modality", "auto"))
+        modality = resolve_modality(configured, self.modality_fitted, image.array)
+        # A config field ``canonical_blocks`` False keeps a pre-framework model's storage-order box filter.
+        return PreparedImage.from_volume(image, modality, self.device, bool(getattr(self.config, "canonical_blocks",
+                                                                                    True)))
+
+    def autocast(self) -> Any:
+        """Mixed precision on CUDA; float32 elsewhere."""
+        import torch
+
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return nullcontext()
+
+    def predict_all(self, image: Volume, prepared: PreparedImage | None = None) -> Prediction:
+        """Run every stage on one prepared image; keep each stage's landmarks and latency."""
+        import torch
+
+        t0 = time.perf_counter()
+        prep = prepared if prepared is not None else self.prepare(image)
+        t_prep = time.perf_counter() - t0
+        previous: LandmarkSet | None = None
+        results = []
+        with torch.no_grad(), self.autocast():
+            for stage in self.stages():
+                t0 = time.perf_counter()
+                previous = stage(prep, previous)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                results.append(StageResult(stage.name, previous, time.perf_counter() - t0))
+        if previous is None:
+            raise RuntimeError(f"detector {self.name!r} has no stages")
+        return Prediction(mark_outside(previous, image), results, t_prep)
+
+    def predict(self, image: Volume) -> LandmarkSet:
+        return self.predict_all(image).landmarks
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        is_config = dataclasses.is_dataclass(self.config) and not isinstance(self.config, type)
+        return dataclasses.asdict(self.config) if is_config else dict(self.config or {})
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``checkpoint.pt`` atomically (see :mod:`lmk3d.checkpoint`)."""
+        payload = {
+            "detector": self.name,
+            "profile": self.profile,
+            "config": self.config_dict(),
+            "landmark_names": list(self.landmark_names),
+            "stages": {s.name: s.state() for s in self.stages()},
+            "fitted": self.fitted_state(),
+            "data_fingerprint": self.data_fingerprint,
+            "training": self.training,
+        }
+        return write_checkpoint(directory, payload)
+
     @classmethod
-    def from_checkpoint(cls, payload: dict[str, Any], device: str) -> Detector:
-        """Build from a loaded checkpoint dict, with the same network-building code as training."""
-        cfg = payload["config"]
+    def from_checkpoint(cls, payload: dict[str, Any], device: str | None = None) -> Detector:
+        """Build from a read checkpoint dict, with the same network-building code as training."""
+        if payload.get("format", 1) == 1:
+            payload = cls.upgrade_checkpoint(dict(payload))
+        cfg: Any = payload["config"]
         if cls.config_class is not None:
-            cfg = cls.config_class(**cls.upgrade_config(dict(cfg)))
-        det = cls(payload["landmark_names"], cfg, payload.get("profile", "custom"))
-        det.load_state(payload["state_dicts"], payload["fitted"], device)
+            try:
+                cfg = cls.config_class(**cls.upgrade_config(dict(cfg)))
+            except TypeError as e:
+                raise CheckpointError(f"{cls.name}: checkpoint config does not fit this version ({e})") from None
+        det = cls(payload["landmark_names"], cfg, payload.get("profile", "custom"), device)
+        det.load_fitted_state(dict(payload.get("fitted", {})))
+        det.data_fingerprint = payload.get("data_fingerprint")
+        det.training = dict(payload.get("training") or {})
+        stages = payload["stages"]
+        for stage in det.stages():
+            if stage.name not in stages:
+                raise CheckpointError(f"{cls.name}: the checkpoint has no state for stage {stage.name!r}")
+            stage.load_state(stages[stage.name])
         return det
+
+
+def _torch_device(device: Any) -> torch.device:
+    import torch
+
+    return torch.device(device if device is not None else default_device())
 
 
 def freeze_sequences(config: Any, names: Sequence[str]) -> None:
@@ -201,6 +331,40 @@ def freeze_sequences(config: Any, names: Sequence[str]) -> None:
     for name in names:
         value = getattr(config, name)
         object.__setattr__(config, name, tuple(value) if isinstance(value, (list, tuple)) else (value,))
+
+
+def checked_value(detector: str, key: str, current: Any, value: Any) -> Any:
+    """``value`` for config field ``key`` if it has the type of the field's ``current`` value, else a clear error.
+
+    Integers are accepted for float fields; lists for tuple fields; a field whose profile value is None
+    takes a number, a string or None.
+    """
+    def bad(expected: str) -> LandmarkError:
+        return LandmarkError(f"{detector}: config field {key!r} takes {expected}, got {value!r}")
+
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise bad("True or False")
+        return value
+    if isinstance(current, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(current, str):
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if isinstance(current, tuple):
+        if not isinstance(value, (tuple, list)):
+            raise bad("a tuple, e.g. (1, 2, 3)")
+        return tuple(value)
+    if current is None and not (value is None or isinstance(value, (int, float, str)) and not isinstance(value, bool)):
+        raise bad("a number, a string or None")
+    return value
 
 
 def mark_outside(landmarks: LandmarkSet, image: Volume) -> LandmarkSet:
@@ -238,18 +402,11 @@ def default_device() -> str:
 
 
 def load_detector(directory: str | os.PathLike[str], device: str | None = None) -> Detector:
-    """Load a model folder (or a ``checkpoint.pt`` path) onto ``device`` (default: CUDA if present)."""
-    import torch
+    """Load a model folder (or a ``checkpoint.pt`` path) onto ``device`` (default: CUDA if present).
 
-    p = Path(directory)
-    ckpt = p / CHECKPOINT_FILE if p.is_dir() else p
-    if not ckpt.is_file():
-        raise LandmarkError(f"{p}: no {CHECKPOINT_FILE}; this model has not been trained or was not shipped")
+    The file is read weights-only (:func:`lmk3d.checkpoint.read_checkpoint`): a checkpoint holding
+    anything but tensors and plain data is refused, never executed.
+    """
     dev = device or default_device()
-    try:
-        payload = torch.load(ckpt, map_location=dev, weights_only=False)
-    except Exception as e:
-        raise LandmarkError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from None
-    if not isinstance(payload, dict) or "detector" not in payload:
-        raise LandmarkError(f"{ckpt}: not an lmk3d checkpoint (no 'detector' entry)")
+    payload = read_checkpoint(directory, dev)
     return detector_class(payload["detector"]).from_checkpoint(payload, dev)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from lmk3d import geometry
 from lmk3d.data.samples import Sample
@@ -31,6 +32,9 @@ from lmk3d.detectors.base import Detector, Stage
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
+from lmk3d.preprocessing import PreparedImage
+from lmk3d.training.loop import Trainer
+from lmk3d.transforms.intensity import IntensityMap
 
 
 @dataclass(frozen=True)
@@ -49,37 +53,20 @@ def frame_of(shape: Sequence[int], affine: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 class MeanPositionStage(Stage):
-    """Places every landmark at its fitted mean position in the image's normalised frame."""
-
-    name = "mean_position"
-
-    def __init__(self, detector: MeanShapeDetector) -> None:
-        self.detector = detector
-
-    def __call__(self, image: Volume, previous: LandmarkSet | None) -> LandmarkSet:
-        return self.detector.place(image.shape, image.affine)
-
-
-class MeanShapeDetector(Detector):
-    """Mean position of each landmark relative to the image's field of view (see the module docstring).
+    """Places every landmark at its fitted mean position in the image's normalised frame.
 
     Fitted state: ``offsets`` ``(N, 3)`` normalised mean positions (NaN for a landmark never annotated),
     ``scores`` ``(N,)``, ``n_cases`` ``(N,)`` training cases per landmark.
     """
 
-    name = "mean_shape"
-    config_class = MeanShapeConfig
-    profiles = {"cpu": MeanShapeConfig(), "tiny": MeanShapeConfig()}
+    name = "mean_position"
 
-    def __init__(self, landmark_names: Sequence[str], config: MeanShapeConfig, profile: str = "custom") -> None:
-        super().__init__(landmark_names, config, profile)
+    def __init__(self, landmark_names: Sequence[str]) -> None:
+        self.landmark_names = tuple(landmark_names)
         n = len(self.landmark_names)
         self.offsets = np.full((n, 3), np.nan)
         self.scores = np.zeros(n)
         self.n_cases = np.zeros(n, dtype=int)
-
-    def stages(self) -> list[Stage]:
-        return [MeanPositionStage(self)]
 
     def place(self, shape: Sequence[int], affine: np.ndarray) -> LandmarkSet:
         """The landmarks for an image of this ``shape`` and ``affine`` (no voxels needed)."""
@@ -87,20 +74,56 @@ class MeanShapeDetector(Detector):
         xyz = centre + extent * self.offsets
         return LandmarkSet(self.landmark_names, xyz, self.scores.copy(), np.isfinite(xyz).all(axis=1))
 
-    def fit(
-        self,
-        train: Sequence[Sample],
-        val: Sequence[Sample] | None = None,
-        *,
-        seed: int = 0,
-        max_minutes: float | None = None,
-        progress: bool = True,
-        **options: Any,
-    ) -> dict[str, Any]:
+    def __call__(self, image: PreparedImage, previous: LandmarkSet | None) -> LandmarkSet:
+        return self.place(image.source_shape, image.source_affine)
+
+    def fitted(self) -> dict[str, Any]:
+        return {"offsets": self.offsets.tolist(), "scores": self.scores.tolist(), "n_cases": self.n_cases.tolist()}
+
+    def load_fitted(self, fitted: dict[str, Any]) -> None:
+        n = len(self.landmark_names)
+        offsets = np.asarray(fitted.get("offsets", np.full((n, 3), np.nan)), dtype=np.float64).reshape(-1, 3)
+        if offsets.shape != (n, 3):
+            raise LandmarkError(f"mean_shape checkpoint: offsets of shape {offsets.shape} for {n} landmarks")
+        self.offsets = offsets
+        self.scores = np.asarray(fitted.get("scores", np.zeros(n)), dtype=np.float64)
+        self.n_cases = np.asarray(fitted.get("n_cases", np.zeros(n)), dtype=int)
+
+
+class MeanShapeDetector(Detector):
+    """Mean position of each landmark relative to the image's field of view (see the module docstring)."""
+
+    name = "mean_shape"
+    config_class = MeanShapeConfig
+    profiles = {"cpu": MeanShapeConfig(), "tiny": MeanShapeConfig()}
+
+    def __init__(self, landmark_names: Sequence[str], config: MeanShapeConfig, profile: str = "custom",
+                 device: str | None = None) -> None:
+        super().__init__(landmark_names, config, profile, device)
+        self.stage = MeanPositionStage(self.landmark_names)
+
+    def stages(self) -> list[Stage]:
+        return [self.stage]
+
+    def prepare(self, image: Volume) -> PreparedImage:
+        """Only the header is needed: no intensity statistics, no copy to a device."""
+        return PreparedImage(torch.zeros((1, 1, 1, 1, 1)), np.asarray(image.affine, dtype=np.float64), image.shape,
+                             "MR", IntensityMap(0.0, 1.0, clip=False), 0.0, np.asarray(image.affine), image.shape)
+
+    def place(self, shape: Sequence[int], affine: np.ndarray) -> LandmarkSet:
+        """The landmarks for an image of this ``shape`` and ``affine`` (no voxels needed)."""
+        return self.stage.place(shape, affine)
+
+    @classmethod
+    def upgrade_checkpoint(cls, payload: dict[str, Any]) -> dict[str, Any]:
+        return {**payload, "stages": {MeanPositionStage.name: {"networks": {}, "fitted": payload.get("fitted", {})}},
+                "fitted": {}}
+
+    def fit_with(self, trainer: Trainer, train: Sequence[Sample], val: Sequence[Sample], **options: Any
+                 ) -> dict[str, Any]:
         """Average the normalised positions over ``train`` (headers only); report train/val MRE in mm.
 
-        ``seed``, ``max_minutes`` and other options are accepted for the common interface; the fit is
-        deterministic and takes seconds.
+        The fit is deterministic and takes seconds (the trainer's seed and budgets do not matter).
 
         Raises:
             LandmarkError: no training sample has landmarks.
@@ -113,6 +136,7 @@ class MeanShapeDetector(Detector):
         labelled = [s for s in train if s.landmarks is not None]
         if not labelled:
             raise LandmarkError("mean_shape: no labelled training samples")
+        progress = trainer.options.progress
         geoms = [image_geometry(s.image_path) for s in tqdm(labelled, desc="mean_shape: reading headers",
                                                            disable=not progress, leave=False)]
         n = len(self.landmark_names)
@@ -126,12 +150,13 @@ class MeanShapeDetector(Detector):
             ok = lm.found
             acc[ok] += u[ok]
             count[ok] += 1
+        st = self.stage
         with np.errstate(invalid="ignore", divide="ignore"):
-            self.offsets = np.where(count[:, None] > 0, acc / np.maximum(count, 1)[:, None], np.nan)
-        self.n_cases = count
+            st.offsets = np.where(count[:, None] > 0, acc / np.maximum(count, 1)[:, None], np.nan)
+        st.n_cases = count
         train_err = self._errors(labelled, geoms)
         hits = np.nansum(train_err <= self.config.hit_radius_mm, axis=0)
-        self.scores = np.where(count > 0, hits / np.maximum(count, 1), 0.0)
+        st.scores = np.where(count > 0, hits / np.maximum(count, 1), 0.0)
         report: dict[str, Any] = {
             "detector": self.name,
             "n_train": len(labelled),
@@ -159,19 +184,6 @@ class MeanShapeDetector(Detector):
             ok = lm.found & pred.found
             out[i, ok] = np.linalg.norm(pred.xyz_mm_ras[ok] - lm.xyz_mm_ras[ok], axis=1)
         return out
-
-    def state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        return {}, {"offsets": self.offsets.tolist(), "scores": self.scores.tolist(),
-                    "n_cases": self.n_cases.tolist()}
-
-    def load_state(self, state_dicts: dict[str, Any], fitted: dict[str, Any], device: str) -> None:
-        n = len(self.landmark_names)
-        offsets = np.asarray(fitted.get("offsets", np.full((n, 3), np.nan)), dtype=np.float64).reshape(-1, 3)
-        if offsets.shape != (n, 3):
-            raise LandmarkError(f"mean_shape checkpoint: offsets of shape {offsets.shape} for {n} landmarks")
-        self.offsets = offsets
-        self.scores = np.asarray(fitted.get("scores", np.zeros(n)), dtype=np.float64)
-        self.n_cases = np.asarray(fitted.get("n_cases", np.zeros(n)), dtype=int)
 
 
 def _mre(errors: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from lmk3d import geometry
-from lmk3d.errors import ImageReadError
+from lmk3d.errors import ImageReadError, LandmarkError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
@@ -142,6 +142,12 @@ def _read_dicom_folder(path: str, series_uid: str | None, dtype: np.dtype | None
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(path, series_uid)
     if len(files) < 2:
         raise ImageReadError(f"{path}: DICOM series {series_uid} has {len(files)} slice(s); a 3D series is needed")
+    from lmk3d.io.dicom_series import check_series_files
+
+    try:  # the check the app's DICOMweb datastore applies: the CLI and the server refuse the same series
+        check_series_files(files)
+    except LandmarkError as e:
+        raise ImageReadError(f"{path}: DICOM series {series_uid}: {e}") from None
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
@@ -163,7 +169,9 @@ def read_image(
 
     Raises:
         ImageReadError: the file is missing, unreadable or truncated, not 3D, not scalar, has NaN
-            or infinite voxels, or has a singular geometry. The message names the file.
+            or infinite voxels, or has a singular geometry; a DICOM series whose slices are tilted,
+            unevenly spaced or not parallel (:func:`lmk3d.io.dicom_series.check_series_geometry`).
+            The message names the file.
     """
     p = str(path)
     dt = None if dtype is None else np.dtype(dtype)
@@ -185,11 +193,20 @@ def read_image(
     return _sitk_to_volume(img, p, dt)
 
 
-def write_image(path: str | os.PathLike[str], volume: Volume | np.ndarray, affine: np.ndarray | None = None) -> Path:
+def write_image(
+    path: str | os.PathLike[str], volume: Volume | np.ndarray, affine: np.ndarray | None = None, compress: bool = True
+) -> Path:
     """Write a volume as NIfTI (``.nii``/``.nii.gz``) or through SimpleITK (``.nrrd``, ``.mha``...).
 
     The file is written to a temporary name in the same folder and renamed, so a reader never sees
     half a file.
+
+    Args:
+        path: the file; its suffix says the format.
+        volume: a :class:`Volume`, or an ``(I, J, K)`` array with ``affine``.
+        affine: ``(4, 4)`` ijk -> RAS, for a bare array.
+        compress: compress NRRD / MetaImage data (some readers, e.g. OHIF's, need it raw); NIfTI
+            follows its suffix (``.nii.gz`` compressed, ``.nii`` not).
     """
     if isinstance(volume, Volume):
         array, aff = volume.array, volume.affine
@@ -220,7 +237,7 @@ def write_image(path: str | os.PathLike[str], volume: Volume | np.ndarray, affin
             img.SetOrigin(origin)
             img.SetSpacing(spacing)
             img.SetDirection(direction)
-            sitk.WriteImage(img, str(tmp), useCompression=True)
+            sitk.WriteImage(img, str(tmp), useCompression=bool(compress))
         os.replace(tmp, out)
     finally:
         if tmp.exists():

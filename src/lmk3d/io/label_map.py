@@ -147,11 +147,36 @@ def landmarks_from_label_map(
 
 
 def write_label_map(
-    path: str | os.PathLike[str], landmarks: LandmarkSet, reference: Volume, radius_mm: float = DEFAULT_RADIUS_MM
+    path: str | os.PathLike[str],
+    landmarks: LandmarkSet,
+    reference: Volume,
+    radius_mm: float = DEFAULT_RADIUS_MM,
+    *,
+    dtype: str | np.dtype | type | None = None,
+    compress: bool = True,
 ) -> Path:
-    """Write the sphere label map of ``landmarks`` on the grid of ``reference`` (atomically)."""
+    """Write the sphere label map of ``landmarks`` on the grid of ``reference`` (atomically).
+
+    Args:
+        path: the file (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``...).
+        landmarks: the landmarks; ``k`` is drawn with value ``k + 1``, not-found ones not drawn.
+        reference: the image whose ``(I, J, K)`` grid and affine the label map takes.
+        radius_mm: sphere radius.
+        dtype: ``uint8`` or ``uint16`` (None: uint8 for up to 255 landmarks); uint8 is widened to
+            uint16 when there are more than 255 landmarks.
+        compress: compress NRRD / MetaImage data (see :func:`lmk3d.io.image.write_image`).
+
+    Raises:
+        LandmarkFormatError: a ``dtype`` other than uint8 / uint16.
+    """
     arr = sphere_label_map(landmarks, reference.shape, reference.affine, radius_mm)
-    return write_image(path, arr, reference.affine)
+    if dtype is not None:
+        want = np.dtype(dtype)
+        if want not in (np.dtype(np.uint8), np.dtype(np.uint16)):
+            raise LandmarkFormatError(f"label map dtype {want} is not one of uint8, uint16")
+        if want.itemsize > arr.dtype.itemsize:
+            arr = arr.astype(want)
+    return write_image(path, arr, reference.affine, compress=compress)
 
 
 def read_label_map(path: str | os.PathLike[str], names: Sequence[str] | Mapping[str, int]) -> LandmarkSet:

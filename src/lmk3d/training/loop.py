@@ -1,20 +1,38 @@
-"""A small, shared training loop: seeding, progress bar, best-on-validation keeping, early stop, time budget.
+"""The one training skeleton every stage's networks go through.
 
-Detectors train several networks (a coarse one, then patch networks); each goes through
-:func:`train_network` with its own epoch and validation functions.
+A detector's ``fit`` gets a :class:`Trainer` and trains its networks in named **phases** (``coarse``,
+``fine``, ``stage1``, ``pin_unit_0_1``...). :meth:`Trainer.phase` runs one phase: epochs until the
+epoch budget, ``patience`` validations without improvement, or the time budget; a progress bar with
+the loss and the validation MRE; the best-on-validation weights kept. After every epoch it writes a
+resume state (weights, optimiser and scheduler states, every random generator's state, the reports
+so far) atomically; ``lmk3d train --resume MODEL_DIR`` hands that state to a new :class:`Trainer`,
+which skips the finished phases (their final weights restored) and continues the interrupted one at
+its next epoch with the same generators, so the resumed run's later losses equal an uninterrupted
+run's. Work between phases (estimates of the previous stage, fitted ranges) is deterministic and is
+simply done again.
+
+The shared pieces of every training loop also live here: the cosine schedule, the optimiser step and
+the mean radial error.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from lmk3d.errors import LandmarkError
+
+STATE_FILE = "train_state.pt"
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -25,9 +43,42 @@ def seed_everything(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
+def cosine_lr(optimizer: torch.optim.Optimizer, base: float, epoch: int, epochs: int, floor: float = 0.02) -> None:
+    """Set the learning rate of ``epoch`` on a cosine from ``base`` to 0, never under ``floor * base``."""
+    lr = 0.5 * base * (1.0 + math.cos(math.pi * min(epoch, epochs) / max(epochs, 1)))
+    for group in optimizer.param_groups:
+        group["lr"] = max(lr, floor * base)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One step: clear the gradients, back-propagate ``loss``, step; returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def radial_errors(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], present: Sequence[np.ndarray]
+                  ) -> np.ndarray:
+    """The radial errors (mm) of every present landmark, all cases flattened: ``(M,)``.
+
+    Args:
+        preds, truths: per case ``(N, 3)`` world mm; present: per case ``(N,)`` bool.
+    """
+    errs = [np.linalg.norm(p[m] - t[m], axis=1) for p, t, m in zip(preds, truths, present, strict=True)]
+    return np.concatenate(errs) if errs else np.zeros(0)
+
+
+def mean_radial_error(preds: Sequence[np.ndarray], truths: Sequence[np.ndarray], present: Sequence[np.ndarray],
+                      cap_mm: float = np.inf) -> float:
+    """MRE (mm) over present landmarks, each error capped at ``cap_mm``; NaN when nothing is present."""
+    e = radial_errors(preds, truths, present)
+    return float(np.minimum(e, cap_mm).mean()) if e.size else float("nan")
+
+
 @dataclass
 class LoopReport:
-    """What happened during one network's training (JSON-able through ``to_dict``)."""
+    """What happened during one phase (JSON-able through ``to_dict``)."""
 
     name: str
     epochs: int = 0
@@ -41,66 +92,230 @@ class LoopReport:
         return asdict(self)
 
 
-def train_network(
-    name: str,
-    model: torch.nn.Module,
-    train_epoch: Callable[[int], float],
-    validate: Callable[[], float] | None,
-    *,
-    max_epochs: int,
-    deadline: float | None = None,
-    patience: int = 10,
-    progress: bool = True,
-    val_every: int = 1,
-    metric_name: str = "val_mre_mm",
-) -> LoopReport:
-    """Run epochs until ``max_epochs``, ``patience`` validations without improvement, or ``deadline``.
+@dataclass(frozen=True)
+class TrainOptions:
+    """What every detector's training takes, whichever detector it is.
 
-    Args:
-        train_epoch: runs one epoch (model already in train mode), returns the mean loss.
-        validate: returns the validation metric (lower is better, e.g. MRE in mm); None = keep last.
-        deadline: ``time.monotonic()`` value after which training stops (a time budget).
-
-    The model ends with the weights of its best validation epoch.
+    Attributes:
+        seed: seeds every generator (Python, NumPy, torch).
+        max_minutes: time budget of the whole fit (None: none); detectors share it between phases.
+        max_epochs: caps every phase's epochs (None: the config's epochs).
+        device: where the networks train (``"cpu"``, ``"cuda"``; None: CUDA when present).
+        progress: show progress bars.
+        state_dir: write the resume state there after every epoch (None: no resume state).
     """
-    from tqdm.auto import tqdm
 
-    report = LoopReport(name)
-    best_state: dict[str, torch.Tensor] | None = None
-    since_best = 0
-    t0 = time.monotonic()
-    bar = tqdm(range(max_epochs), desc=name, disable=not progress, leave=False, dynamic_ncols=True)
-    for epoch in bar:
-        model.train()
-        loss = float(train_epoch(epoch))
-        row: dict[str, float] = {"epoch": float(epoch), "loss": loss}
-        if validate is not None and (epoch % val_every == val_every - 1 or epoch == max_epochs - 1):
+    seed: int = 0
+    max_minutes: float | None = None
+    max_epochs: int | None = None
+    device: str | None = None
+    progress: bool = True
+    state_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise LandmarkError(f"max_minutes must be positive, got {self.max_minutes}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise LandmarkError(f"max_epochs must be at least 1, got {self.max_epochs}")
+
+
+def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    legacy = np.random.get_state()
+    state: dict[str, Any] = {
+        "numpy_generator": rng.bit_generator.state,
+        "python": random.getstate(),
+        "numpy_legacy": [legacy[0], torch.from_numpy(np.asarray(legacy[1], dtype=np.int64)), *legacy[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
+    rng.bit_generator.state = state["numpy_generator"]
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    leg = state["numpy_legacy"]
+    np.random.set_state((leg[0], leg[1].numpy().astype(np.uint32), *leg[2:]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs a detector's training phases (see the module docstring); one per ``fit``.
+
+    Attributes:
+        options: the :class:`TrainOptions`.
+        rng: the NumPy generator of every random draw of the fit (augmentation, sampling, order).
+        device: the resolved torch device.
+        meta: JSON-able facts saved with the resume state (the CLI stores its command there).
+    """
+
+    def __init__(self, options: TrainOptions | None = None, resume: dict[str, Any] | None = None,
+                 meta: dict[str, Any] | None = None) -> None:
+        self.options = options or TrainOptions()
+        self.rng = seed_everything(self.options.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        dev = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = torch.device(dev)
+        self.start = time.monotonic()
+        self.meta = dict(meta or (resume or {}).get("meta", {}))
+        self.completed: dict[str, dict[str, Any]] = dict((resume or {}).get("completed", {}))
+        self._current: dict[str, Any] | None = (resume or {}).get("current")
+
+    # --- budgets --------------------------------------------------------------------------------
+    def deadline(self, share: float = 1.0) -> float | None:
+        """``time.monotonic()`` value ending ``share`` of the budget from now (None: no budget)."""
+        m = self.options.max_minutes
+        return None if m is None else time.monotonic() + 60.0 * m * share
+
+    def remaining_deadline(self) -> float | None:
+        """The end of the whole fit's budget (None: no budget)."""
+        m = self.options.max_minutes
+        return None if m is None else self.start + 60.0 * m
+
+    def minutes_left(self) -> float | None:
+        m = self.options.max_minutes
+        return None if m is None else max(0.0, m - (time.monotonic() - self.start) / 60.0)
+
+    def epochs(self, configured: int) -> int:
+        """A phase's epoch budget: the config's, capped by ``max_epochs``."""
+        cap = self.options.max_epochs
+        return configured if cap is None else min(configured, cap)
+
+    # --- resume state ---------------------------------------------------------------------------
+    def _write_state(self) -> None:
+        if self.options.state_dir is None:
+            return
+        import io
+
+        from lmk3d.io.atomic import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save({"meta": self.meta, "options": asdict(self.options), "completed": self.completed,
+                    "current": self._current}, buf)
+        atomic_write_bytes(Path(self.options.state_dir) / STATE_FILE, buf.getvalue())
+
+    def finish(self) -> None:
+        """The fit is over: remove the resume state (the checkpoint is what stays)."""
+        if self.options.state_dir is not None:
+            p = Path(self.options.state_dir) / STATE_FILE
+            if p.exists():
+                os.unlink(p)
+
+    # --- one phase ------------------------------------------------------------------------------
+    def phase(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        train_epoch: Callable[[int], float],
+        validate: Callable[[], float] | None,
+        *,
+        max_epochs: int,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Any = None,
+        deadline: float | None = None,
+        patience: int = 10,
+        val_every: int = 1,
+        metric_name: str = "val_mre_mm",
+    ) -> LoopReport:
+        """Train ``model`` for one phase; it ends with the weights of its best validation epoch.
+
+        Args:
+            train_epoch: runs one epoch (model already in train mode), returns the mean loss.
+            validate: returns the validation metric (lower is better, e.g. MRE in mm); None = keep last.
+            max_epochs: the phase's epoch budget (capped by the options' ``max_epochs``).
+            optimizer, scheduler: saved in the resume state and restored with it.
+            deadline: ``time.monotonic()`` value after which the phase stops.
+        """
+        from tqdm.auto import tqdm
+
+        if name in self.completed:  # finished before the interruption: its final weights, its report
+            done = self.completed[name]
+            model.load_state_dict(done["model"])
             model.eval()
-            with torch.no_grad():
-                val = float(validate())
-            row[metric_name] = val
-            if val < report.best_val:
-                report.best_val, report.best_epoch, since_best = val, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
-            else:
-                since_best += 1
-        report.history.append(row)
-        report.epochs = epoch + 1
-        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"})
-        if since_best >= patience:
-            report.stopped = "patience"
-            break
-        if deadline is not None and time.monotonic() > deadline:
-            report.stopped = "time_budget"
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    report.seconds = time.monotonic() - t0
-    return report
+            # The generators as that phase left them: what follows draws as it did in the first run.
+            _set_rng_state(self.rng, done["rng"])
+            return LoopReport(**done["report"])
+        max_epochs = self.epochs(max_epochs)
+        report = LoopReport(name)
+        best_state: dict[str, torch.Tensor] | None = None
+        since_best, first = 0, 0
+        cur = self._current
+        if cur is not None and cur["name"] == name:
+            model.load_state_dict(cur["model"])
+            if optimizer is not None and cur.get("optimizer") is not None:
+                optimizer.load_state_dict(cur["optimizer"])
+            if scheduler is not None and cur.get("scheduler") is not None:
+                scheduler.load_state_dict(cur["scheduler"])
+            best_state, since_best, first = cur["best_state"], int(cur["since_best"]), int(cur["epoch"])
+            report = LoopReport(**cur["report"])
+            _set_rng_state(self.rng, cur["rng"])
+            self._current = None
+        t0 = time.monotonic() - report.seconds
+        bar = tqdm(range(first, max_epochs), desc=name, disable=not self.options.progress, leave=False,
+                   dynamic_ncols=True)
+        for epoch in bar:
+            model.train()
+            loss = float(train_epoch(epoch))
+            row: dict[str, float] = {"epoch": float(epoch), "loss": loss}
+            if validate is not None and (epoch % val_every == val_every - 1 or epoch == max_epochs - 1):
+                model.eval()
+                with torch.no_grad():
+                    val = float(validate())
+                row[metric_name] = val
+                if val < report.best_val:
+                    report.best_val, report.best_epoch, since_best = val, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    since_best += 1
+            report.history.append(row)
+            report.epochs = epoch + 1
+            report.seconds = time.monotonic() - t0
+            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"})
+            stop = ""
+            if since_best >= patience:
+                stop = "patience"
+            elif deadline is not None and time.monotonic() > deadline:
+                stop = "time_budget"
+            if stop:
+                report.stopped = stop
+            self._current = None if stop or epoch + 1 >= max_epochs else {
+                "name": name, "epoch": epoch + 1, "model": model.state_dict(), "best_state": best_state,
+                "since_best": since_best, "report": report.to_dict(), "rng": _rng_state(self.rng),
+                "optimizer": None if optimizer is None else optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+            }
+            if self._current is not None:
+                self._write_state()
+            if stop:
+                break
+        bar.close()
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        report.seconds = time.monotonic() - t0
+        self.completed[name] = {"model": copy.deepcopy(model.state_dict()), "report": report.to_dict(),
+                                "rng": _rng_state(self.rng)}
+        self._write_state()
+        return report
 
 
-def deadline_from(max_minutes: float | None, share: float = 1.0) -> float | None:
-    """``time.monotonic()`` deadline for ``share`` of a budget of ``max_minutes`` (None = no budget)."""
-    return None if max_minutes is None else time.monotonic() + 60.0 * max_minutes * share
+def read_train_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The resume state a :class:`Trainer` left in ``directory`` (weights-only read)."""
+    from lmk3d.checkpoint import CheckpointError, _load_bytes
+
+    p = Path(directory) / STATE_FILE
+    if not p.is_file():
+        raise LandmarkError(f"{directory}: no {STATE_FILE} to resume from (the training finished, or it never "
+                            "reached the end of an epoch)")
+    state = _load_bytes(p, "cpu", str(p))
+    if not isinstance(state, dict) or "completed" not in state:
+        raise CheckpointError(f"{p}: not an lmk3d training state")
+    return state
+
+
+__all__ = ["LoopReport", "STATE_FILE", "TrainOptions", "Trainer", "cosine_lr", "mean_radial_error",
+           "optimizer_step", "radial_errors", "read_train_state", "seed_everything"]

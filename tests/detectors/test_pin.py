@@ -17,11 +17,14 @@ from lmk3d.detectors import detector_class, load_detector
 from lmk3d.detectors.pin import (
     PinConfig,
     PinDetector,
+    PinImage,
+    PinIterate,
     PinUnit,
-    Prepared,
     canonical_frame,
     extract_patches,
-    prepare,
+    reachable,
+    resolve_settings,
+    training_params,
     update_step,
 )
 from lmk3d.errors import LandmarkError
@@ -30,6 +33,7 @@ from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.metrics import evaluate
 from lmk3d.networks.pin_cnn import PinCNN
+from lmk3d.preprocessing import PreparedImage
 from lmk3d.shape.pca import ShapeModel
 from lmk3d.training.pin_loss import direction_labels, pin_loss
 from tests.conftest import DATA
@@ -174,9 +178,9 @@ def test_loss_masks_missing_landmarks() -> None:
 
 
 # --- patches ----------------------------------------------------------------------------------------------
-def _ramp_prepared(shape: tuple[int, int, int], values: np.ndarray, affine: np.ndarray) -> Prepared:
+def _ramp_prepared(shape: tuple[int, int, int], values: np.ndarray, affine: np.ndarray) -> PinImage:
     frame = canonical_frame(affine, shape, 1.0)
-    return Prepared(torch.as_tensor(values, dtype=torch.float32)[None, None], np.linalg.inv(affine), frame,
+    return PinImage(torch.as_tensor(values, dtype=torch.float32)[None, None], np.linalg.inv(affine), frame,
                     np.asarray(shape, dtype=float) / 2.0, 0.0)
 
 
@@ -205,9 +209,10 @@ def test_preparing_a_box_gives_the_whole_image_inside_it() -> None:
     image = read_image(HIPPO / "images" / "hippocampus_004.nii.gz")
     # Stored flipped and anisotropic (2 x 1 x 1.5 mm), filtered to 3 mm: blocks of 1 x 3 x 2 voxels.
     vol = Volume(np.ascontiguousarray(image.array[::-1]), image.affine @ np.diag([-2.0, 1.0, 1.5, 1.0]))
-    whole = prepare(vol, 3.0, "MR")
+    image = PreparedImage.from_volume(vol, "MR")
+    whole = PinImage.from_prepared(image, 3.0)
     centre = canonical_frame(vol.affine, vol.shape, 1.0)[:3, 3]
-    part = prepare(vol, 3.0, "MR", roi_ras=(centre - 12.0, centre + 12.0))
+    part = PinImage.from_prepared(image, 3.0, roi_ras=(centre - 12.0, centre + 12.0))
     assert part.tensor.numel() < whole.tensor.numel() / 3
     assert np.array_equal(part.frame, whole.frame) and part.pad == whole.pad
     centres = torch.tensor([[[0.5, -1.0, 0.25]], [[-1.5, 1.0, 0.0]]])  # within the box, in 3 mm units
@@ -247,7 +252,7 @@ class _Oracle(nn.Module):
 
 
 @pytest.fixture
-def oracle_case(rng: np.random.Generator) -> tuple[PinDetector, PinUnit, Prepared, np.ndarray]:
+def oracle_case(rng: np.random.Generator) -> tuple[PinIterate, PinUnit, PinImage, np.ndarray]:
     shape = (51, 51, 51)
     affine = np.array([[-1.0, 0, 0, 20.0], [0, 0, 1.0, -23.0], [0, 1.0, 0, 7.0], [0, 0, 0, 1]])  # flipped, permuted
     ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
@@ -257,9 +262,11 @@ def oracle_case(rng: np.random.Generator) -> tuple[PinDetector, PinUnit, Prepare
                            variance_kept=1.0)
     b_true = np.array([2.0, -1.5, 0.8, 0.3]) * model.std
     det = PinDetector.create(["a", "b", "c"], "tiny", pixdim=1.0, modality="CT", tolerance_mm=1e-3)
+    assert isinstance(det, PinDetector)
+    stage = det.levels[0]  # the first level's search, with an oracle for its CNN
     unit = PinUnit([0, 1, 2], model, _Oracle(model, b_true))  # type: ignore[arg-type]
-    det.units = [unit]
-    return det, unit, prep, b_true
+    stage.units = [unit]
+    return stage, unit, prep, b_true
 
 
 def test_update_steps_by_hand() -> None:
@@ -272,37 +279,37 @@ def test_update_steps_by_hand() -> None:
         update_step(d, logits, "D")
 
 
-def test_rule_b_jumps_to_the_truth_in_one_step(oracle_case: tuple[PinDetector, PinUnit, Prepared, np.ndarray]) -> None:
-    det, unit, prep, b_true = oracle_case
-    b0 = det.initial_params(unit, prep, None)[None]  # b = 0 and random starts
-    b, done = det.iterate(unit, [prep], b0, rule="B", iterations=10)
+def test_rule_b_jumps_to_the_truth_in_one_step(oracle_case: tuple[PinIterate, PinUnit, PinImage, np.ndarray]) -> None:
+    stage, unit, prep, b_true = oracle_case
+    b0 = stage.initial_params(unit, prep, None)[None]  # b = 0 and random starts
+    b, done = stage.iterate(unit, [prep], b0, rule="B", iterations=10)
     assert np.allclose(b[0].numpy(), b_true, atol=1e-3)
     assert done == 2  # the second step is negligible: early stop
 
 
 def test_rule_c_moves_by_p_max_times_d_and_converges(
-        oracle_case: tuple[PinDetector, PinUnit, Prepared, np.ndarray]) -> None:
-    det, unit, prep, b_true = oracle_case
-    b0 = det.initial_params(unit, prep, None)[None]
-    b1, _ = det.iterate(unit, [prep], b0, rule="C", iterations=1)
+        oracle_case: tuple[PinIterate, PinUnit, PinImage, np.ndarray]) -> None:
+    stage, unit, prep, b_true = oracle_case
+    b0 = stage.initial_params(unit, prep, None)[None]
+    b1, _ = stage.iterate(unit, [prep], b0, rule="C", iterations=1)
     d = torch.as_tensor(b_true, dtype=torch.float32) - b0[0]
     p_max = torch.full_like(d, 0.1 / 7)
     p_max[torch.arange(d.shape[0]), d.abs().argmax(1)] = 0.9
     assert torch.allclose(b1[0] - b0[0], p_max * d, atol=1e-3)
-    b, done = det.iterate(unit, [prep], b0, rule="C", iterations=60)
+    b, done = stage.iterate(unit, [prep], b0, rule="C", iterations=60)
     assert np.allclose(b[0].numpy(), b_true, atol=1e-2) and done < 60
 
 
 def test_rule_a_walks_unit_steps_and_ends_within_one_step(
-        oracle_case: tuple[PinDetector, PinUnit, Prepared, np.ndarray]) -> None:
-    det, unit, prep, b_true = oracle_case
+        oracle_case: tuple[PinIterate, PinUnit, PinImage, np.ndarray]) -> None:
+    stage, unit, prep, b_true = oracle_case
     b0 = torch.zeros(1, 1, 4)
-    b1, _ = det.iterate(unit, [prep], b0, rule="A", iterations=1)
+    b1, _ = stage.iterate(unit, [prep], b0, rule="A", iterations=1)
     step = (b1 - b0)[0, 0]
     k = int(np.argmax(np.abs(b_true)))
     assert step[k] == pytest.approx(np.sign(b_true[k])) and int((step != 0).sum()) == 1
     needed = int(np.ceil(np.abs(b_true).sum())) + 2
-    b, done = det.iterate(unit, [prep], b0, rule="A", iterations=needed)
+    b, done = stage.iterate(unit, [prep], b0, rule="A", iterations=needed)
     assert done == needed  # rule A oscillates at the optimum: no early stop
     assert np.abs(b[0, 0].numpy() - b_true).max() <= 1.0 + 1e-4
 
@@ -341,8 +348,10 @@ def test_test_time_views_map_back_to_the_world() -> None:
     det = PinDetector.create(["a"], "tiny", pixdim=1.0, modality="CT", roi_size=25, rule="B", iterations=20,
                              tolerance_mm=1e-4, n_random_inits=2, init_range=1.0, tta=6, max_rotation_deg=10.0,
                              scale_range=(0.9, 1.1))
-    det.units = [PinUnit([0], model, _BlobReader(), np.ones(3), centred=True)]  # type: ignore[arg-type]
-    views = det.views([prep])[0]
+    assert isinstance(det, PinDetector)
+    stage = det.levels[0]
+    stage.units = [PinUnit([0], model, _BlobReader(), np.ones(3), centred=True)]  # type: ignore[arg-type]
+    views = stage.views([prep])[0]
     assert views.shape == (7, 4, 4) and np.array_equal(views[0], prep.frame)
     assert np.allclose(views[:, :3, 3], centre)  # rotated and scaled about the field-of-view centre
     scale = np.cbrt(np.linalg.det(views[1:, :3, :3]))
@@ -352,10 +361,10 @@ def test_test_time_views_map_back_to_the_world() -> None:
     moved = np.linalg.norm(geometry.apply_affine(np.linalg.inv(views[1]), blob) - (blob - centre))
     assert moved > 1.0  # the views differ from the working frame where the blob is
     start = LandmarkSet(["a"], (blob + np.array([1.5, -1.0, 0.5]))[None], np.ones(1), np.ones(1, dtype=bool))
-    out = det.refine([prep], [start])[0]
+    out = stage.refine([prep], [start])[0]
     assert np.linalg.norm(out.xyz_mm_ras[0] - blob) < 0.2, out.xyz_mm_ras[0] - blob
     assert out.found[0] and out.scores[0] > 0.99  # every view and start agrees
-    assert np.array_equal(det.views([prep])[0], views)  # drawn from the seed: the same every call
+    assert np.array_equal(stage.views([prep])[0], views)  # drawn from the seed: the same every call
 
 
 def test_training_shapes_about_the_mean_or_the_truth(rng: np.random.Generator) -> None:
@@ -366,12 +375,12 @@ def test_training_shapes_about_the_mean_or_the_truth(rng: np.random.Generator) -
     first = PinUnit([0, 1, 2], model, nn.Linear(1, 1))
     b_true = np.tile(0.2 * model.std, (4000, 1))
     det = PinDetector.create(["a", "b", "c"], "tiny", sample_range=3.0)
-    b = det.training_params(fine, b_true, np.random.default_rng(1))
+    b = training_params(det.config, fine, b_true, np.random.default_rng(1))
     assert np.all(np.abs(b - b_true) <= 3.0 * window + 1e-12)  # within +-3 windows of the truth ...
     assert np.all(np.abs(b) <= det.config.b_limit * model.std + 1e-12)  # ... and of plausible shapes
     assert np.abs((b - b_true).mean(axis=0)).max() < 0.1
     # The first level draws uniformly within +-3 sqrt(lambda) of the mean shape (the paper).
-    b0 = det.training_params(first, b_true, np.random.default_rng(1))
+    b0 = training_params(det.config, first, b_true, np.random.default_rng(1))
     assert np.all(np.abs(b0) <= 3.0 * model.std + 1e-12) and np.abs(b0.mean(axis=0)).max() < 0.1 * model.std.max()
     assert np.allclose(b0.std(axis=0), 3.0 * model.std / math.sqrt(3.0), rtol=0.1)
 
@@ -387,8 +396,8 @@ def test_fine_levels_validate_on_the_cases_the_previous_level_brought_within_rea
     data[4][2][1] = False
     starts[4] = LandmarkSet(["b", "a"], np.array([[110.0, 2.5, 0.0], [0.0, 2.5, 0.0]]), np.ones(2),
                             np.ones(2, dtype=bool))
-    assert det.reachable(data, starts) == [True, True, True, False, True]  # type: ignore[arg-type]
-    assert det.reachable(data, [None] * 5) == [True] * 5  # type: ignore[arg-type]
+    assert reachable(det.landmark_names, data, starts) == [True, True, True, False, True]  # type: ignore[arg-type]
+    assert reachable(det.landmark_names, data, [None] * 5) == [True] * 5  # type: ignore[arg-type]
 
 
 def test_single_landmark_fine_level_after_a_multiple_first_level(tmp_path: Path) -> None:
@@ -398,8 +407,8 @@ def test_single_landmark_fine_level_after_a_multiple_first_level(tmp_path: Path)
     det = PinDetector.create(table[cases[0]].names, "tiny", pixdim=2.0, fine_factor=2.0, fine_variant="single",
                              max_epochs=1, steps_per_epoch=2)
     report = det.fit(samples[:6], samples[6:], seed=0, progress=False)
-    assert len(det.levels[0]) == 1 and det.levels[0][0].shape.n_modes < 12
-    fine = det.levels[1]
+    assert len(det.levels[0].units) == 1 and det.levels[0].units[0].shape.n_modes < 12
+    fine = det.levels[1].units
     assert [u.landmarks for u in fine] == [[0], [1], [2], [3]]
     assert all(np.array_equal(u.shape.components, np.eye(3)) and u.centred for u in fine)
     assert all(np.asarray(u.window).shape == (3,) and np.all(np.asarray(u.window) >= 1.0) for u in fine)
@@ -501,12 +510,14 @@ def test_stages_scores_and_not_found(trained: tuple[PinDetector, list[Sample], l
     image = read_image(test[0].image_path)
     pred = det.predict_all(image)
     assert [s.name for s in pred.stages] == ["mean_shape", "pin"]
-    assert set(pred.latencies) == {"mean_shape", "pin"}
+    assert set(pred.latencies) == {"prepare", "mean_shape", "pin"}
     lm = pred.landmarks
     assert lm.found.all() and np.all((lm.scores > 0) & (lm.scores <= 1))
     # The score is exp(-spread^2 / 2 s^2): with a vanishing scale every landmark is "not found".
-    strict = PinDetector(det.landmark_names, dataclasses.replace(det.config, spread_scale_mm=1e-3))
-    strict.units = det.units
+    strict = PinDetector(det.landmark_names, det.config)
+    for mine, theirs in zip(strict.levels, det.levels, strict=True):
+        mine.units = theirs.units
+    strict.config = dataclasses.replace(det.config, spread_scale_mm=1e-3)  # reaches every stage
     assert not strict.predict(image).found.any()
     # A field of view cut short: landmarks placed outside it come back "not found".
     part = Volume(np.ascontiguousarray(image.array[:, :20]), image.affine)
@@ -596,8 +607,8 @@ def test_fine_levels_start_from_the_previous_and_improve_it(tmp_path: Path) -> N
     assert det.level_pixdims[0] > 2.0 and det.level_pixdims[1:] == [1.0, 1.0]
     assert [r["level"] for r in report["units"]] == [0, 1, 2]
     # Each fine level is trained on the residuals its predecessor leaves: the second window is narrower.
-    assert np.mean(det.levels[2][0].window) < np.mean(det.levels[1][0].window)  # type: ignore[arg-type]
-    fine = det.levels[1][0]
+    assert np.mean(det.levels[2].units[0].window) < np.mean(det.levels[1].units[0].window)  # type: ignore[arg-type]
+    fine = det.levels[1].units[0]
     assert fine.centred and np.all(np.asarray(fine.window) >= 1.0)
     # The first level keeps 99.5 % of the variance, the fine level every mode (3N = 12 here, 30 cases).
     assert det.units[0].shape.n_modes < 12 and det.units[0].shape.explained >= 0.995
@@ -629,8 +640,8 @@ def test_single_landmark_variant_and_grid19_layout(tmp_path: Path) -> None:
     assert all("val_median_mm" in u["history"][-1] for u in report["units"])
     assert all(np.array_equal(u.shape.components, np.eye(3)) for u in det.units)
     image = read_image(samples[5].image_path)
-    prep = prepare(image, det.pixdim, det.modality)
-    b0 = det.initial_params(det.units[0], prep, None).numpy()
+    prep = PinImage.from_prepared(det.prepare(image), det.pixdim)
+    b0 = det.levels[0].initial_params(det.units[0], prep, None).numpy()
     assert b0.shape == (19, 3) and np.allclose(b0[0], 0.0)
     # The other 18 start a quarter of the field of view away along 1 or 2 axes (clamped to the model's range).
     assert sorted(int(np.count_nonzero(np.abs(r) > 1e-9)) for r in b0[1:]) == [1] * 6 + [2] * 12
@@ -650,7 +661,7 @@ def test_fine_step_resolves_finer_levels_down_to_the_image_spacing() -> None:
         lm = s.landmarks.reorder(det.landmark_names)  # type: ignore[union-attr]
         return lm.xyz_mm_ras, lm.found
 
-    det.config = det._resolve(samples, det.config, truth)
+    det.config = resolve_settings(samples, det.config, truth, "MR")
     # 4 mm / 2 = 2 mm, then 2 / 1.5 = 1.333 mm, then 0.889 mm floored at the 1 mm image spacing.
     assert det.level_pixdims == [4.0, 2.0, 1.333, 1.0]
     with pytest.raises(LandmarkError, match="fine_step"):

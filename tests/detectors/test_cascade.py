@@ -13,12 +13,14 @@ import torch
 from lmk3d.data.samples import Sample
 from lmk3d.detectors import detector_class, load_detector
 from lmk3d.detectors.cascade import CascadeDetector
+from lmk3d.detectors.cascade.training import fit_step_weights, stage1_estimates
 from lmk3d.io import read_image, read_table, write_image
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.metrics import evaluate
 from lmk3d.networks.displacement_cnn import DisplacementCNN
 from lmk3d.networks.heatmap_unet import HeatmapUNet
+from lmk3d.preprocessing import PreparedImage
 from lmk3d.shape.pairwise import PairwisePrior
 from lmk3d.training.cascade_losses import (
     deep_supervision_loss,
@@ -30,7 +32,8 @@ from lmk3d.training.cascade_losses import (
 )
 from lmk3d.transforms.grid import Grid, image_tensor, sample
 from lmk3d.transforms.heatmap import gaussian_heatmaps
-from tests.conftest import DATA
+
+from ..conftest import DATA
 
 HIPPO = DATA / "hippocampus"
 
@@ -218,7 +221,7 @@ def test_learns_and_beats_mean_position(trained: tuple[CascadeDetector, list[Sam
     assert ev.overall.mre < 0.6 * baseline, (ev.overall.mre, baseline)
     # The half-annotated landmark is learnt as well (not pulled towards the origin by masked cases).
     assert ev.per_landmark[name0].mre < 0.6 * baseline, (ev.per_landmark[name0].mre, baseline)
-    assert np.all(np.isfinite(det.ranges_mm)) and np.all(det.ranges_mm > 0)
+    assert np.all(np.isfinite(det.stage2.ranges_mm)) and np.all(det.stage2.ranges_mm > 0)
 
 
 def test_stages_scores_and_not_found(trained: tuple[CascadeDetector, list[Sample], list[Sample]]) -> None:
@@ -230,14 +233,14 @@ def test_stages_scores_and_not_found(trained: tuple[CascadeDetector, list[Sample
     assert np.all((pred.landmarks.scores >= 0) & (pred.landmarks.scores <= 1))
     # Stage 2 moves each landmark by at most its range, and the score never exceeds stage 1's.
     moved = np.linalg.norm(s2.xyz_mm_ras - s1.xyz_mm_ras, axis=1)
-    assert np.all(moved <= det.ranges_mm + 1e-6)
+    assert np.all(moved <= det.stage2.ranges_mm + 1e-6)
     assert np.all(s2.scores <= s1.scores + 1e-12)
     # A channel without a clear peak (here: silenced, flat zero) gives a landmark that is not found,
     # with score 0; the other landmarks are unaffected.
     silent = copy.deepcopy(det)
     with torch.no_grad():
-        silent.unet.head.conv.weight[0] = 0.0
-        silent.unet.head.conv.bias[0] = 0.0
+        silent.stage1.unet.head.conv.weight[0] = 0.0
+        silent.stage1.unet.head.conv.bias[0] = 0.0
     quiet = silent.predict(image)
     assert not quiet.found[0] and quiet.scores[0] == 0.0
     assert quiet.found[1:].all() and np.allclose(quiet.xyz_mm_ras[1:], pred.landmarks.xyz_mm_ras[1:])
@@ -248,17 +251,27 @@ def test_save_load_identical(trained: tuple[CascadeDetector, list[Sample], list[
     det.save(tmp_path / "model")
     loaded = load_detector(tmp_path / "model", device="cpu")
     assert isinstance(loaded, CascadeDetector) and loaded.profile == det.profile
-    assert np.array_equal(loaded.ranges_mm, det.ranges_mm) and np.array_equal(loaded.step_weights, det.step_weights)
+    assert np.array_equal(loaded.stage2.ranges_mm, det.stage2.ranges_mm)
+    assert np.array_equal(loaded.stage2.step_weights, det.stage2.step_weights)
     for s in test[:3]:
         image = s.load_image()
         a, b = det.predict(image), loaded.predict(image)
         assert np.array_equal(a.xyz_mm_ras, b.xyz_mm_ras) and np.array_equal(a.scores, b.scores)
     # Preparing ahead (as servers and benchmarks do) changes nothing, and the prepared image is not kept.
     image = test[0].load_image()
-    loaded.prepare(image)
-    c = loaded.predict(image)
-    assert loaded._cache is None
+    c = loaded.predict_all(image, loaded.prepare(image)).landmarks
+    assert not any(isinstance(v, PreparedImage) for obj in (loaded, *loaded.stages()) for v in vars(obj).values())
     assert np.array_equal(c.xyz_mm_ras, det.predict(image).xyz_mm_ras)
+    # A checkpoint of the layout before stages (format 1: state_dicts and one fitted dict) loads the same model.
+    new = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=True)
+    one, two = new["stages"]["stage1_heatmap"], new["stages"]["stage2_displacement"]
+    old = {k: new[k] for k in ("detector", "profile", "config", "landmark_names")}
+    old["state_dicts"] = {"stage1": one["networks"]["unet"], "stage2": two["networks"]["cnn"]}
+    old["fitted"] = {**one["fitted"], **two["fitted"], **new["fitted"], "training": {"seconds": 1.0}}
+    upgraded = CascadeDetector.from_checkpoint(old, "cpu")
+    assert isinstance(upgraded, CascadeDetector) and upgraded.training == {"seconds": 1.0}
+    assert upgraded.modality_fitted == det.modality_fitted
+    assert np.array_equal(upgraded.predict(image).xyz_mm_ras, c.xyz_mm_ras)
 
 
 def _permuted_flipped(image: Volume) -> Volume:
@@ -333,18 +346,18 @@ def test_predictions_follow_rigid_motion(trained: tuple[CascadeDetector, list[Sa
 def test_step_weights_switch_off_a_useless_refinement(
         trained: tuple[CascadeDetector, list[Sample], list[Sample]]) -> None:
     det, _, test = trained
-    assert np.all((det.step_weights >= 0) & (det.step_weights <= 1))
+    assert np.all((det.stage2.step_weights >= 0) & (det.stage2.step_weights <= 1))
     # A stage 2 that always pushes by its whole range along +x is far worse than no refinement on held-out
     # images: the fitted share of its displacement is small, and never worse than stage 1 alone there.
     bad = copy.deepcopy(det)
     with torch.no_grad():
-        bad.cnn.fc2.weight.zero_()
-        bad.cnn.fc2.bias.zero_()
-        bad.cnn.fc2.bias[:, 0] = 1.0  # the output is in units of the landmark's range
-    cases = bad._cases(test[:6])
-    bad._stage1_estimates(cases)
-    table = bad._fit_step_weights(cases)
-    assert np.all(bad.step_weights < 0.5), table
+        bad.stage2.cnn.fc2.weight.zero_()
+        bad.stage2.cnn.fc2.bias.zero_()
+        bad.stage2.cnn.fc2.bias[:, 0] = 1.0  # the output is in units of the landmark's range
+    cases = bad.training_cases(test[:6])
+    stage1_estimates(bad.stage1, cases)
+    table = fit_step_weights(bad.stage2, cases)
+    assert np.all(bad.stage2.step_weights < 0.5), table
     for row in table.values():
         assert row["val_mre_mm"] <= row["val_mre_stage1_mm"] < row["val_mre_full_step_mm"]
     # The score halves when stage 2 wants to move by its whole range: s = s1 * (1 - 0.5 * 1).
@@ -355,40 +368,41 @@ def test_step_weights_switch_off_a_useless_refinement(
 def test_shape_decode_is_chosen_on_validation_saved_and_refuses_a_twin(
         trained: tuple[CascadeDetector, list[Sample], list[Sample]], tmp_path: Path) -> None:
     det, train, test = trained
-    info = det.fitted_info["training"]["decode"]
-    assert info["chosen"] == det.decode and (det.pair_prior is None) == (det.decode == "peak")
-    if det.decode == "shape":  # only when strictly better on the validation images
+    info = det.training["decode"]
+    assert info["chosen"] == det.stage1.decode and (det.stage1.pair_prior is None) == (det.stage1.decode == "peak")
+    if det.stage1.decode == "shape":  # only when strictly better on the validation images
         assert info["val_mre_shape_mm"] < info["val_mre_peak_mm"]
     shaped = copy.deepcopy(det)
-    shaped.pair_prior = PairwisePrior.fit(np.stack([k.xyz for k in shaped._cases(train[:30])]), noise_mm=2.0)
-    shaped.decode = "shape"
+    shaped.stage1.pair_prior = PairwisePrior.fit(np.stack([k.xyz for k in shaped.training_cases(train[:30])]),
+                                                 noise_mm=2.0)
+    shaped.stage1.decode = "shape"
     shaped.save(tmp_path / "model")
     loaded = load_detector(tmp_path / "model", device="cpu")
-    assert isinstance(loaded, CascadeDetector) and loaded.decode == "shape"
+    assert isinstance(loaded, CascadeDetector) and loaded.stage1.decode == "shape"
     # A checkpoint written before shape_decode existed always took each channel's maximum.
     payload = torch.load(tmp_path / "model" / "checkpoint.pt", weights_only=False)
     del payload["config"]["shape_decode"]
     assert CascadeDetector.from_checkpoint(payload, "cpu").config.shape_decode is False
-    np.testing.assert_array_equal(loaded.pair_prior.mean, shaped.pair_prior.mean)  # type: ignore[union-attr]
+    np.testing.assert_array_equal(loaded.stage1.pair_prior.mean, shaped.stage1.pair_prior.mean)  # type: ignore[union-attr]
     image = test[0].load_image()
     assert np.array_equal(loaded.predict(image).xyz_mm_ras, shaped.predict(image).xyz_mm_ras)
     # Heatmaps with a spot on every landmark, where channel 0 is brighter on landmark 3's place than on its
     # own: the per-channel maximum takes the wrong spot, the joint decode keeps landmark 0's own.
     truth = test[0].landmarks.reorder(det.landmark_names).xyz_mm_ras  # type: ignore[union-attr]
-    grid = shaped.coarse_grid(shaped.prepare(image))
+    grid = shaped.stage1.coarse_grid(shaped.prepare(image))
     pts = torch.as_tensor(grid.world_to_grid(truth))
     n = len(truth)
     h = torch.zeros(1, n + 1, *grid.shape, dtype=torch.float64)
     h[0, :n] = 0.8 * gaussian_heatmaps(pts, grid.shape, 1.0)
     h[0, 0] += 0.95 * gaussian_heatmaps(pts[3], grid.shape, 1.0)
-    peak, _ = shaped._decode(h, [grid], "peak")
-    joint, score = shaped._decode(h, [grid], "shape")
+    peak, _ = shaped.stage1.decode_heatmaps(h, [grid], "peak")
+    joint, score = shaped.stage1.decode_heatmaps(h, [grid], "shape")
     assert np.linalg.norm(peak[0, 0] - truth[3]) < 1.0
     np.testing.assert_allclose(joint[0], truth, atol=0.5)
     assert 0.5 < score[0, 0] <= 0.8  # the score is that of the spot taken (a voxel value), not of the 0.95 one
     # A flat-zero channel has no local maximum: a finite position with score 0 (not found), never NaN.
     h[0, 1] = 0.0
-    flat, score = shaped._decode(h, [grid], "shape")
+    flat, score = shaped.stage1.decode_heatmaps(h, [grid], "shape")
     assert np.isfinite(flat).all() and score[0, 1] == 0.0
     np.testing.assert_allclose(flat[0, [0, 2, 3]], truth[[0, 2, 3]], atol=0.5)
 
@@ -396,8 +410,8 @@ def test_shape_decode_is_chosen_on_validation_saved_and_refuses_a_twin(
 def test_profiles_build_and_describe_themselves() -> None:
     for profile in ("paper", "cpu", "cpu_ct", "tiny"):
         det = CascadeDetector.create(["a", "b", "c"], profile)
-        assert det.unet.head.conv.out_channels == 4  # N + 1 heatmap channels
-        assert det.cnn.num_networks == 3
+        assert det.stage1.unet.head.conv.out_channels == 4  # N + 1 heatmap channels
+        assert det.stage2.cnn.num_networks == 3
     assert CascadeDetector.profiles["paper"].side_weights == (0.3, 0.6, 0.9)
     assert CascadeDetector.profiles["paper"].refine_lattice_mm == 0.0  # one patch per landmark, as published
     assert not CascadeDetector.profiles["paper"].shape_decode and CascadeDetector.profiles["cpu"].shape_decode

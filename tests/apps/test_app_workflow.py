@@ -243,8 +243,18 @@ def test_infer_json_gives_the_library_prediction_with_centroids_and_latencies(se
             assert np.allclose(item["ijk"], image.ras_to_ijk(np.array(item["ras"])), atol=1e-6)
             centroids[f"label_{item['label']}"] = [int(v) for v in np.rint(item["ijk"])]
     assert result["centroids"] == [{k: v} for k, v in centroids.items()]
-    stages = list(detector.predict_all(image).latencies)
+    prediction = detector.predict_all(image)
+    stages = list(prediction.latencies)
     assert list(result["latencies"]) == ["load", *stages, "write", "total"]
+    # Each stage's own landmarks, in order, as the library reports them (latencies aside).
+    assert [s["name"] for s in result["stages"]] == [s["name"] for s in prediction.stages_json()]
+    for got_stage, want_stage in zip(result["stages"], prediction.stages_json(), strict=True):
+        assert got_stage["seconds"] >= 0
+        assert [p["name"] for p in got_stage["landmarks"]] == list(server.names)
+        for got_point, want_point in zip(got_stage["landmarks"], want_stage["landmarks"], strict=True):
+            assert got_point["found"] == want_point["found"]
+            if want_point["found"]:
+                assert np.allclose(got_point["xyz_mm_ras"], want_point["xyz_mm_ras"], atol=1e-4)
     assert all(v >= 0 for v in result["latencies"].values())
     assert result["checkpoint"]["mtime_ns"] == (server.model_dir / "checkpoint.pt").stat().st_mtime_ns
 

@@ -1,16 +1,16 @@
-"""Final labels as the app accepts them: a corrected point list or a sphere label map, read through lmk3d.io.
+"""Landmark labels as an annotator sends them back: a point list, a sphere label map, or a DICOM SR.
 
-One function decodes every accepted format, so the datastore (which checks a label before storing it)
-and the train task (which reads the stored labels) cannot disagree about what a label means:
+One function, :func:`read_label`, decodes every accepted format, so whoever checks a label before
+storing it (the MONAI Label app's datastores) and whoever reads the stored labels (its train task)
+cannot disagree about what a label means:
 
 - ``.mrk.json`` (a Slicer point list), ``.fcsv`` (Slicer fiducials) or ``.json`` (a markups document
   or lmk3d landmark JSON): landmark names are the control point labels;
 - a sphere label map (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``...), what stock Slicer's "Submit
   Label" sends: value ``k + 1`` is the model's landmark ``k``, unless the upload's parameters carry
   Slicer's ``label_info`` (``[{"name": ..., "idx": ...}]``) or MONAI Label's ``label_names``
-  (``{name: value}``), which then say which value is which landmark.
-- a DICOM SR (``.dcm``) as :func:`lmk3d.io.dicom_sr.write_sr` writes it: how a DICOMweb datastore
-  keeps final labels in the PACS (``lib/dicomweb``).
+  (``{name: value}``), which then say which value is which landmark;
+- a DICOM SR (``.dcm``) as :func:`lmk3d.io.dicom_sr.write_sr` writes it (how a PACS keeps labels).
 
 Partial annotation is fine (a landmark left out is "not annotated"); a landmark name the model does not
 know, or a label with no placed landmark at all, is an error.
@@ -29,6 +29,9 @@ from lmk3d.io.image import IMAGE_SUFFIXES
 from lmk3d.io.label_map import label_values
 from lmk3d.landmarks import LandmarkSet
 
+__all__ = ["ACCEPTED", "LABEL_MAP_SUFFIXES", "POINT_SUFFIXES", "SR_SUFFIXES", "label_kind", "label_value_map",
+           "read_label"]
+
 POINT_SUFFIXES = (".mrk.json", ".fcsv", ".json")
 LABEL_MAP_SUFFIXES = tuple(s for s in IMAGE_SUFFIXES if s != ".dcm")
 SR_SUFFIXES = (".dcm",)
@@ -36,7 +39,7 @@ ACCEPTED = f"a point list ({', '.join(POINT_SUFFIXES)}) or a sphere label map ({
 
 
 def label_kind(path: str | os.PathLike[str]) -> str:
-    """``"points"``, ``"label_map"``, ``"sr"`` or ``""`` (not a label type the app accepts), from the file name."""
+    """``"points"``, ``"label_map"``, ``"sr"`` or ``""`` (not an accepted label type), from the file name."""
     name = str(path).lower()
     if name.endswith(SR_SUFFIXES):
         return "sr"
@@ -95,7 +98,7 @@ def read_label(
 
     Args:
         path: the label file; its suffix says the format.
-        names: the served model's landmark names (empty: accept any names, for points only).
+        names: the model's landmark names (empty: accept any names, for points and SRs only).
         params: the upload's parameters (``label_info`` / ``label_names`` for a label map).
         source: how to name the label in messages (default: the path).
 
@@ -133,4 +136,6 @@ def read_label(
 def _strip_path(message: str, path: str | os.PathLike[str]) -> str:
     # The upload sits in a temporary file whose name means nothing to the client.
     p = str(path)
-    return message[len(p) + 2:] if message.startswith(p + ": ") else message.replace(p, os.path.basename(p))
+    if message.startswith(p + ": "):
+        message = message[len(p) + 2:]
+    return message.replace(p, os.path.basename(p))

@@ -1,0 +1,293 @@
+"""Infer tasks: one class, :class:`LandmarkInferTask`, serves every detector (../shared/DETECTOR_CONTRACT.md).
+
+A request runs ``Detector.predict_all`` on the image read by ``lmk3d.io.read_image`` (the library's
+one reader, so the app and the library agree on geometry) and answers with
+
+- JSON: ``landmarks`` = ``[{name, label, ras, lps, ijk, score, found}]`` (world mm RAS and LPS,
+  continuous voxel indices of the input image; positions ``null`` where unknown), ``label_names``
+  ``{name: 1..N}``, ``centroids`` in the convention of MONAI Label's vertebra pipeline (a list of
+  ``{"label_<value>": [i, j, k]}``, integer voxel indices of the input image, found landmarks only),
+  ``latencies`` in seconds (``load``, then each detector stage by name, ``write``, ``total``), the
+  ``checkpoint`` that answered, and ``stages``: each detector stage's own landmarks, in order
+  (``[{name, seconds, landmarks: [{name, xyz_mm_ras, score, found}]}]``, from
+  ``Prediction.stages_json``), which shows how the first guess was refined. A client that only wants
+  the JSON can send ``result_write_to_file: false`` (MONAI Label's own option name): MONAI Label gives
+  the task no way to see ``output=json``, so otherwise the result file is made and then thrown away;
+- a result file chosen by the option ``landmark_output``:
+
+  - ``label`` (default): a sphere label map on the input grid, landmark ``k`` drawn with value
+    ``k + 1`` (not-found landmarks not drawn). The stock 3D Slicer and OHIF plugins show it as one
+    named segment per landmark, Slicer's "Submit Label" sends it back as it is, and OHIF can show
+    nothing else. Written as the client's ``result_extension`` (``.nrrd`` from both plugins;
+    ``.nii.gz`` otherwise), uncompressed when ``result_compress`` is false (OHIF's reader needs that).
+  - ``markups``: a Slicer ``.mrk.json`` point list (LPS); the stock Slicer plugin loads any ``.json``
+    result with ``slicer.util.loadMarkups``, which gives named points the radiologist can drag.
+    Landmarks not found are points still to be placed.
+
+With a DICOMweb datastore, the option ``store_sr: true`` also stores the detection in the PACS as a
+TID 1500 DICOM SR (built by ``lmk3d.io.dicom_sr.build_sr`` from the downloaded series, stored by
+STOW-RS) and adds ``sr`` = ``{StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID}`` to the JSON, with
+``sr_build`` and ``sr_store`` in ``latencies``. With a local studies folder the option is refused
+(422): there is no source DICOM series to reference; ``lmk3d predict --format sr`` writes SR files.
+
+The label map is written by :func:`lmk3d.io.label_map.write_label_map` (the library's writer); this
+module only adapts requests and answers to MONAI Label.
+
+The task's type is ``segmentation`` because that is the type both stock plugins list under
+"auto segmentation" (a ``detection`` model makes Slicer's "Submit Label" send ROI boxes instead).
+
+The task checks the checkpoint file on every request and reloads it when a train task has published a
+new one, so retrained weights are used without restarting the server; a checkpoint that fails to load
+leaves the previous weights in service (and says so in the log).
+
+It does not subclass MONAI Label's ``BasicInferTask``: that class runs MONAI transforms and the MONAI
+reader, and overwrites ``result["centroids"]`` with a dict of strings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.configs import DEFAULT_LANDMARK_OUTPUT, LANDMARK_OUTPUTS, LoadedModel
+from lib.errors import NOT_FOUND, UNPROCESSABLE, bad_input, http_error
+from lib.json_values import jsonable
+from lib.scores import FileSignature, ScoreCache, file_signature
+from lmk3d.detectors import Detector, Prediction, load_detector
+from lmk3d.detectors.base import CHECKPOINT_FILE
+from lmk3d.errors import LandmarkError
+from lmk3d.io import case_id, read_image
+from lmk3d.io.image import Volume
+from lmk3d.io.label_map import DEFAULT_RADIUS_MM, label_values, write_label_map
+from lmk3d.io.markups import write_markups
+from lmk3d.io.table import landmarks_to_json
+from lmk3d.landmarks import LandmarkSet
+
+logger = logging.getLogger(__name__)
+
+LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
+DEFAULT_LABEL_EXTENSION = ".nii.gz"
+MAX_RADIUS_MM = 50.0
+
+#: ``store(image_path, landmarks, algorithm_parameters) -> {UIDs, "latencies": {...}}``: stores an SR.
+SrStore = Callable[[str, LandmarkSet, Sequence[str]], dict[str, Any]]
+
+
+class LandmarkInferTask(InferTask):
+    """Detect the landmarks of one image with one trained detector.
+
+    Args:
+        model: the loaded detector and the folder its checkpoint lives in.
+        landmark_output: the default result file, ``label`` or ``markups`` (a request overrides it).
+        device: where a reloaded checkpoint goes (None: CUDA when present, as the detector decides).
+        scores: where to record each image's per-landmark scores for active learning.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        landmark_output: str = DEFAULT_LANDMARK_OUTPUT,
+        device: str | None = None,
+        scores: ScoreCache | None = None,
+    ) -> None:
+        if landmark_output not in LANDMARK_OUTPUTS:
+            raise LandmarkError(f"landmark_output {landmark_output!r} is not one of {', '.join(LANDMARK_OUTPUTS)}")
+        detector = model.detector
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=label_values(detector.landmark_names),
+            dimension=3,
+            description=model.config.description or f"{model.config.name} landmark detector",
+            # A list is a choice in the Slicer plugin's options table; its first item is the default.
+            config={
+                "landmark_output": [landmark_output, *[o for o in LANDMARK_OUTPUTS if o != landmark_output]],
+                "sphere_radius_mm": DEFAULT_RADIUS_MM,
+            },
+        )
+        self.name = model.config.name
+        self.model_dir = Path(model.model_dir)
+        self.device = device
+        self.scores = scores
+        self._lock = threading.Lock()
+        self._detector: Detector = detector
+        self._signature = file_signature(self.checkpoint)
+        #: Set by the app when its datastore can store SRs (DICOMweb); None refuses ``store_sr``.
+        self.sr_store: SrStore | None = None
+
+    # --- the model ----------------------------------------------------------------------------------
+    @property
+    def checkpoint(self) -> Path:
+        return self.model_dir / CHECKPOINT_FILE
+
+    def is_valid(self) -> bool:
+        return self.checkpoint.is_file()
+
+    def get_path(self, validate: bool = True) -> str | None:
+        return str(self.checkpoint) if self.checkpoint.is_file() or not validate else None
+
+    @property
+    def landmark_names(self) -> tuple[str, ...]:
+        return self._detector.landmark_names
+
+    def detector(self) -> tuple[Detector, FileSignature | None]:
+        """The current detector, reloaded first if the checkpoint file changed; and its file signature."""
+        signature = file_signature(self.checkpoint)
+        with self._lock:
+            if signature is not None and signature != self._signature:
+                try:
+                    det = load_detector(self.model_dir, self.device)
+                    if det.name != self._detector.name:
+                        raise LandmarkError(f"it holds a {det.name!r} detector, not {self._detector.name!r}")
+                except Exception as e:  # a bad new file must not take the model down: keep the old weights
+                    logger.error("model %r: %s changed but cannot be loaded (%s); still serving the previous "
+                                 "weights", self.name, self.checkpoint, e)
+                else:
+                    logger.info("model %r: loaded the new weights in %s", self.name, self.checkpoint)
+                    self._detector = det
+                    self.labels = label_values(det.landmark_names)
+                self._signature = signature
+            return self._detector, self._signature
+
+    def predict(self, volume: Volume) -> tuple[Prediction, FileSignature | None]:
+        """Run the current detector on ``volume``; record its scores for active learning."""
+        detector, signature = self.detector()
+        prediction = detector.predict_all(volume)
+        if self.scores is not None and volume.path:
+            self.scores.put(self.name, volume.path, signature, prediction.landmarks.scores)
+        return prediction, signature
+
+    def scores_for(self, image_path: str) -> np.ndarray:
+        """Per-landmark scores of the current model for an image file: cached, or predicted now."""
+        _, signature = self.detector()
+        cached = self.scores.get(self.name, image_path, signature) if self.scores is not None else None
+        if cached is not None:
+            return cached
+        prediction, _ = self.predict(read_image(image_path))
+        return np.asarray(prediction.landmarks.scores)
+
+    # --- a request ----------------------------------------------------------------------------------
+    def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+        t0 = time.perf_counter()
+        options = self._options(request)
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise http_error(NOT_FOUND, "no image: give the id of a datastore image (?image=ID) or upload a file")
+        with bad_input(UNPROCESSABLE, prefix=f"cannot detect landmarks in image {case_id(image)!r}: "):
+            volume = read_image(image)
+        t_load = time.perf_counter() - t0
+
+        prediction, signature = self.predict(volume)
+        landmarks = prediction.landmarks
+        t1 = time.perf_counter()
+        result_file = None
+        if options["write"]:
+            result_file = self._write_result(landmarks, volume, options, case_id(image))
+        t_write = time.perf_counter() - t1
+        sr = None
+        if options["store_sr"] and self.sr_store is not None:
+            sr = self.sr_store(image, landmarks, [f"detector={self._detector.name}", f"model={self.name}"])
+
+        latencies: dict[str, float] = {"load": round(t_load, 4)}
+        for stage, seconds in prediction.latencies.items():
+            key = stage if stage not in ("load", "write", "total", "sr_build", "sr_store") else f"stage_{stage}"
+            latencies[key] = round(seconds, 4)
+        latencies["write"] = round(t_write, 4)
+        if sr is not None:
+            latencies.update(sr.pop("latencies", {}))
+        latencies["total"] = round(time.perf_counter() - t0, 4)
+        result = self._result_json(landmarks, volume, options["landmark_output"], latencies, signature)
+        result["stages"] = jsonable(prediction.stages_json())
+        if sr is not None:
+            result["sr"] = sr
+        logger.info("model %r on %s: %d of %d landmarks found; latencies %s", self.name, case_id(image),
+                    int(landmarks.found.sum()), len(landmarks), latencies)
+        return result_file, result
+
+    def _options(self, request: Mapping[str, Any]) -> dict[str, Any]:
+        """The request's options, checked (a 422 names the bad one and what is accepted)."""
+        default = self._config["landmark_output"][0]
+        output = request.get("landmark_output", default)
+        if isinstance(output, list):  # a client that sends the option list back as it got it
+            output = output[0] if output else default
+        if output not in LANDMARK_OUTPUTS:
+            raise http_error(UNPROCESSABLE, f"landmark_output {output!r} is not one of {', '.join(LANDMARK_OUTPUTS)}")
+        try:
+            radius = float(request.get("sphere_radius_mm", DEFAULT_RADIUS_MM))
+        except (TypeError, ValueError):
+            radius = float("nan")
+        if not 0.0 < radius <= MAX_RADIUS_MM:
+            raise http_error(UNPROCESSABLE, f"sphere_radius_mm {request.get('sphere_radius_mm')!r} must be a "
+                                            f"number in (0, {MAX_RADIUS_MM:g}]")
+        extension = str(request.get("result_extension") or DEFAULT_LABEL_EXTENSION).lower()
+        if output == "label" and extension not in LABEL_EXTENSIONS:
+            raise http_error(UNPROCESSABLE, f"result_extension {extension!r} cannot hold a label map; use one of "
+                                            f"{', '.join(LABEL_EXTENSIONS)}")
+        dtype = str(request.get("result_dtype") or "uint8")
+        if dtype not in ("uint8", "uint16"):
+            raise http_error(UNPROCESSABLE, f"result_dtype {dtype!r} is not one of uint8, uint16")
+        store_sr = _flag(request.get("store_sr", False))
+        if store_sr and self.sr_store is None:
+            raise http_error(UNPROCESSABLE, "store_sr needs a DICOMweb datastore (lmk3d serve --studies "
+                                            "http://.../dicom-web); with a studies folder there is no DICOM series "
+                                            "to reference: use `lmk3d predict --format sr` on the DICOM folder")
+        return {"store_sr": store_sr, "landmark_output": output, "radius_mm": radius, "extension": extension,
+                "dtype": dtype,
+                "compress": _flag(request.get("result_compress", True)),
+                "write": _flag(request.get("result_write_to_file", True))}
+
+    def _write_result(self, landmarks: LandmarkSet, volume: Volume, options: Mapping[str, Any], case: str) -> str:
+        output = options["landmark_output"]
+        suffix = ".mrk.json" if output == "markups" else options["extension"]
+        fd, path = tempfile.mkstemp(prefix=f"{case}-{self.name}-", suffix=suffix)
+        os.close(fd)
+        if output == "markups":
+            write_markups(path, landmarks, name=f"{case} {self.name}")
+            return path
+        write_label_map(path, landmarks, volume, options["radius_mm"], dtype=options["dtype"],
+                        compress=options["compress"])
+        return path
+
+    def _result_json(self, landmarks: LandmarkSet, volume: Volume, output: str, latencies: dict[str, float],
+                     signature: FileSignature | None) -> dict[str, Any]:
+        values = label_values(landmarks.names)
+        items = landmarks_to_json(landmarks, volume.affine)["landmarks"]
+        for item in items:
+            item["label"] = values[item["name"]]
+        centroids = []
+        ijk = landmarks.to_ijk(volume.affine)
+        for k, name in enumerate(landmarks.names):
+            if landmarks.found[k] and np.all(np.isfinite(ijk[k])):
+                centroids.append({f"label_{values[name]}": [int(v) for v in np.rint(ijk[k])]})
+        return {
+            "model": self.name,
+            "landmarks": items,
+            "label_names": values,
+            "centroids": centroids,
+            "landmark_output": output,
+            "latencies": latencies,
+            "checkpoint": {"path": str(self.checkpoint), "mtime_ns": signature[1] if signature else None},
+        }
+
+
+def _flag(value: Any) -> bool:
+    """A boolean option sent as JSON (``false``) or as text (``"false"``, ``"0"``, ``"no"``)."""
+    return value if isinstance(value, bool) else str(value).strip().lower() not in ("false", "0", "no", "off")
+
+
+def make_infer_task(
+    model: LoadedModel,
+    landmark_output: str | None = None,
+    device: str | None = None,
+    scores: ScoreCache | None = None,
+) -> InferTask | None:
+    """The infer task serving ``model`` (``landmark_output`` None: the model config's default)."""
+    return LandmarkInferTask(model, landmark_output or model.config.landmark_output, device, scores)

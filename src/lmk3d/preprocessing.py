@@ -1,0 +1,266 @@
+"""One prepared image per request: orientation, modality, intensity map, resampling on demand.
+
+Every stage of every detector, in training, validation and inference, reads the image through one
+:class:`PreparedImage`, made once by :meth:`PreparedImage.from_volume` (the pipeline runner does it
+per request; training per case) and passed to the stages. Nothing is cached on the detector.
+
+* **Orientation.** The voxels are viewed with their axes pointing to R, A and S (flips undone, the
+  storage order kept; a Fortran-ordered NIfTI array is taken as its C-ordered transpose). Only the
+  view changes, never the world positions: sampling happens in world space through the affine.
+  The box filter's blocks then start at the same anatomical side whatever the storage order.
+* **Modality.** One rule (:func:`guess_modality`): CT when the image holds air, i.e. its 1st
+  percentile is below ``CT_AIR_THRESHOLD_HU`` (-500 HU: air is about -1000 HU, soft tissue above
+  -100, and MR intensities are never that negative). A model fixes the modality when it is trained
+  and stores it; the guess applies to the first training image only.
+* **Intensity.** :func:`lmk3d.transforms.intensity.fit_intensity` (CT: the HU window; MR: the
+  0.5th-99.5th percentiles), fitted once on the whole image.
+* **Resampling.** Grids at any spacing (:meth:`sample`): the image is box-filtered by integer factors
+  first (anti-aliasing; only the part the grids reach), then trilinearly sampled; the filtered
+  copies are kept in the object for the other stages of the same request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from lmk3d import geometry
+from lmk3d.errors import LandmarkError
+from lmk3d.io.image import Volume
+from lmk3d.transforms.grid import Grid, antialias, image_tensor, sample
+from lmk3d.transforms.intensity import IntensityMap, fit_intensity
+
+#: 1st-percentile intensity below which an image is taken for CT (air at about -1000 HU).
+CT_AIR_THRESHOLD_HU = -500.0
+MODALITIES = ("CT", "MR")
+
+
+def guess_modality(array: np.ndarray) -> str:
+    """``"CT"`` when the image holds air (1st percentile below ``CT_AIR_THRESHOLD_HU``), else ``"MR"``.
+
+    Reads a subsample of about a million voxels, so it costs little on a whole CT.
+    """
+    a = np.asarray(array)
+    step = max(1, int(round((a.size / 1_000_000) ** (1 / 3))))
+    sub = a[::step, ::step, ::step] if a.ndim == 3 else a.ravel()
+    return "CT" if float(np.percentile(sub, 1.0)) < CT_AIR_THRESHOLD_HU else "MR"
+
+
+def resolve_modality(configured: str, fitted: str | None, array: np.ndarray | None = None) -> str:
+    """The modality to use: the config's unless ``"auto"``, else the one fixed in training, else a guess."""
+    if configured in MODALITIES:
+        return configured
+    if configured != "auto":
+        raise LandmarkError(f"unknown modality {configured!r}; choose CT, MR or auto")
+    if fitted in MODALITIES:
+        return str(fitted)
+    if array is None:
+        raise LandmarkError("the modality is chosen when training; this model has not been trained")
+    return guess_modality(array)
+
+
+def canonical_view(array: np.ndarray, affine: np.ndarray, flip_axes: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A view of ``array`` (and its affine) whose axes point to R, A or S, storage order kept.
+
+    Fortran-ordered arrays are first taken as their C-ordered transpose (the affine's columns
+    reversed to match), so nothing is copied across strides; flipped axes are then flipped back
+    (unless ``flip_axes`` is False: models trained before the shared preprocessing box-filtered in
+    storage order, and keep doing so to predict exactly as they did).
+    """
+    a, aff = array, np.asarray(affine, dtype=np.float64)
+    if not a.flags.c_contiguous and a.flags.f_contiguous:
+        a = a.T
+        aff = aff[:, [2, 1, 0, 3]]
+    if not flip_axes:
+        return a, aff
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(aff)
+    for axis in range(3):
+        if ornt[axis, 1] < 0:
+            a = np.flip(a, axis=axis)
+            flip = np.eye(4)
+            flip[axis, axis], flip[axis, 3] = -1.0, a.shape[axis] - 1
+            aff = aff @ flip
+    return a, aff
+
+
+def grid_corners(g: Grid) -> np.ndarray:
+    """World positions ``(8, 3)`` of a grid's corner voxel centres (the grid is their convex hull)."""
+    n = np.asarray(g.shape, dtype=np.float64) - 1.0
+    idx = np.array([[x, y, z] for x in (0.0, n[0]) for y in (0.0, n[1]) for z in (0.0, n[2])])
+    return g.grid_to_world(idx)
+
+
+def box_corners(lo_ras: np.ndarray, hi_ras: np.ndarray) -> np.ndarray:
+    """The 8 corners ``(8, 3)`` of a world box."""
+    return np.array([[x, y, z] for x in (lo_ras[0], hi_ras[0]) for y in (lo_ras[1], hi_ras[1])
+                     for z in (lo_ras[2], hi_ras[2])])
+
+
+def index_box(points_ras: np.ndarray, affine: np.ndarray, size: Sequence[int], margin: np.ndarray,
+              align: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index range ``[lo, hi)`` of an array (``affine``, ``size``) holding ``points_ras`` plus ``margin`` voxels.
+
+    ``lo`` and ``hi`` are rounded out to multiples of ``align`` (box-filter blocks) and clipped to the
+    array; each axis keeps at least 2 voxels (or the whole axis), enough for trilinear sampling.
+    """
+    n = np.asarray(size, dtype=int)
+    ijk = geometry.ras_to_ijk(points_ras, affine).reshape(-1, 3)
+    lo = (np.floor(ijk.min(axis=0)).astype(int) - margin) // align * align
+    hi = -((-(np.ceil(ijk.max(axis=0)).astype(int) + margin + 1)) // align) * align
+    lo = np.clip(lo, 0, np.maximum(n - 2, 0))
+    hi = np.clip(hi, np.minimum(lo + 2, n), n)
+    return lo, hi
+
+
+def crop(t: torch.Tensor, lo: np.ndarray, hi: np.ndarray) -> torch.Tensor:
+    """``t[..., lo:hi]`` over the last three axes."""
+    return t[..., int(lo[0]):int(hi[0]), int(lo[1]):int(hi[1]), int(lo[2]):int(hi[2])]
+
+
+def index_shift(lo: np.ndarray) -> np.ndarray:
+    """Index translation: voxel 0 of a crop starting at ``lo`` is voxel ``lo`` of the array."""
+    m = np.eye(4)
+    m[:3, 3] = lo
+    return m
+
+
+@dataclass(eq=False)
+class PreparedImage:
+    """One image ready for every stage: raw voxels on the device, in the canonical view, and its maps.
+
+    Attributes:
+        tensor: ``(1, 1, I, J, K)`` raw intensities (canonical view).
+        affine: ``(4, 4)`` ijk -> world RAS mm of ``tensor``.
+        shape: ``(I, J, K)``.
+        modality: ``"CT"`` or ``"MR"``.
+        intensity: the intensity map fitted on the whole image.
+        background: the image's darkest raw value (what lies outside the field of view).
+        source_affine, source_shape: the image as it was given (fields of view, working frames).
+        reduced: box-filtered copies by integer factors, made on demand and kept.
+    """
+
+    tensor: torch.Tensor
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    modality: str
+    intensity: IntensityMap
+    background: float
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    reduced: dict[tuple[int, ...], tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)
+
+    @classmethod
+    def from_volume(cls, volume: Volume, modality: str, device: str | torch.device = "cpu",
+                    flip_axes: bool = True) -> PreparedImage:
+        """Prepare ``volume`` once; ``modality`` must already be resolved (see :func:`resolve_modality`).
+
+        ``flip_axes``: see :func:`canonical_view` (True for every model trained since).
+        """
+        if modality not in MODALITIES:
+            raise LandmarkError(f"modality must be resolved to CT or MR before preprocessing, got {modality!r}")
+        array, affine = canonical_view(volume.array, volume.affine, flip_axes)
+        t = image_tensor(array, device)
+        shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
+        return cls(t, affine, shape, modality, fit_intensity(volume.array, modality), float(t.amin()),
+                   np.asarray(volume.affine, dtype=np.float64), tuple(int(s) for s in volume.shape))  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensor.device
+
+    @property
+    def spacing_mm(self) -> np.ndarray:
+        return geometry.spacing_from_affine(self.affine)
+
+    def centre_ras(self) -> np.ndarray:
+        """The world position ``(3,)`` of the centre voxel."""
+        return geometry.ijk_to_ras((np.asarray(self.shape) - 1) / 2.0, self.affine)
+
+    def factors(self, spacing_mm: float) -> tuple[int, ...]:
+        """The box filter's integer factors per array axis for sampling at ``spacing_mm``."""
+        return tuple(max(1, int(np.floor(spacing_mm / s + 1e-6))) for s in self.spacing_mm)
+
+    def at_spacing(self, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+        """The whole image box-filtered for ``spacing_mm`` (kept for reuse) and its affine."""
+        key = self.factors(spacing_mm)
+        if key not in self.reduced:
+            self.reduced[key] = antialias(self.tensor, self.affine, float(spacing_mm))
+        return self.reduced[key]
+
+    def sample(self, grids: Sequence[Grid], spacing_mm: float) -> torch.Tensor:
+        """Normalised intensities on ``grids`` (equal shapes): ``(B, 1, D, H, W)``.
+
+        Filters only the part of the image the grids reach (blocks aligned with the whole image's, so
+        the values are the same), unless the whole filtered image is already kept.
+        """
+        grids = list(grids)
+        corners = np.concatenate([grid_corners(g) for g in grids])
+        key = self.factors(spacing_mm)
+        if key in self.reduced:
+            src, a = self.reduced[key]
+        else:
+            f = np.asarray(key)
+            lo, hi = index_box(corners, self.affine, self.shape, 2 * f + 2, f)
+            src, a = antialias(crop(self.tensor, lo, hi), self.affine @ index_shift(lo), float(spacing_mm))
+        lo, hi = index_box(corners, a, tuple(src.shape[2:]), np.ones(3, dtype=int), np.ones(3, dtype=int))
+        out = self.intensity(sample(crop(src, lo, hi), a @ index_shift(lo), grids, padding_value=self.background))
+        # MONAI returns a MetaTensor, whose per-operation bookkeeping doubles the networks' CPU time.
+        return out.as_tensor() if isinstance(out, MetaTensor) else out
+
+    def cropped(self, spacing_mm: float, lo_ras: np.ndarray, hi_ras: np.ndarray) -> PreparedImage:
+        """A copy holding only the box ``[lo, hi]`` (world RAS mm) of the image reduced for ``spacing_mm``.
+
+        Training keeps this instead of whole large images; sampling inside the box is unchanged.
+        """
+        t, a = self.at_spacing(spacing_mm)
+        lo, hi = index_box(box_corners(lo_ras, hi_ras), a, tuple(t.shape[2:]), np.ones(3, dtype=int),
+                           np.ones(3, dtype=int))
+        part = crop(t, lo, hi).clone()
+        out_affine = a @ index_shift(lo)
+        return PreparedImage(part, out_affine, (int(part.shape[2]), int(part.shape[3]), int(part.shape[4])),
+                             self.modality, self.intensity, self.background, self.source_affine, self.source_shape,
+                             {(1, 1, 1): (part, out_affine)})
+
+    def normalised(self, spacing_mm: float, roi_ras: tuple[np.ndarray, np.ndarray] | None = None
+                   ) -> tuple[torch.Tensor, np.ndarray, float]:
+        """The image box-filtered for ``spacing_mm`` and intensity-mapped, stored minus its background.
+
+        For stages that sample with ``grid_sample``'s zero padding: adding the returned background back
+        gives samples outside the field of view the background value.
+
+        Args:
+            roi_ras: optional world box ``(lo, hi)``: only the voxels inside it (the crop starts on a
+                box-filter block boundary, so its blocks are the whole image's).
+
+        Returns:
+            ``(1, 1, I', J', K')`` contiguous tensor, its ijk -> world affine, the mapped background.
+        """
+        src, affine = self.tensor, self.affine
+        if roi_ras is not None:
+            ijk = geometry.ras_to_ijk(box_corners(*roi_ras), affine)
+            size = np.asarray(self.shape)
+            factor = np.asarray(self.factors(spacing_mm))
+            lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, size - 1) // factor * factor
+            hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, lo + 2, size)
+            src, affine = crop(src, lo, hi), affine @ index_shift(lo)
+        t, aff = antialias(src, affine, spacing_mm)
+        if t is src:
+            t = t.clone()  # a view of the prepared image, which the in-place steps must not touch
+        # The map ([lo, hi] -> [0, 1], clipped for CT) in place: its out-of-place MONAI form costs
+        # several passes over a full-resolution CT.
+        m = self.intensity
+        t.sub_(m.lo).mul_(1.0 / (m.hi - m.lo))
+        if m.clip:
+            t.clamp_(0.0, 1.0)
+        pad = float(m(torch.tensor([self.background])).min())
+        t.sub_(pad)
+        return t.contiguous(), aff, pad
+
+
+__all__ = ["CT_AIR_THRESHOLD_HU", "PreparedImage", "canonical_view", "guess_modality", "resolve_modality"]

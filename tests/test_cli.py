@@ -1,0 +1,105 @@
+"""The ``lmk3d`` command: ``config``, and ``train --resume`` after a real SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lmk3d.cli import main
+from lmk3d.io import read_table, write_table
+from tests.conftest import DATA
+
+HIPPO = DATA / "hippocampus"
+
+
+def lmk3d(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lmk3d.cli", *args]
+
+
+def test_config_prints_the_resolved_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "cascade", "--profile", "tiny", "--set", "max_epochs=7", "--set", "lr=0.01"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["detector"] == "cascade" and doc["profile"] == "tiny"
+    assert doc["config"]["max_epochs"] == 7 and doc["config"]["lr"] == 0.01
+    assert main(["config", "pin"]) == 0
+    assert json.loads(capsys.readouterr().out)["profile"] == "cpu"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "max_epochs=abc"], "'max_epochs' takes an integer, got 'abc'"),
+    (["--set", "no_such_field=1"], "unknown config field(s) no_such_field"),
+    (["--set", "lr"], "expected FIELD=VALUE"),
+    (["--set", "roi_size=12"], "'roi_size' takes a tuple"),
+    (["--profile", "huge"], "unknown profile 'huge'"),
+])
+def test_bad_config_requests_are_one_line_errors(args: list[str], message: str) -> None:
+    r = subprocess.run(lmk3d("config", "cascade", *args), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-minutes", "-1"], "max_minutes must be positive"),
+    (["--max-minutes", "0"], "max_minutes must be positive"),
+    (["--max-epochs", "0"], "max_epochs must be at least 1"),
+])
+def test_bad_budgets_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
+    r = subprocess.run(lmk3d("train", "--detector", "cascade", "--profile", "tiny", "--data", str(HIPPO), "--out",
+                             str(tmp_path / "m"), *args), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def histories(report: Any) -> list[list[tuple[float, ...]]]:
+    """Every phase's (epoch, loss, validation) rows, in the report's order."""
+    out = []
+    if isinstance(report, dict):
+        if "history" in report and isinstance(report["history"], list):
+            out.append([tuple(float(v) for k, v in sorted(row.items())) for row in report["history"]])
+        for v in report.values():
+            out += histories(v)
+    elif isinstance(report, list):
+        for v in report:
+            out += histories(v)
+    return out
+
+
+def test_killed_training_resumes_with_the_same_losses(tmp_path: Path) -> None:
+    table = read_table(HIPPO / "landmarks.csv")
+    subset = {c: table[c] for c in sorted(table)[:12]}
+    write_table(tmp_path / "landmarks.csv", subset, with_scores=False)
+    common = ["--detector", "cascade", "--profile", "tiny", "--data", str(tmp_path / "landmarks.csv"), "--images",
+              str(HIPPO / "images"), "--max-epochs", "4", "--seed", "1", "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = tmp_path / "whole"
+    subprocess.run(lmk3d("train", *common, "--out", str(whole)), check=True, env=env, capture_output=True, timeout=600)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(lmk3d("train", *common, "--out", str(killed)), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = killed / "train_state.pt"
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the training ended before it could be killed"
+    assert not (killed / "checkpoint.pt").exists()
+
+    r = subprocess.run(lmk3d("train", "--resume", str(killed), "--no-progress"), env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "resuming cascade" in r.stdout
+    assert not state.exists(), "the resume state is removed once the model is saved"
+    a = json.loads((whole / "train_report.json").read_text())
+    b = json.loads((killed / "train_report.json").read_text())
+    assert b["resumed"] is True
+    assert histories(a["fit"]) and histories(b["fit"]) == histories(a["fit"])
