@@ -30,7 +30,8 @@ def main() -> int:
     from lmk3d.data import model_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.cascade import CascadeDetector
-    from lmk3d.detectors.cascade.training import case_mre, pair_prior_from, stage1_estimates
+    from lmk3d.detectors.cascade.training import pair_prior_from, stage1_estimates
+    from lmk3d.training.cases import case_mre
 
     torch.set_num_threads(args.threads)
     det = load_detector(args.model, "cpu")

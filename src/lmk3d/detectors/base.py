@@ -42,8 +42,8 @@ if TYPE_CHECKING:  # importing torch at module level would slow the CLI's start
 
     from lmk3d.training.loop import Trainer
 
-__all__ = ["CHECKPOINT_FILE", "Detector", "Prediction", "Stage", "StageResult", "default_device", "detector_class",
-           "detector_names", "freeze_sequences", "load_detector", "mark_outside", "register"]
+__all__ = ["CHECKPOINT_FILE", "Detector", "Prediction", "Stage", "StageResult", "autocast", "default_device",
+           "detector_class", "detector_names", "freeze_sequences", "load_detector", "mark_outside", "register"]
 
 
 @dataclass
@@ -245,12 +245,8 @@ class Detector(abc.ABC):
                                                                                     True)))
 
     def autocast(self) -> Any:
-        """Mixed precision on CUDA; float32 elsewhere."""
-        import torch
-
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return nullcontext()
+        """Mixed precision on CUDA; float32 elsewhere (:func:`autocast`)."""
+        return autocast(self.device)
 
     def predict_all(self, image: Volume, prepared: PreparedImage | None = None) -> Prediction:
         """Run every stage on one prepared image; keep each stage's landmarks and latency."""
@@ -315,6 +311,17 @@ class Detector(abc.ABC):
                 raise CheckpointError(f"{cls.name}: the checkpoint has no state for stage {stage.name!r}")
             stage.load_state(stages[stage.name])
         return det
+
+
+def autocast(device: torch.device) -> Any:
+    """The one mixed-precision rule: float16 autocast on CUDA, nothing (float32) elsewhere.
+
+    The runner wraps every stage in it; stages wrap their network calls too, so validation during
+    training (outside the runner) computes as inference does. Decoding stays in float32.
+    """
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
 
 def _torch_device(device: Any) -> torch.device:

@@ -120,7 +120,7 @@ class TrainOptions:
 
 
 def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    legacy = np.random.get_state()
+    legacy: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "numpy_generator": rng.bit_generator.state,
         "python": random.getstate(),

@@ -58,6 +58,7 @@ from lmk3d.detectors.cascade import training as tr
 from lmk3d.detectors.cascade.config import PROFILES, CascadeConfig
 from lmk3d.detectors.cascade.stages import DisplacementStage, HeatmapStage
 from lmk3d.errors import LandmarkError
+from lmk3d.training.cases import case_mre
 from lmk3d.training.loop import Trainer
 
 INITS = ("scratch", "current")
@@ -110,7 +111,7 @@ class CascadeDetector(Detector):
                            DisplacementStage.name: {"networks": {"cnn": sd["stage2"]}, "fitted": two}}}
 
     # --- training -------------------------------------------------------------------------------
-    def training_cases(self, samples: Sequence[Sample] | None) -> list[tr.TrainingCase]:
+    def training_cases(self, samples: Sequence[Sample] | None) -> list[tr.CascadeCase]:
         """The labelled samples prepared for training (the first fixes an ``auto`` modality)."""
         def prepare(image: Any) -> Any:
             self.resolve_modality(image.array)
@@ -177,7 +178,7 @@ class CascadeDetector(Detector):
         tr.stage1_estimates(s1, train_cases + val_cases)
         report["ranges"] = tr.fit_ranges(s2, train_cases, val_cases)
         if val_cases:
-            report["stage1_val_mre_mm"] = tr.case_mre(val_cases, [v.stage1 for v in val_cases if v.stage1 is not None])
+            report["stage1_val_mre_mm"] = case_mre(val_cases, [v.stage1 for v in val_cases if v.stage1 is not None])
         report["stage2"] = tr.fit_stage2(s2, trainer, train_cases, val_cases, end)
         s2.step_weights = np.ones(len(self.landmark_names))
         if val_cases and self.config.fit_step_weights:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmk3d.detectors.base import Stage
+from lmk3d.detectors.base import Stage, autocast
 from lmk3d.detectors.cascade.config import CascadeConfig
 from lmk3d.errors import LandmarkError
 from lmk3d.geometry import world_bounds_ras
@@ -22,11 +22,6 @@ from lmk3d.transforms.grid import Grid
 from lmk3d.transforms.heatmap import decode_peaks, local_peaks
 
 DECODES = ("peak", "shape")
-
-
-def _autocast(device: torch.device) -> Any:
-    # Mixed precision only on CUDA (training's validations run outside the pipeline runner's autocast).
-    return torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda")
 
 
 class HeatmapStage(Stage):
@@ -86,7 +81,7 @@ class HeatmapStage(Stage):
     def heatmaps(self, images: Sequence[PreparedImage], grids: Sequence[Grid]) -> torch.Tensor:
         """``(B, N + 1, D, H, W)`` stage-1 outputs for images on their (possibly moved) grids."""
         x = torch.cat([p.sample([g], float(g.spacing_mm.min())) for p, g in zip(images, grids, strict=True)])
-        with _autocast(self.device):
+        with autocast(self.device):
             return self.unet(x).float()
 
     def decode_heatmaps(self, heatmaps: torch.Tensor, grids: Sequence[Grid],
@@ -178,7 +173,7 @@ class DisplacementStage(Stage):
     def displacements(self, patches: torch.Tensor) -> torch.Tensor:
         """Raw displacements ``(B, N, 3)`` in mm along the patch axes, from ``(B, N, D, H, W)`` patches."""
         r = torch.as_tensor(self.ranges_mm, dtype=torch.float32, device=patches.device)
-        with _autocast(self.device):
+        with autocast(self.device):
             out = self.cnn(patches).float()
         # The network regresses the displacement in units of its landmark's range.
         return out * r[None, :, None]

@@ -1,6 +1,6 @@
 """Training of the cascade: stage 1, its decode, the stage-2 ranges, stage 2, the step weights.
 
-Each function takes the stage it trains or fits and the training cases (:class:`TrainingCase`: a
+Each function takes the stage it trains or fits and the training cases (:class:`CascadeCase`: a
 :class:`~lmk3d.preprocessing.PreparedImage` with its true landmarks); the networks go through
 :meth:`lmk3d.training.loop.Trainer.phase`, and every random draw comes from ``trainer.rng``.
 """
@@ -27,7 +27,8 @@ from lmk3d.training.cascade_losses import (
     heatmap_channel_mask,
     heatmap_targets,
 )
-from lmk3d.training.loop import Trainer, cosine_lr, mean_radial_error, optimizer_step
+from lmk3d.training.cases import TrainingCase, case_mre, sample_truth
+from lmk3d.training.loop import Trainer, cosine_lr, optimizer_step
 from lmk3d.transforms.grid import Grid, random_world_transform
 
 #: The phases of a fit, in order (names of the resume state: unique and stable).
@@ -35,43 +36,26 @@ PHASES = ("stage1_heatmap", "stage2_displacement")
 
 
 @dataclass(eq=False)
-class TrainingCase:
-    """A training image with its true landmarks, in the detector's landmark order.
+class CascadeCase(TrainingCase):
+    """A training case with its prepared image.
 
     Attributes:
-        case: the case id.
         image: the prepared image.
-        xyz: ``(N, 3)`` world RAS mm, NaN where missing.
-        present: ``(N,)`` bool.
         stage1: ``(N, 3)`` stage-1 estimates, once stage 1 has run on the case.
     """
 
-    case: str
     image: PreparedImage
-    xyz: np.ndarray
-    present: np.ndarray
     stage1: np.ndarray | None = None
 
 
 def training_cases(samples: Sequence[Sample] | None, landmark_names: Sequence[str],
-                   prepare: Callable[[Any], PreparedImage]) -> list[TrainingCase]:
+                   prepare: Callable[[Any], PreparedImage]) -> list[CascadeCase]:
     """The labelled samples, prepared with ``prepare`` (a detector's, which fixes the modality on the first)."""
-    out = []
-    for s in samples or []:
-        if s.landmarks is None:
-            continue
-        lm = s.landmarks.reorder(landmark_names)
-        xyz = np.where(lm.found[:, None], lm.xyz_mm_ras, np.nan)
-        out.append(TrainingCase(s.case, prepare(s.load_image()), xyz, lm.found.copy()))
-    return out
+    return [CascadeCase(s.case, *sample_truth(s, landmark_names), prepare(s.load_image()))
+            for s in samples or [] if s.landmarks is not None]
 
 
-def case_mre(cases: Sequence[TrainingCase], preds: Sequence[np.ndarray]) -> float:
-    """MRE (mm) of ``(N, 3)`` predictions per case over the annotated landmarks."""
-    return mean_radial_error(preds, [c.xyz for c in cases], [c.present for c in cases])
-
-
-def stage1_estimates(stage: HeatmapStage, cases: Sequence[TrainingCase], batch: int = 8,
+def stage1_estimates(stage: HeatmapStage, cases: Sequence[CascadeCase], batch: int = 8,
                      decode: str | None = None) -> None:
     """Run stage 1 on every case (``decode`` overrides the stage's); sets ``case.stage1``."""
     for i in range(0, len(cases), batch):
@@ -88,7 +72,7 @@ def augment(config: CascadeConfig, rng: np.random.Generator, centre: np.ndarray)
                                   c.translation_mm)
 
 
-def fit_stage1(stage: HeatmapStage, trainer: Trainer, train: list[TrainingCase], val: list[TrainingCase],
+def fit_stage1(stage: HeatmapStage, trainer: Trainer, train: list[CascadeCase], val: list[CascadeCase],
                deadline: float | None) -> dict[str, Any]:
     """Train the U-Net on heatmap targets (deep supervision), validated by the stage-1 MRE."""
     c, device, rng = stage.config, stage.device, trainer.rng
@@ -126,13 +110,13 @@ def fit_stage1(stage: HeatmapStage, trainer: Trainer, train: list[TrainingCase],
     return rep.to_dict()
 
 
-def pair_prior_from(stage: HeatmapStage, train: Sequence[TrainingCase]) -> tuple[PairwisePrior, float]:
+def pair_prior_from(stage: HeatmapStage, train: Sequence[CascadeCase]) -> tuple[PairwisePrior, float]:
     """The pairwise prior of the training configurations, and its candidate noise: the coarsest stage-1 voxel."""
     noise = float(max(stage.coarse_grid(k.image).spacing_mm.max() for k in train))
     return PairwisePrior.fit(np.stack([k.xyz for k in train]), noise), noise
 
 
-def fit_decode(stage: HeatmapStage, train: list[TrainingCase], val: list[TrainingCase]) -> dict[str, Any]:
+def fit_decode(stage: HeatmapStage, train: list[CascadeCase], val: list[CascadeCase]) -> dict[str, Any]:
     """Fit the pairwise prior on the training configurations; keep it if it beats the peaks on ``val``."""
     stage.decode, stage.pair_prior = "peak", None
     if not (stage.config.shape_decode and val and len(stage.landmark_names) > 1):
@@ -153,7 +137,7 @@ def fit_decode(stage: HeatmapStage, train: list[TrainingCase], val: list[Trainin
             "val_mre_shape_mm": mre["shape"]}
 
 
-def fit_ranges(stage: DisplacementStage, train: list[TrainingCase], val: list[TrainingCase]) -> dict[str, Any]:
+def fit_ranges(stage: DisplacementStage, train: list[CascadeCase], val: list[CascadeCase]) -> dict[str, Any]:
     """``r_n`` from the real stage-1 errors (``case.stage1`` set) on the training and validation images."""
     c = stage.config
     half_patch = 0.5 * c.pixdim * (min(c.roi_size) - 1)
@@ -172,7 +156,7 @@ def fit_ranges(stage: DisplacementStage, train: list[TrainingCase], val: list[Tr
     return info
 
 
-def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[TrainingCase], val: list[TrainingCase],
+def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[CascadeCase], val: list[CascadeCase],
                deadline: float | None) -> dict[str, Any]:
     """Train the displacement CNNs on patches centred uniformly in the ball of radius ``r_n`` around the truth."""
     c, device, rng = stage.config, stage.device, trainer.rng
@@ -183,7 +167,7 @@ def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[TrainingC
     r = stage.ranges_mm
     centre_idx = (np.asarray(c.roi_size, dtype=np.float64) - 1) / 2.0
 
-    def draw(case: TrainingCase) -> tuple[list[Grid], np.ndarray]:
+    def draw(case: CascadeCase) -> tuple[list[Grid], np.ndarray]:
         # Centres uniform in the ball of radius r_n around the truth (the range stage 1 really needs).
         u = rng.normal(size=(n, 3))
         u *= (r * rng.uniform(size=n) ** (1 / 3) / np.linalg.norm(u, axis=1))[:, None]
@@ -222,7 +206,7 @@ def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[TrainingC
     return rep.to_dict()
 
 
-def fit_step_weights(stage: DisplacementStage, val: Sequence[TrainingCase]) -> dict[str, Any]:
+def fit_step_weights(stage: DisplacementStage, val: Sequence[CascadeCase]) -> dict[str, Any]:
     """Per landmark, the share ``w_n`` of stage 2's displacement that minimises the validation error.
 
     Needs ``case.stage1`` on every case; sets ``stage.step_weights`` and returns the per-landmark table
@@ -252,5 +236,5 @@ def fit_step_weights(stage: DisplacementStage, val: Sequence[TrainingCase]) -> d
     return table
 
 
-__all__ = ["PHASES", "TrainingCase", "augment", "case_mre", "fit_decode", "fit_ranges", "fit_stage1", "fit_stage2",
+__all__ = ["PHASES", "CascadeCase", "augment", "fit_decode", "fit_ranges", "fit_stage1", "fit_stage2",
            "fit_step_weights", "pair_prior_from", "stage1_estimates", "training_cases"]

@@ -63,6 +63,7 @@ from lmk3d.detectors.pin.config import PROFILES, PinConfig
 from lmk3d.detectors.pin.stages import NOT_TRAINED, PinIterate, PinStart, PinUnit, level_name
 from lmk3d.detectors.pin.training import fit_levels, resolve_settings
 from lmk3d.errors import LandmarkError
+from lmk3d.training.cases import sample_truth
 from lmk3d.training.loop import Trainer
 
 
@@ -189,8 +190,7 @@ class PinDetector(Detector):
         c = self.config
 
         def truth(s: Sample) -> tuple[np.ndarray, np.ndarray]:
-            lm = s.landmarks.reorder(self.landmark_names)  # type: ignore[union-attr]
-            return np.where(lm.found[:, None], lm.xyz_mm_ras, np.nan), lm.found.copy()
+            return sample_truth(s, self.landmark_names)
 
         if init == "scratch" and (c.pixdim is None or c.modality == "auto" or c.fine_pixdim is None
                                   or (c.fine_step != 1.0 and not c.fine_pixdims)):

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from lmk3d.detectors.base import Stage
+from lmk3d.detectors.base import Stage, autocast
 from lmk3d.detectors.prior_guided.config import Group, PriorGuidedConfig, axis_index, resolve_groups
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.networks.correlated_module import CorrelatedModule, decode_key_slice, key_slice_heatmap
@@ -19,11 +18,6 @@ from lmk3d.networks.resnet_regressor import ResNetRegressor, denormalise_coordin
 from lmk3d.preprocessing import PreparedImage
 from lmk3d.transforms.grid import Grid
 from lmk3d.transforms.heatmap import decode_peaks
-
-
-def _autocast(device: torch.device) -> AbstractContextManager[Any]:
-    """Mixed precision on CUDA (training's validation too); float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else nullcontext()
 
 
 class CoarseStage(Stage):
@@ -67,7 +61,7 @@ class CoarseStage(Stage):
         """World RAS estimates ``(N, 3)`` of each image on its (unaugmented) coarse grid."""
         size = self.config.coarse_roi_size
         x = torch.cat([p.sample([g], float(g.spacing_mm.max())) for p, g in zip(images, grids, strict=True)])
-        with torch.no_grad(), _autocast(self.device):
+        with torch.no_grad(), autocast(self.device):
             out = self.net(x.to(self.device)).float()
         idx = denormalise_coordinates(out, size).cpu().numpy().astype(np.float64)
         return [g.grid_to_world(i) for g, i in zip(grids, idx, strict=True)]
@@ -204,7 +198,7 @@ class FineStage(Stage):
         """Positions ``(N, 3)`` and scores ``(N,)`` from patches around ``centres`` ``(N, 3)`` (one batch)."""
         grids = self.patch_grids(centres)
         patches = image.sample(grids, self.pixdim)[:, 0][None].to(self.device)  # (1, N, D, H, W)
-        with torch.no_grad(), _autocast(self.device):
+        with torch.no_grad(), autocast(self.device):
             heat, keys = self.forward(patches)
         return self.decode(heat[0], [None if k is None else k[0] for k in keys], grids)
 

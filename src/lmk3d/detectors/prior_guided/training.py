@@ -23,18 +23,16 @@ from lmk3d.io.image import Volume
 from lmk3d.networks.correlated_module import key_slice_heatmap
 from lmk3d.networks.resnet_regressor import normalise_coordinates
 from lmk3d.preprocessing import PreparedImage
-from lmk3d.training.loop import LoopReport, Trainer, mean_radial_error, optimizer_step
+from lmk3d.training.cases import TrainingCase, case_mre, sample_truth
+from lmk3d.training.loop import LoopReport, Trainer, optimizer_step
 from lmk3d.transforms.grid import Grid, random_world_transform
 from lmk3d.transforms.heatmap import gaussian_heatmaps
 
 
 @dataclass(eq=False)
-class Case:
-    """A training image with its true landmarks (detector order) and what training keeps of it."""
+class Case(TrainingCase):
+    """A training case and what training keeps of it: the coarse grid and the cropped coarse and fine inputs."""
 
-    case: str
-    xyz: np.ndarray  # (N, 3) world RAS mm, NaN where missing
-    present: np.ndarray  # (N,) bool
     coarse_grid: Grid
     coarse_src: PreparedImage
     fine_src: PreparedImage
@@ -66,17 +64,16 @@ def make_cases(samples: Sequence[Sample] | None, coarse: CoarseStage, fine: Fine
     for s in samples or ():
         if s.landmarks is None:
             continue
-        lm = s.landmarks.reorder(fine.landmark_names)
-        if not lm.found.any():
+        xyz, present = sample_truth(s, fine.landmark_names)
+        if not present.any():
             continue
         img = s.load_image()
         prep = prepare(img)
         grid = coarse.grid(img.affine, img.shape)
         coarse_src = prep.cropped(float(grid.spacing_mm.max()), *geometry.world_bounds_ras(img.affine, img.shape))
-        pts = lm.xyz_mm_ras[lm.found]
+        pts = xyz[present]
         fine_src = prep.cropped(pixdim, pts.min(axis=0) - margin, pts.max(axis=0) + margin)
-        xyz = np.where(lm.found[:, None], lm.xyz_mm_ras, np.nan)
-        out.append(Case(s.case, xyz, lm.found.copy(), grid, coarse_src, fine_src))
+        out.append(Case(s.case, xyz, present, grid, coarse_src, fine_src))
     return out
 
 
@@ -88,10 +85,6 @@ def coarse_estimates(coarse: CoarseStage, cases: Sequence[Case], batch: int = 16
         for c, p in zip(chunk, coarse.estimate([c.coarse_src for c in chunk], [c.coarse_grid for c in chunk]),
                         strict=True):
             c.coarse = p
-
-
-def _mre(cases: Sequence[Case], preds: Sequence[np.ndarray], cap_mm: float = np.inf) -> float:
-    return mean_radial_error(preds, [c.xyz for c in cases], [c.present for c in cases], cap_mm)
 
 
 def fit_coarse(coarse: CoarseStage, trainer: Trainer, train: list[Case], val: list[Case],
@@ -129,7 +122,7 @@ def fit_coarse(coarse: CoarseStage, trainer: Trainer, train: list[Case], val: li
     def validate() -> float:
         cases = val or train
         coarse_estimates(coarse, cases)
-        mre = _mre(cases, [c.coarse for c in cases])  # type: ignore[misc]
+        mre = case_mre(cases, [c.coarse for c in cases])  # type: ignore[misc]
         sched.step(mre)
         return mre
 
@@ -260,7 +253,7 @@ def fit_fine(fine: FineStage, trainer: Trainer, train: list[Case], val: list[Cas
 
     def validate() -> float:
         cases = val or train
-        mre = _mre(cases, [fine.refine(c.fine_src, c.coarse)[0] for c in cases], cap)  # type: ignore[arg-type]
+        mre = case_mre(cases, [fine.refine(c.fine_src, c.coarse)[0] for c in cases], cap)  # type: ignore[arg-type]
         sched.step(mre)
         return mre
 
