@@ -15,7 +15,7 @@ import pytest
 
 from lmk3d.cli import main
 from lmk3d.io import read_table, write_table
-from tests.conftest import DATA
+from tests.conftest import DATA, ROOT
 
 HIPPO = DATA / "hippocampus"
 
@@ -103,3 +103,40 @@ def test_killed_training_resumes_with_the_same_losses(tmp_path: Path) -> None:
     b = json.loads((killed / "train_report.json").read_text())
     assert b["resumed"] is True
     assert histories(a["fit"]) and histories(b["fit"]) == histories(a["fit"])
+
+
+def test_out_naming_a_file_is_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    for args in (["predict", "--model", str(ROOT / "models" / "mean_shape-hippocampus"), "--out", str(afile),
+                  str(HIPPO / "images" / "hippocampus_004.nii.gz")],
+                 ["evaluate", "--pred", str(HIPPO / "landmarks.csv"), "--truth", str(HIPPO / "landmarks.csv"),
+                  "--out", str(afile)],
+                 ["phantoms", "--out", str(afile), "--n", "1", "--profile", "small"]):
+        r = subprocess.run(lmk3d(*args), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert r.returncode == 2, (args, r.stderr)
+        assert "exists and is not a folder" in r.stderr and "Traceback" not in r.stderr
+    assert afile.read_text() == "x"
+
+
+def test_evaluate_with_nothing_matched_fails(tmp_path: Path) -> None:
+    table = read_table(HIPPO / "landmarks.csv")
+    first = sorted(table)[0]
+    write_table(tmp_path / "pred.csv", {"not_a_case": table[first]}, with_scores=False)
+    r = subprocess.run(lmk3d("evaluate", "--pred", str(tmp_path / "pred.csv"), "--truth", str(HIPPO / "landmarks.csv"),
+                             "--out", str(tmp_path / "ev")), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "no predicted case matches a truth case" in r.stderr
+    assert not (tmp_path / "ev" / "metrics.json").exists()
+
+
+def test_one_bad_image_does_not_cost_the_batch(tmp_path: Path) -> None:
+    good = sorted((HIPPO / "images").glob("*.nii.gz"))[:2]
+    bad = tmp_path / "truncated.nii.gz"
+    bad.write_bytes(good[0].read_bytes()[:500])
+    out = tmp_path / "pred"
+    r = subprocess.run(lmk3d("predict", "--model", str(ROOT / "models" / "mean_shape-hippocampus"), "--out", str(out),
+                             str(good[0]), str(bad), str(good[1])), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr
+    assert "truncated: skipped" in r.stderr and "1 of 3 image(s)" in r.stderr and "Traceback" not in r.stderr
+    rows = read_table(out / "predictions.csv")
+    assert sorted(rows) == sorted(p.name.removesuffix(".nii.gz") for p in good)

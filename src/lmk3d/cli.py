@@ -18,6 +18,14 @@ from lmk3d import serve  # stdlib only: it starts monailabel as a subprocess, ne
 from lmk3d.errors import LandmarkError
 
 
+def out_folder(path: str | os.PathLike[str]) -> Path:
+    """An output folder argument: a folder or a path to create, never an existing file."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise LandmarkError(f"--out {p}: exists and is not a folder; give a folder (created if missing)")
+    return p
+
+
 # --- evaluate ------------------------------------------------------------------------------------
 def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="predicted landmarks: a table CSV, a JSON table, or a folder "
@@ -33,14 +41,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from lmk3d.metrics import evaluate, format_table
     from lmk3d.plots import error_boxplot, sdr_curve
 
+    out = out_folder(args.out)
     truth = read_collection(args.truth)
     pred = read_collection(args.pred)
+    if not set(pred) & set(truth):
+        raise LandmarkError(f"no predicted case matches a truth case ({len(pred)} predicted, e.g. "
+                            f"{', '.join(sorted(pred)[:3]) or 'none'}; {len(truth)} true, e.g. "
+                            f"{', '.join(sorted(truth)[:3]) or 'none'}): nothing to evaluate")
     ev = evaluate(pred, truth)
     print(format_table(ev))
     if ev.unmatched_cases:
         print(f"{len(ev.unmatched_cases)} truth case(s) without any prediction (all their landmarks counted "
               f"missing): {', '.join(ev.unmatched_cases[:10])}{' ...' if len(ev.unmatched_cases) > 10 else ''}")
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"pred": str(args.pred), "truth": str(args.truth), **ev.to_dict()}
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2))
@@ -76,7 +88,7 @@ def run_phantoms(args: argparse.Namespace) -> int:
     if args.size:
         cfg = dataclasses.replace(cfg, size=phantoms.parse_size(args.size))
     t0 = time.perf_counter()
-    made = phantoms.generate(args.out, args.n, args.seed, cfg, profile=args.profile)
+    made = phantoms.generate(out_folder(args.out), args.n, args.seed, cfg, profile=args.profile)
     n_missing = sum(int((~ph.landmarks.found).sum()) for ph in made)
     print(f"wrote {args.n} phantoms to {args.out} in {time.perf_counter() - t0:.1f} s "
           f"({n_missing} landmark(s) outside their field of view)")
@@ -189,9 +201,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise LandmarkError(f"--{key.replace('_', '-')} {v}: give a fraction in [0, 1)")
     if args.val_fraction + args.test_fraction >= 1.0:
         raise LandmarkError("--val-fraction and --test-fraction leave no training cases")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise LandmarkError(f"--out {out}: exists and is not a folder")
+    out = out_folder(args.out)
     options = TrainOptions(seed=args.seed, max_minutes=args.max_minutes, max_epochs=args.max_epochs,
                            device=args.device, progress=not args.no_progress, state_dir=str(out))
     cls = detector_class(args.detector)
@@ -283,7 +293,8 @@ PREDICT_FORMATS = ("mrk.json", "fcsv", "json", "csv", "sr")
 
 def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (with checkpoint.pt)")
-    p.add_argument("--out", required=True, help="folder for <case>.<format> files and predictions.csv")
+    p.add_argument("--out", required=True, help="folder for <case>.<format> files and predictions.csv (an image "
+                   "that cannot be read is skipped with a message; the exit status is then 1)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images (NIfTI, NRRD, MetaImage, DICOM folder)")
     p.add_argument("--format", default="mrk.json", choices=PREDICT_FORMATS,
                    help="per-image landmark file format (default mrk.json); sr = a DICOM Comprehensive 3D SR "
@@ -304,7 +315,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from lmk3d.landmarks import LandmarkSet
 
     jobs: list[tuple[str, Path]] = [(case_id(p), Path(p)) for p in args.images]
-    out = Path(args.out)
+    out = out_folder(args.out)
     truth: dict[str, LandmarkSet] = {}
     if args.data:
         from lmk3d.data import load_dataset, read_split
@@ -321,19 +332,28 @@ def run_predict(args: argparse.Namespace) -> int:
         if c in seen:
             raise LandmarkError(f"two images give the same case id {c!r}: {seen[c]} and {p}")
         seen[c] = p
+    if args.format == "sr":
+        for _, p in jobs:
+            if not p.is_dir():
+                raise LandmarkError(f"{p}: --format sr needs a DICOM series folder (the SR references its "
+                                    "instances and frame of reference)")
     model = load_detector(args.model, args.device)
     table: dict[str, LandmarkSet] = {}
+    failed: list[str] = []
     for c, p in jobs:
         t0 = time.perf_counter()
-        volume = read_image(p)
+        try:
+            volume = read_image(p)
+        except LandmarkError as e:
+            # One unreadable image must not cost the batch: skip it, say so, and exit 1 at the end.
+            print(f"{c}: skipped: {e}", file=sys.stderr)
+            failed.append(c)
+            continue
         t1 = time.perf_counter()
         pred = model.predict_all(volume)
         if args.format == "sr":
             from lmk3d.io.dicom_sr import write_sr
 
-            if not p.is_dir():
-                raise LandmarkError(f"{p}: --format sr needs a DICOM series folder (the SR references its "
-                                    "instances and frame of reference)")
             write_sr(out / f"{c}.sr.dcm", pred.landmarks, p,
                      algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"])
         elif args.format == "json":
@@ -353,6 +373,10 @@ def run_predict(args: argparse.Namespace) -> int:
         write_table(out / "truth.csv", truth, with_scores=False)
     print(f"wrote {len(table)} {args.format} file(s) and {out / 'predictions.csv'}"
           + (f" and {out / 'truth.csv'}" if truth else ""))
+    if failed:
+        print(f"lmk3d predict: {len(failed)} of {len(jobs)} image(s) could not be read and were skipped: "
+              f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}", file=sys.stderr)
+        return 1
     return 0
 
 
