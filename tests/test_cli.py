@@ -140,3 +140,25 @@ def test_one_bad_image_does_not_cost_the_batch(tmp_path: Path) -> None:
     assert "truncated: skipped" in r.stderr and "1 of 3 image(s)" in r.stderr and "Traceback" not in r.stderr
     rows = read_table(out / "predictions.csv")
     assert sorted(rows) == sorted(p.name.removesuffix(".nii.gz") for p in good)
+
+
+def test_a_corrupt_image_in_the_training_set_is_skipped(tmp_path: Path) -> None:
+    table = read_table(HIPPO / "landmarks.csv")
+    cases = sorted(table)[:6]
+    images = tmp_path / "images"
+    images.mkdir()
+    for c in cases:
+        (images / f"{c}.nii.gz").write_bytes((HIPPO / "images" / f"{c}.nii.gz").read_bytes())
+    corrupt = cases[2]
+    (images / f"{corrupt}.nii.gz").write_bytes((HIPPO / "images" / f"{corrupt}.nii.gz").read_bytes()[:700])
+    write_table(tmp_path / "landmarks.csv", {c: table[c] for c in cases}, with_scores=False)
+    out = tmp_path / "model"
+    r = subprocess.run(lmk3d("train", "--detector", "mean_shape", "--data", str(tmp_path / "landmarks.csv"),
+                             "--images", str(images), "--out", str(out), "--val-fraction", "0.2", "--test-fraction",
+                             "0", "--no-progress"), capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert f"warning: skipped {corrupt}" in r.stderr and "Traceback" not in r.stderr
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["counts"]["train"] + report["counts"]["val"] == len(cases) - 1
+    assert (out / "checkpoint.pt").is_file()

@@ -25,6 +25,11 @@ image or strategy (404), an unreadable image, label or option (422), training wi
 label before storing it; a DICOMweb URL is a :class:`lib.dicomweb.LandmarkDICOMwebDatastore` (image
 series from the PACS, ``store_sr`` infer option, final labels stored to the PACS as DICOM SR; the PACS's
 refusals are 502 and an unreachable PACS 503; see docs/pacs.md).
+
+The HTTP layer in front of the app is ``lib/server.py`` (roles, allowed origins, checked ids, upload
+size, inference off the event loop; docs/security.md). The app resolves an image only through its
+datastore, replaces a model only after :mod:`lib.model_files` has checked the upload, and at start
+removes what a killed server left in the model folders (staging folders, a RUNNING training status).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,11 +47,13 @@ from lib.activelearning import LeastConfident
 from lib.configs import LANDMARK_OUTPUTS, LandmarkModelConfig, LoadedModel, discover_configs
 from lib.datastore import LandmarkDatastore
 from lib.dicomweb import LandmarkDICOMwebDatastore
-from lib.errors import NOT_FOUND, http_error, unknown_image
+from lib.errors import BAD_REQUEST, NOT_FOUND, UNPROCESSABLE, http_error, unknown_image
 from lib.infers import LandmarkInferTask, make_infer_task
+from lib.model_files import replace_checkpoint, rollback_checkpoint
 from lib.request_check import install_request_check
 from lib.scores import ScoreCache
 from lib.trainers import LandmarkTrainTask
+from lib.trainers.task import is_training_child, reset_stale_status
 from monailabel.config import settings
 from monailabel.datastore.dicom import DICOMwebClientX
 from monailabel.interfaces.app import MONAILabelApp
@@ -58,6 +66,8 @@ from monailabel.tasks.activelearning.random import Random
 
 import lmk3d
 from lmk3d.errors import LandmarkError
+from lmk3d.publish import remove_stale_staging
+from lmk3d.safe_names import plain_name_problem
 
 logger = logging.getLogger(__name__)
 
@@ -75,12 +85,14 @@ class LandmarksApp(MONAILabelApp):
             raise LandmarkError(f"--conf landmark_output {self.landmark_output!r}: choose one of "
                                 f"{', '.join(LANDMARK_OUTPUTS)}")
         self.scores = ScoreCache()
+        self._model_lock = threading.Lock()
         self.configs: dict[str, LandmarkModelConfig] = discover_configs()
         self.models: dict[str, LoadedModel] = {}
         self.unavailable: dict[str, str] = {}
         logger.info("lmk3d %s: detectors %s; dataset %r; models from %s", lmk3d.__version__,
                     ", ".join(self.configs) or "(none)", self.dataset, self.models_dir)
         for name, cfg in self.configs.items():
+            self._clean_after_kill(cfg.model_dir(self.models_dir, self.dataset))
             try:
                 self.models[name] = cfg.load(self.models_dir, self.dataset, self.device)
             except LandmarkError as e:
@@ -97,6 +109,18 @@ class LandmarksApp(MONAILabelApp):
             version=lmk3d.__version__,
         )
         install_request_check(self._check_train_request)
+
+    @staticmethod
+    def _clean_after_kill(model_dir: Path) -> None:
+        """What a killed server or training left in a model folder: staging folders, a RUNNING status.
+
+        Only the server does this: MONAI Label's training child builds the app too, and must not mark its
+        own run as interrupted. Each removal is logged where it happens.
+        """
+        if is_training_child():
+            return
+        remove_stale_staging(model_dir)
+        reset_stale_status(model_dir)
 
     def _unavailable(self, name: str, reason: str) -> None:
         self.unavailable[name] = reason
@@ -173,24 +197,76 @@ class LandmarksApp(MONAILabelApp):
         return http_error(NOT_FOUND, f"unknown model {model!r}; served models: {', '.join(served) or '(none)'}")
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
+        """Run a model on a datastore image (``image`` is its id) or on an upload the server saved.
+
+        ``uploaded_image`` is set only by the server's own infer endpoint (``lib.server``): the path of
+        the client's uploaded file in the server's upload folder, or a session's image. Any other image
+        is a datastore id, resolved by the datastore only (a path sent as an id is not an id: 400/404).
+        """
         model = request.get("model")
         if model not in self._infers:
             raise self._unknown_model(model, self._infers)
-        image = request.get("image")
         ds = datastore or self.datastore()
-        if (isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LandmarkDatastore)
-                and not ds.get_image_uri(image)):
-            raise unknown_image(image, len(ds.list_images()))
+        uploaded = request.pop("uploaded_image", None)
         t_download = None
-        if isinstance(image, str) and image and not os.path.exists(image) and isinstance(ds, LandmarkDICOMwebDatastore):
+        if uploaded:
+            request["image"] = uploaded
+        else:
+            image = request.get("image")
+            if not isinstance(image, str) or not image:
+                raise http_error(UNPROCESSABLE, "no image: give ?image=ID of a datastore image or upload a file")
+            problem = plain_name_problem(image)
+            if problem:
+                raise http_error(BAD_REQUEST, f"image {image!r} refused: {problem}")
             t0 = time.perf_counter()
-            ds.get_image_uri(image)  # download now (404/422/502/503 here) and time it; MONAI Label reuses it
-            t_download = round(time.perf_counter() - t0, 4)
+            uri = ds.get_image_uri(image)  # a DICOMweb series downloads here (404/422/502/503)
+            if not uri or not os.path.exists(uri):
+                raise unknown_image(image, len(ds.list_images()))
+            if isinstance(ds, LandmarkDICOMwebDatastore):
+                t_download = round(time.perf_counter() - t0, 4)
+            request["image"] = uri
         result = dict(super().infer(request, datastore))
         latencies = (result.get("params") or {}).get("latencies")
         if t_download is not None and isinstance(latencies, dict):
             latencies["download"] = t_download
         return result
+
+    # --- models: replace after a check, roll back -----------------------------------------------------
+    def _served(self, name: str) -> LandmarkInferTask:
+        task = self._infers.get(name)
+        if not isinstance(task, LandmarkInferTask):
+            raise self._unknown_model(name, self._infers)
+        return task
+
+    def replace_model(self, name: str, upload: str) -> dict[str, Any]:
+        """Replace model ``name``'s checkpoint by the uploaded file ``upload``, once it has passed every check.
+
+        The file is read weights-only (:mod:`lmk3d.checkpoint`: a pickle that would run code is refused,
+        never run), must hold the served detector with the served landmark names, and must predict
+        finite points on a probe image (:func:`lib.model_files.probe_volume`). Only then is it renamed
+        over ``checkpoint.pt`` (the old one kept as ``checkpoint.previous.pt``); the infer task loads
+        it on the next request. Any failure is a 422 naming it, with the served checkpoint untouched.
+        """
+        task = self._served(name)
+        with self._model_lock:
+            return replace_checkpoint(task.model_dir, upload, task.landmark_names, name, self._probe())
+
+    def rollback_model(self, name: str) -> dict[str, Any]:
+        """Serve the previous checkpoint of ``name`` again (``DELETE /model/{name}``); 409 when there is none."""
+        task = self._served(name)
+        with self._model_lock:
+            return rollback_checkpoint(task.model_dir, name)
+
+    def _probe(self) -> str | None:
+        """A local datastore image to probe an uploaded model with (None: a synthetic volume is used)."""
+        ds = self.datastore()
+        if not isinstance(ds, LandmarkDatastore):
+            return None
+        for image_id in sorted(ds.list_images()):
+            uri = ds.get_image_uri(image_id)
+            if uri and os.path.isfile(uri):
+                return str(uri)
+        return None
 
     def next_sample(self, request: dict[str, Any]) -> dict[str, Any]:
         strategy = request.get("strategy") or "random"

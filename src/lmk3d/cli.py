@@ -189,6 +189,7 @@ def run_train(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lmk3d.data import apply_split, load_dataset, make_split, write_split
+    from lmk3d.data.samples import readable
     from lmk3d.detectors import detector_class, load_detector
     from lmk3d.io.atomic import atomic_write_text
     from lmk3d.metrics import evaluate, format_table
@@ -206,9 +207,9 @@ def run_train(args: argparse.Namespace) -> int:
                            device=args.device, progress=not args.no_progress, state_dir=str(out))
     cls = detector_class(args.detector)
     ds = load_dataset(args.data, args.images)
-    labelled = ds.labelled()
+    labelled = readable(ds.labelled(), lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
     if not labelled:
-        raise LandmarkError(f"{args.data}: no labelled cases to train on ({len(ds)} images, no landmarks)")
+        raise LandmarkError(f"{args.data}: no labelled cases with a readable image to train on ({len(ds)} images)")
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
     split = make_split([s.case for s in labelled], fractions, args.split_seed)
     train, val, test = apply_split(labelled, split)

@@ -3,7 +3,14 @@
 A thin wrapper over ``monailabel start_server``, run as a child process with this interpreter
 (``sys.executable -m monailabel.main``) so the library itself never imports monailabel. What it adds:
 
-- host ``127.0.0.1`` unless ``--host`` says otherwise (the server has no authentication);
+- host ``127.0.0.1`` unless ``--host`` says otherwise; another address is refused unless the server
+  authenticates every request (``LMK3D_API_TOKEN`` or MONAI Label's Keycloak option,
+  ``MONAI_LABEL_AUTH_ENABLE``) or ``--allow-unauthenticated-network`` says it is meant;
+- the hardened HTTP app ``apps/landmarks/lib/server.py`` (``--uvicorn_app lib.server:app``, the app
+  folder on ``PYTHONPATH``): roles (admin actions need ``LMK3D_ADMIN_TOKEN``), allowed origins (the
+  server's own plus ``--cors-origin``), checked ids, an upload size limit (``--max-upload-mb``) and a
+  bounded inference pool (``--infer-workers``, ``--infer-queue``), passed to it as ``LMK3D_*``
+  variables (docs/security.md);
 - ``MONAI_LABEL_TRACKING_ENABLED=false`` (no mlflow runs written or contacted);
 - ``MONAI_LABEL_DATASTORE_FILE_EXT`` = :data:`DATASTORE_FILE_EXT`, so a local studies folder lists
   NIfTI and NRRD images and picks up Slicer markups (``.mrk.json``, ``.fcsv``) as labels under
@@ -34,6 +41,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -43,6 +51,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -58,15 +67,64 @@ DEFAULT_PORT = 8000
 DATASTORE_FILE_EXT = ("*.nii.gz", "*.nii", "*.nrrd", "*.mrk.json", "*.fcsv")
 #: Seconds MONAI Label caches a DICOMweb series listing (its default is 7200).
 DICOMWEB_CACHE_EXPIRY_S = 2
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Safety:
+    """What the HTTP guard (``apps/landmarks/lib/server.py``) enforces; tokens come from the environment.
+
+    Attributes:
+        cors_origins: web origins allowed besides the server's own (``http://host:port``).
+        max_upload_mb: largest request body, in MB.
+        infer_workers: inferences run at a time.
+        infer_queue: inferences waiting at most; more are answered 503 with ``Retry-After``.
+        allow_unauthenticated_network: listen on a non-loopback address with no authentication.
+    """
+
+    cors_origins: tuple[str, ...] = ()
+    max_upload_mb: int = 512
+    infer_workers: int = 1
+    infer_queue: int = 32
+    allow_unauthenticated_network: bool = False
+
+    def check(self, host: str, env: Mapping[str, str]) -> None:
+        """Raise LandmarkError for bad values, or for an open server on a non-loopback address."""
+        for what, value, low in (("--max-upload-mb", self.max_upload_mb, 1), ("--infer-workers", self.infer_workers, 1),
+                                 ("--infer-queue", self.infer_queue, 0)):
+            if value < low:
+                raise LandmarkError(f"{what} {value}: must be at least {low}")
+        for origin in self.cors_origins:
+            if not re.fullmatch(r"https?://[^/\s]+", origin.rstrip("/")):
+                raise LandmarkError(f"--cors-origin {origin!r}: give a web origin such as https://viewer.example.org "
+                                    "(scheme and host, no path; '*' is not allowed)")
+        authenticated = bool(env.get("LMK3D_API_TOKEN")) or env.get("MONAI_LABEL_AUTH_ENABLE", "").lower() in (
+            "1", "true", "yes")
+        if host not in LOOPBACK_HOSTS and not authenticated and not self.allow_unauthenticated_network:
+            raise LandmarkError(
+                f"refusing to listen on {host!r} without authentication: anyone who can reach it could read images "
+                "and change labels. Set LMK3D_API_TOKEN (clients send 'Authorization: Bearer <token>'), or turn on "
+                "MONAI Label's Keycloak login (MONAI_LABEL_AUTH_ENABLE=true, docs/security.md), or pass "
+                "--allow-unauthenticated-network if the network is trusted")
+
+    def env(self, host: str) -> dict[str, str]:
+        """The ``LMK3D_*`` variables the server reads these from."""
+        return {"LMK3D_BIND_HOST": host, "LMK3D_CORS_ORIGINS": json.dumps([o.rstrip("/") for o in self.cors_origins]),
+                "LMK3D_MAX_UPLOAD_MB": str(self.max_upload_mb), "LMK3D_INFER_WORKERS": str(self.infer_workers),
+                "LMK3D_INFER_QUEUE": str(self.infer_queue)}
 
 
 def _is_url(studies: str) -> bool:
     return studies.startswith(("http://", "https://"))
 
 
-def server_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+def server_env(base: Mapping[str, str] | None = None, *, host: str = DEFAULT_HOST, safety: Safety | None = None,
+               app_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
     """The child's environment: ``base`` (default ``os.environ``) plus the project's forced settings."""
     env = dict(os.environ if base is None else base)
+    env.update((safety or Safety()).env(host))
+    app = str(Path(app_dir if app_dir is not None else DEFAULT_APP_DIR).resolve())
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (app, env.get("PYTHONPATH", "")) if p)
     env.update({
         "MONAI_LABEL_TRACKING_ENABLED": "false",
         # pydantic-settings parses list settings from JSON.
@@ -135,6 +193,7 @@ def server_command(
     cmd = [sys.executable, "-m", "monailabel.main", "start_server",
            "--app", str(app.resolve()), "--studies", studies_s,
            "--host", host, "--port", str(int(port)), "--verbose", log_level.upper(),
+           "--uvicorn_app", "lib.server:app",
            "--conf", "models", str(models.resolve())]
     for key, value in conf:
         cmd += ["--conf", str(key), str(value)]
@@ -171,18 +230,23 @@ def start_server(
     conf: Sequence[tuple[str, str]] = (),
     log_level: str = "INFO",
     env: Mapping[str, str] | None = None,
+    safety: Safety | None = None,
     **popen_kwargs: Any,
 ) -> subprocess.Popen[bytes]:
     """Start the server in the background and return its process (see :func:`server_command`).
 
     Args:
         env: base environment (default ``os.environ``); the project's settings are added to it.
+        safety: what the HTTP guard enforces (default :class:`Safety`).
         popen_kwargs: passed to :class:`subprocess.Popen` (``stdout``, ``stderr``, ``start_new_session``...).
     """
     cmd = server_command(studies, host=host, port=port, app_dir=app_dir, models_dir=models_dir, conf=conf,
                          log_level=log_level)
+    safety = safety or Safety()
+    child_env = server_env(env, host=host, safety=safety, app_dir=app_dir)
+    safety.check(host, child_env)
     check_port_free(host, port)
-    return subprocess.Popen(cmd, env=server_env(env), **popen_kwargs)
+    return subprocess.Popen(cmd, env=child_env, **popen_kwargs)
 
 
 # The server is local: never send its requests through an http_proxy from the environment.
@@ -261,7 +325,8 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help="a folder of images (.nii.gz, .nii, .nrrd; labels in labels/final) or a DICOMweb URL")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
     p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"interface to listen on (default {DEFAULT_HOST}; the server has no authentication)")
+                   help=f"interface to listen on (default {DEFAULT_HOST}); another address needs LMK3D_API_TOKEN, "
+                   "Keycloak or --allow-unauthenticated-network")
     p.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="an app setting, repeatable: models DIR, dataset NAME (default hippocampus), "
                    "device cpu|cuda")
@@ -269,14 +334,29 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", default=None, help=f"model folder (default {DEFAULT_MODELS_DIR})")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     p.add_argument("--dry-run", action="store_true", help="print the command and settings; start nothing")
+    d = Safety()
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="a web origin allowed to call the server besides its own (repeatable), e.g. "
+                   "https://viewer.example.org")
+    p.add_argument("--max-upload-mb", type=int, default=d.max_upload_mb,
+                   help=f"largest upload in MB (default {d.max_upload_mb})")
+    p.add_argument("--infer-workers", type=int, default=d.infer_workers,
+                   help=f"inferences run at a time (default {d.infer_workers})")
+    p.add_argument("--infer-queue", type=int, default=d.infer_queue,
+                   help=f"inferences waiting at most; more get 503 with Retry-After (default {d.infer_queue})")
+    p.add_argument("--allow-unauthenticated-network", action="store_true",
+                   help="listen on a non-loopback --host with no authentication (only on a trusted network)")
 
 
 def run_serve(args: argparse.Namespace) -> int:
     conf = [(k, v) for k, v in args.conf]
     cmd = server_command(args.studies, host=args.host, port=args.port, app_dir=args.app,
                          models_dir=args.models, conf=conf, log_level=args.log_level)
-    env = server_env()
-    forced = ("MONAI_LABEL_TRACKING_ENABLED", "MONAI_LABEL_DATASTORE_FILE_EXT")
+    safety = Safety(tuple(args.cors_origin), args.max_upload_mb, args.infer_workers, args.infer_queue,
+                    args.allow_unauthenticated_network)
+    env = server_env(host=args.host, safety=safety, app_dir=args.app)
+    safety.check(args.host, env)
+    forced = ("MONAI_LABEL_TRACKING_ENABLED", "MONAI_LABEL_DATASTORE_FILE_EXT", *safety.env(args.host))
     if args.dry_run:
         for k in forced:
             print(f"{k}={shlex.quote(env[k])}")

@@ -209,3 +209,56 @@ def test_serve_refuses_a_port_in_use(tmp_path: Path) -> None:
         port = s.getsockname()[1]
         with pytest.raises(LandmarkError, match=f"cannot listen on 127.0.0.1:{port}.*choose another with --port"):
             start_server(tmp_path, port=port)
+
+
+# --- who may listen where, and the guard's settings (no server started) ------------------------------
+@pytest.mark.parametrize(("args", "env", "message"), [
+    (["--host", "0.0.0.0"], {}, "refusing to listen on '0.0.0.0' without authentication"),
+    (["--host", "192.0.2.7"], {"LMK3D_ADMIN_TOKEN": "x"}, "refusing to listen on '192.0.2.7'"),
+    (["--cors-origin", "*"], {}, "--cors-origin '*'"),
+    (["--cors-origin", "https://viewer.example.org/path"], {}, "no path"),
+    (["--max-upload-mb", "0"], {}, "--max-upload-mb 0: must be at least 1"),
+    (["--infer-workers", "0"], {}, "--infer-workers 0: must be at least 1"),
+    (["--infer-queue", "-1"], {}, "--infer-queue -1: must be at least 0"),
+])
+def test_serve_refuses_unsafe_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str],
+                                       message: str) -> None:
+    from lmk3d.cli import main
+
+    for key in ("LMK3D_API_TOKEN", "LMK3D_ADMIN_TOKEN", "MONAI_LABEL_AUTH_ENABLE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", "--studies", str(tmp_path), *args, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "env"), [
+    (["--host", "0.0.0.0", "--allow-unauthenticated-network"], {}),
+    (["--host", "0.0.0.0"], {"LMK3D_API_TOKEN": "annotators"}),
+    (["--host", "0.0.0.0"], {"MONAI_LABEL_AUTH_ENABLE": "true"}),
+])
+def test_serve_listens_on_the_network_only_with_authentication_or_the_flag(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, args: list[str],
+        env: dict[str, str]) -> None:
+    from lmk3d.cli import main
+
+    for key in ("LMK3D_API_TOKEN", "MONAI_LABEL_AUTH_ENABLE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert main(["serve", "--studies", str(tmp_path), *args, "--dry-run"]) == 0
+    assert "--host 0.0.0.0" in capsys.readouterr().out
+
+
+def test_serve_dry_run_shows_the_guard_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmk3d.cli import main
+
+    assert main(["serve", "--studies", str(tmp_path), "--cors-origin", "https://viewer.example.org",
+                 "--max-upload-mb", "64", "--infer-workers", "2", "--infer-queue", "5", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "--uvicorn_app lib.server:app" in out
+    assert "LMK3D_CORS_ORIGINS='[\"https://viewer.example.org\"]'" in out
+    assert "LMK3D_MAX_UPLOAD_MB=64" in out and "LMK3D_INFER_WORKERS=2" in out and "LMK3D_INFER_QUEUE=5" in out
+    assert "LMK3D_BIND_HOST=127.0.0.1" in out

@@ -7,13 +7,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmk3d.errors import LandmarkFormatError
-from lmk3d.io import Volume
+from lmk3d import geometry
+from lmk3d.errors import GeometryError, ImageReadError, LandmarkFormatError
+from lmk3d.io import Volume, read_image, write_image
 from lmk3d.io.fcsv import write_fcsv
 from lmk3d.io.label_map import write_label_map
-from lmk3d.io.labels import label_kind, label_value_map, read_label
+from lmk3d.io.labels import (
+    GRID_TOLERANCE_VOXELS,
+    LABEL_MARGIN_MM,
+    ImageGrid,
+    check_label_fits,
+    label_kind,
+    label_value_map,
+    read_grid,
+    read_label,
+)
 from lmk3d.io.markups import write_markups
 from lmk3d.landmarks import LandmarkSet
+from tests.conftest import DATA, oblique_affine
 
 NAMES = ("nasion", "sella", "menton")
 AFFINE = np.diag([1.0, 1.0, 1.5, 1.0])
@@ -90,3 +101,79 @@ def test_read_label_names_the_source_not_the_temporary_path(tmp_path: Path) -> N
     assert str(e.value).startswith("the uploaded .nii.gz file: ") and str(tmp_path) not in str(e.value)
     with pytest.raises(LandmarkFormatError, match="unknown label type 'x.txt'"):
         read_label(tmp_path / "x.txt", NAMES)
+
+
+# --- a label against its image's grid --------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd", ".mha"])
+def test_read_grid_gives_the_geometry_read_image_gives(tmp_path: Path, rng: np.random.Generator, suffix: str) -> None:
+    affine = oblique_affine(rng)
+    path = tmp_path / f"v{suffix}"
+    write_image(path, np.zeros((7, 5, 4), np.int16), affine)
+    grid, vol = read_grid(path), read_image(path)
+    assert grid.shape == vol.shape == (7, 5, 4)
+    np.testing.assert_allclose(grid.affine, vol.affine, atol=1e-5)
+
+
+def test_read_grid_reads_the_header_of_a_truncated_image_and_names_the_source(tmp_path: Path) -> None:
+    real = DATA / "hippocampus" / "images" / "hippocampus_004.nii.gz"
+    truncated = tmp_path / "t.nii.gz"
+    truncated.write_bytes(real.read_bytes()[:3000])  # the voxels are cut off, the header is whole
+    assert read_grid(truncated).shape == read_image(real).shape
+    garbage = tmp_path / "tmpab12.nii.gz"
+    garbage.write_bytes(b"\x1f\x8b" + bytes(range(256)))
+    with pytest.raises(ImageReadError) as e:
+        read_grid(garbage, source="the uploaded .nii.gz file")
+    assert str(e.value).startswith("the uploaded .nii.gz file: ") and str(tmp_path) not in str(e.value)
+    with pytest.raises(ImageReadError, match="no such file"):
+        read_grid(tmp_path / "missing.nrrd")
+
+
+def _grid(rng: np.random.Generator) -> ImageGrid:
+    return ImageGrid((20, 30, 10), oblique_affine(rng))
+
+
+def _beyond_edge(grid: ImageGrid, mm: float) -> np.ndarray:
+    """A point ``mm`` beyond the field of view's edge along +i (the voxel edge is at i = size - 0.5)."""
+    edge = geometry.ijk_to_ras(np.array([grid.shape[0] - 0.5, 12.0, 4.0]), grid.affine)
+    axis = grid.affine[:3, 0] / np.linalg.norm(grid.affine[:3, 0])
+    return np.asarray(edge + mm * axis)
+
+
+def test_distance_outside_is_measured_in_mm_on_an_oblique_grid(rng: np.random.Generator) -> None:
+    grid = _grid(rng)
+    inside = geometry.ijk_to_ras(np.array([3.0, 4.0, 5.0]), grid.affine)
+    np.testing.assert_allclose(grid.distance_outside_mm(np.stack([inside, _beyond_edge(grid, 7.5)])), [0.0, 7.5],
+                               atol=1e-9)
+
+
+def test_points_far_outside_the_image_are_refused_with_their_distance(rng: np.random.Generator) -> None:
+    grid = _grid(rng)
+    inside = geometry.ijk_to_ras(np.array([3.0, 4.0, 5.0]), grid.affine)
+    near = _beyond_edge(grid, LABEL_MARGIN_MM - 0.5)
+    far = _beyond_edge(grid, LABEL_MARGIN_MM + 14.0)
+    check_label_fits(LandmarkSet(NAMES, np.stack([inside, near, inside])), grid)  # within the margin: fine
+    # not placed: not checked
+    check_label_fits(LandmarkSet(NAMES, np.stack([inside, far, inside]), found=np.array([True, False, True])), grid)
+    with pytest.raises(GeometryError) as e:
+        check_label_fits(LandmarkSet(NAMES, np.stack([inside, far, near])), grid, image_name="image 'case_1'")
+    message = str(e.value)
+    lo, hi = grid.bounds_ras()
+    assert "1 landmark(s) outside image 'case_1'" in message and "'sella'" in message
+    assert f"{LABEL_MARGIN_MM + 14.0:.1f} mm outside" in message and "'menton'" not in message
+    assert f"x {lo[0]:.1f}..{hi[0]:.1f}" in message and f"at most {LABEL_MARGIN_MM:g} mm" in message
+
+
+def test_a_label_map_must_lie_on_the_image_grid(rng: np.random.Generator) -> None:
+    grid = _grid(rng)
+    points = LandmarkSet(NAMES, geometry.ijk_to_ras(np.array([[3.0, 4.0, 5.0]] * 3), grid.affine))
+    rounded = ImageGrid(grid.shape, grid.affine.astype(np.float32).astype(np.float64))  # a viewer's float32 affine
+    check_label_fits(points, grid, rounded)
+    shifted = grid.affine.copy()
+    shifted[:3, 3] += grid.affine[:3, 0] * (2 * GRID_TOLERANCE_VOXELS)
+    other_shape = ImageGrid((20, 30, 11), grid.affine)
+    for label_grid, why in ((ImageGrid(grid.shape, shifted), "voxels apart"), (other_shape, "another shape")):
+        with pytest.raises(GeometryError) as e:
+            check_label_fits(points, grid, label_grid, image_name="image 'case_1'")
+        message = str(e.value)
+        assert why in message and label_grid.describe() in message and grid.describe() in message
+        assert "differs from the grid of image 'case_1'" in message

@@ -48,9 +48,10 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.errors import NOT_FOUND, UNPROCESSABLE, bad_input, http_error
+from lmk3d.io import read_image
 from lmk3d.io.dicom_series import check_series_geometry
 from lmk3d.io.dicom_sr import build_sr
-from lmk3d.io.labels import read_label
+from lmk3d.io.labels import ImageGrid, check_label_fits, label_kind, read_grid, read_label
 from lmk3d.landmarks import LandmarkSet
 
 logger = logging.getLogger(__name__)
@@ -231,6 +232,11 @@ class LandmarkDICOMwebDatastore(DICOMWebDatastore):
         with bad_input(prefix=f"label for image {image_id!r} rejected: "):
             landmarks = read_label(label_filename, tuple(self._landmark_names()), label_info,
                                    source="the uploaded label")
+            label_grid = (read_grid(label_filename, source="the uploaded label")
+                          if label_kind(label_filename) == "label_map" else None)
+            series = read_image(image_path)  # a DICOM folder: its geometry as the detectors see it
+            check_label_fits(landmarks, ImageGrid(series.array.shape[:3], series.affine), label_grid,
+                             image_name=f"image {image_id!r}")
         stored = self.store_sr(image_path, landmarks, ["label=final"], final=True)
         logger.info("final label for %s stored as SR %s (%d of %d landmarks placed)", image_id,
                     stored["SeriesInstanceUID"], int(landmarks.found.sum()), len(landmarks))

@@ -16,6 +16,7 @@ from fastapi import HTTPException
 
 from lmk3d.errors import LandmarkError
 
+BAD_REQUEST = 400
 NOT_FOUND = 404
 CONFLICT = 409
 UNPROCESSABLE = 422

@@ -10,13 +10,17 @@ so there is no hook to use instead.
 :func:`install_request_check` therefore wraps exactly one callable, ``AsyncTask.run``, and only for
 ``method == "train"``: the wrapper calls the installed check with the merged request and params (the
 check raises an ``HTTPException``, a 4xx, to refuse) and then calls the original ``AsyncTask.run``
-unchanged. Every other method (``infer``, ``batch_infer``, ``scoring``...) goes straight through. It is
-installed once per process (a later call only replaces the check); nothing else of MONAI Label is
-touched anywhere in the app.
+unchanged, with one change for ``run_sync=true``: MONAI Label would then train inside the server
+process; the wrapper starts the usual child process instead and waits for it to end (the server runs
+the endpoint in a worker thread, so the wait blocks nothing else), and returns the finished task.
+Every other method (``infer``, ``batch_infer``, ``scoring``...) goes straight through. It is installed
+once per process (a later call only replaces the check); nothing else of MONAI Label is touched
+anywhere in the app.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +31,7 @@ RequestCheck = Callable[[dict[str, Any]], None]
 
 _request_check: RequestCheck | None = None
 _MARK = "_lmk3d_train_request_check"
+_POLL_S = 0.5
 
 
 def install_request_check(check: RequestCheck) -> None:
@@ -45,9 +50,15 @@ def install_request_check(check: RequestCheck) -> None:
 
     def run(method: str, request: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
             force_sync: bool = False, enqueue: bool = False) -> Any:
-        if method == "train" and _request_check is not None:
+        if method != "train":
+            return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+        if _request_check is not None:
             _request_check({**(request or {}), **(params or {})})
-        return original(method, request=request, params=params, force_sync=force_sync, enqueue=enqueue)
+        task, detail = original(method, request=request, params=params, force_sync=False, enqueue=enqueue)
+        if force_sync and isinstance(task, dict):
+            while task.get("status") in ("SUBMITTED", "RUNNING"):
+                time.sleep(_POLL_S)
+        return task, detail
 
     setattr(run, _MARK, True)
     AsyncTask.run = staticmethod(run)  # type: ignore[method-assign,assignment]

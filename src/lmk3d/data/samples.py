@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,3 +28,24 @@ class Sample:
 
     def load_image(self, dtype: type | np.dtype | None = np.float32) -> Volume:
         return read_image(self.image_path, dtype=dtype)
+
+
+def readable(samples: list[Sample], warn: Callable[[str], None]) -> list[Sample]:
+    """The samples whose image reads in full; each one that does not is left out with a warning.
+
+    A truncated or corrupt file in a training set should cost that case, not the whole run. Reading
+    every image once here is what the detectors' preparation does anyway.
+
+    Args:
+        samples: the cases to check.
+        warn: called with one line per skipped case.
+    """
+    kept = []
+    for s in samples:
+        try:
+            s.load_image()
+        except Exception as e:  # any failure to decode is the file's: skip the case
+            warn(f"skipped {s.case}: its image {s.image_path} cannot be read ({type(e).__name__}: {e})")
+            continue
+        kept.append(s)
+    return kept

@@ -22,7 +22,13 @@ the first retrain.)
 
 The labels are read through :func:`lmk3d.io.labels.read_label` (``.mrk.json``, ``.fcsv``, ``.json``, sphere
 label maps with the ``label_info`` they were uploaded with); partial annotation is fine, and a label
-that cannot be read is skipped with a line saying why.
+that cannot be read, or an image that cannot be read (a truncated or corrupt file), is skipped with a
+line saying why.
+
+The training child lowers its own CPU priority first (:data:`TRAIN_NICE`), so the server it was
+started from keeps answering annotators while it trains. A server that restarts while a training ran
+finds ``status: RUNNING`` in ``app_train_stats.json`` from a process that no longer exists:
+:func:`reset_stale_status`, called at start-up, rewrites it as stopped.
 
 The split (:func:`lmk3d.data.split.holdout_split`), the scoring (:func:`lmk3d.metrics.evaluate_detector`)
 and the publishing (:func:`lmk3d.publish.publish`: a staging folder inside the model folder, loaded back
@@ -39,6 +45,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +66,7 @@ from lmk3d.data.split import holdout_split
 from lmk3d.detectors import Detector, load_detector
 from lmk3d.errors import LandmarkError
 from lmk3d.io.atomic import atomic_write_text
+from lmk3d.io.image import read_image
 from lmk3d.io.labels import read_label
 from lmk3d.metrics import evaluate_detector
 from lmk3d.publish import publish
@@ -68,6 +77,9 @@ INIT_CHOICES = ("current", "scratch")
 STATS_FILE = "app_train_stats.json"
 REPORT_FILE = "app_train_report.json"
 SDR_RADIUS_MM = 4.0
+#: How much the training child lowers its CPU priority (``nice``), so the server stays responsive.
+TRAIN_NICE = 10
+INTERRUPTED_NOTE = "interrupted (server restarted)"
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,8 @@ class LandmarkTrainTask(TrainTask):
 
     # --- the training run (in MONAI Label's child process) --------------------------------------------
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
+        if is_training_child():
+            _lower_priority(TRAIN_NICE)
         options = self.check(request, datastore)
         t0 = time.monotonic()
         stats: dict[str, Any] = {"model": self.name, "status": "RUNNING", "phase": "reading labels",
@@ -219,7 +233,15 @@ class LandmarkTrainTask(TrainTask):
                 skipped.append(image_id)
                 self._say(f"skipped: {e}")
                 continue
-            samples.append(Sample(image_id, Path(datastore.get_image_uri(image_id)), landmarks))
+            image_path = datastore.get_image_uri(image_id)
+            try:
+                # Read in full: a truncated .nii.gz has a good header and fails only at its end.
+                read_image(image_path, dtype=None)
+            except LandmarkError as e:
+                skipped.append(image_id)
+                self._say(f"skipped {image_id}: its image cannot be read ({_without_folder(str(e), image_path)})")
+                continue
+            samples.append(Sample(image_id, Path(image_path), landmarks))
         placed = sum(int(s.landmarks.found.sum()) for s in samples if s.landmarks is not None)
         self._say(f"read {len(samples)} final label(s) ({placed} landmarks placed); skipped {len(skipped)}")
         if not samples:
@@ -232,6 +254,67 @@ class LandmarkTrainTask(TrainTask):
 
     def _stats(self, stats: dict[str, Any]) -> None:
         atomic_write_text(self.model_dir / STATS_FILE, json.dumps(jsonable(stats), indent=2))
+
+
+def reset_stale_status(model_dir: str | os.PathLike[str]) -> bool:
+    """At server start-up: a training recorded as running was interrupted; record it as stopped.
+
+    ``app_train_stats.json`` in ``model_dir`` with ``status: RUNNING`` was written by a training
+    process that died with the server (no training runs before the server has started one), so it is
+    rewritten with ``status: STOPPED``, ``phase: stopped`` and ``note:`` :data:`INTERRUPTED_NOTE`.
+    Call it in the server process only, before it can start a training.
+
+    Returns:
+        Whether the file was rewritten (False when it is missing, unreadable or not RUNNING).
+    """
+    path = Path(model_dir) / STATS_FILE
+    try:
+        stats = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(stats, dict) or stats.get("status") != "RUNNING":
+        return False
+    stats.update(status="STOPPED", phase="stopped", note=INTERRUPTED_NOTE)
+    atomic_write_text(path, json.dumps(stats, indent=2))
+    logger.warning("%s: the training recorded as running was %s; marked STOPPED", path, INTERRUPTED_NOTE)
+    return True
+
+
+def is_training_child() -> bool:
+    """Whether this process is MONAI Label's training child (``python -m monailabel.interfaces.utils.app``).
+
+    ``POST /train/...?run_sync=true`` calls the task in the server process, whose priority must stay.
+    """
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "monailabel.interfaces.utils.app"
+
+
+def _lower_priority(increment: int) -> None:
+    """Lower the CPU priority of every thread of this process by ``increment`` (errors ignored).
+
+    On Linux the nice value belongs to each thread and ``os.nice`` changes only the caller's, while
+    thread pools (OpenMP, PyTorch) may have started when the app loaded: each thread is set.
+    """
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = []
+    if not tids:
+        try:
+            os.nice(increment)
+        except OSError:
+            pass
+        return
+    for tid in tids:
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, now + increment))
+        except OSError:
+            pass  # a thread that has just ended, or a platform without per-thread priorities
+
+
+def _without_folder(message: str, path: str) -> str:
+    return message.replace(path, os.path.basename(path))
 
 
 def _training_running() -> bool:
