@@ -71,6 +71,9 @@ from lmk3d.safe_names import plain_name_problem
 
 logger = logging.getLogger(__name__)
 
+#: What MONAI Label and its clients put in a train request besides the train task's options.
+TRAIN_REQUEST_KEYS = frozenset({"model", "gpus", "multi_gpu", "name"})
+
 
 class LandmarksApp(MONAILabelApp):
     """MONAI Label app serving the trained lmk3d detectors found in ``models/``."""
@@ -108,7 +111,7 @@ class LandmarksApp(MONAILabelApp):
             description="3D anatomical landmark detection: prior_guided, pin and cascade detectors",
             version=lmk3d.__version__,
         )
-        install_request_check(self._check_train_request)
+        install_request_check(self._check_request)
 
     @staticmethod
     def _clean_after_kill(model_dir: Path) -> None:
@@ -274,12 +277,28 @@ class LandmarksApp(MONAILabelApp):
             raise http_error(NOT_FOUND, f"unknown strategy {strategy!r}; choose one of {', '.join(self._strategies)}")
         return dict(super().next_sample(request))
 
-    def _check_train_request(self, request: dict[str, Any]) -> None:
-        """Refuse a bad train request with a 4xx before MONAI Label starts a training process."""
+    def _check_request(self, method: str, request: dict[str, Any]) -> None:
+        """Refuse a bad background-task request with a 4xx before MONAI Label starts a process for it."""
+        if method == "batch_infer":
+            if request.get("model") not in self._infers:
+                raise self._unknown_model(request.get("model"), self._infers)
+            return
+        if method == "scoring":
+            name = request.get("method")
+            if name not in self._scoring_methods:
+                raise http_error(NOT_FOUND, f"unknown scoring method {name!r}; choose one of "
+                                            f"{', '.join(self._scoring_methods) or '(none)'}")
+            return
+        if method != "train":
+            return
         model = request.get("model")
         task = self._trainers.get(model) if isinstance(model, str) else None
         if not isinstance(task, LandmarkTrainTask):
             raise self._unknown_model(model, self._trainers)
+        unknown = sorted(set(request) - set(task.config()) - TRAIN_REQUEST_KEYS)
+        if unknown:
+            raise http_error(UNPROCESSABLE, f"unknown training option(s) {', '.join(map(repr, unknown))}; the "
+                                            f"options are {', '.join(task.config())}")
         task.check(request, self.datastore())
 
     def _download_dcmqi_tools(self) -> None:

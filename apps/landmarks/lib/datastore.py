@@ -14,7 +14,7 @@ file path, copies an upload over the stored label before anything checks it, wri
   label or does not decode (:func:`lmk3d.io.labels.read_label`), a label map on another voxel grid
   than the image's, or points more than :data:`lmk3d.io.labels.LABEL_MARGIN_MM` outside the image
   (:func:`lmk3d.io.labels.check_label_fits`, from the image's header only): 422. An uploaded image must
-  have a listed file type and a readable header (422);
+  have a listed file type and read in full as a 3D image (422);
 - **writes atomically** (:mod:`lmk3d.io.atomic`): labels, uploaded images and ``datastore_v2.json`` go to
   a temporary file in the destination folder, are fsynced and renamed over the old file. Construction
   removes the temporary files a killed writer left (:meth:`LandmarkDatastore.remove_stale_temps`).
@@ -40,7 +40,7 @@ from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastor
 
 from lib.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, UNPROCESSABLE, bad_input, http_error, unknown_image
 from lmk3d.errors import LandmarkError
-from lmk3d.io import landmark_suffix
+from lmk3d.io import landmark_suffix, read_image
 from lmk3d.io.atomic import atomic_copy, atomic_write_text, remove_stale_temps
 from lmk3d.io.labels import check_label_fits, label_kind, read_grid, read_label
 from lmk3d.io.markups import write_markups
@@ -122,6 +122,8 @@ class LandmarkDatastore(LocalDatastore):
         return self._inside(uri, f"image {image_id!r}") if uri else uri
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
+        if not self.get_image_uri(image_id):
+            raise unknown_image(image_id, len(self.list_images()))
         info: dict[str, Any] = super().get_image_info(self._plain(image_id, "image"))
         if info.get("path"):
             self._inside(info["path"], f"image {image_id!r}")
@@ -186,7 +188,8 @@ class LandmarkDatastore(LocalDatastore):
             raise http_error(UNPROCESSABLE, f"image {image_id!r} rejected: file type {ext or '(none)'!r} is not "
                                             f"accepted; send one of {', '.join(self._extensions)}")
         with bad_input(prefix=f"image {image_id!r} rejected: "):
-            read_grid(image_filename, source=f"the uploaded {ext or 'suffix-less'} file")
+            # In full, as the detectors will: a truncated file has a good header; a single slice is not 3D.
+            read_image(image_filename)
         folder = self._inside(self._datastore.image_path(), "the images folder")
         dest = os.path.join(folder, name)
         with FileLock(self._lock_file):

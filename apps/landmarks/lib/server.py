@@ -183,19 +183,22 @@ class Guard:
             return
         limit = self.config.max_upload_bytes
         received = 0
-        started = False
+        exceeded = started = False
 
         async def counting_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    exceeded = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if exceeded and not started:
+                return  # the endpoint's answer to a cut-off body (a parse error) is replaced below
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -205,6 +208,8 @@ class Guard:
         except _TooLarge:
             if started:
                 raise
+        if exceeded and not started:
+            logger.warning("refused %s %s: 413 body over %d bytes", scope["method"], scope["path"], limit)
             await JSONResponse({"detail": _too_large(None, limit)}, 413)(scope, receive, send)
 
     def check(self, scope: Scope) -> tuple[int, str, dict[str, str]] | None:
@@ -345,27 +350,36 @@ def upload_dir() -> Path:
 
 @dataclass
 class Uploads:
-    """Uploaded files saved for one request; :meth:`close` removes them all."""
+    """Uploaded files saved for one request; :meth:`close` removes them all.
 
-    paths: list[Path] = field(default_factory=list)
+    Each file keeps the client's file name (a plain name, else 400) in a folder of its own, so a
+    message about it names the client's file; :meth:`redact` takes the server's folder out of messages.
+    """
 
-    def save(self, upload: UploadFile, default_suffix: str) -> str:
-        name = os.path.basename(upload.filename or "")
-        suffix = "".join(Path(name).suffixes)[-20:] if name else default_suffix
-        if not re.fullmatch(r"(\.[A-Za-z0-9]{1,8}){0,3}", suffix):
-            raise http_error(400, f"uploaded file name {upload.filename!r} refused: its suffix {suffix!r} is not "
-                                  "a file type (like .nii.gz or .mrk.json)")
-        folder = upload_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(suffix=suffix, dir=folder)
-        self.paths.append(Path(path))
-        with os.fdopen(fd, "wb") as out:
+    folders: list[Path] = field(default_factory=list)
+
+    def save(self, upload: UploadFile, default_name: str) -> str:
+        name = upload.filename or default_name
+        problem = plain_name_problem(name)
+        if problem:
+            raise http_error(400, f"uploaded file name {name!r} refused: {problem}")
+        root = upload_dir()
+        root.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(dir=root))
+        self.folders.append(folder)
+        path = folder / name
+        with path.open("wb") as out:
             shutil.copyfileobj(upload.file, out)
-        return path
+        return str(path)
+
+    def redact(self, message: str) -> str:
+        for folder in self.folders:
+            message = message.replace(f"{folder}{os.sep}", "")
+        return message
 
     def close(self) -> None:
-        for p in self.paths:
-            p.unlink(missing_ok=True)
+        for folder in self.folders:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextmanager
@@ -373,6 +387,9 @@ def uploads() -> Iterator[Uploads]:
     saved = Uploads()
     try:
         yield saved
+    except HTTPException as e:
+        e.detail = saved.redact(str(e.detail))
+        raise
     finally:
         saved.close()
 
@@ -408,7 +425,7 @@ def _infer_sync(background_tasks: BackgroundTasks, model_name: str, image: str, 
         request: dict[str, Any] = {"model": model_name, "image": image}
         if file is not None:
             request["image"] = ""
-            request["uploaded_image"] = saved.save(file, ".nii.gz")
+            request["uploaded_image"] = saved.save(file, "image.nii.gz")
         elif not image and not session_id:
             raise http_error(UNPROCESSABLE, "no image: give ?image=ID of a datastore image or upload a file")
         request.update(instance.info().get("config", {}).get("infer", {}))
@@ -451,7 +468,7 @@ def _save_label_sync(image: str, params: str, tag: str, label: UploadFile, user:
     instance = app_instance()
     save_params = _params(params)
     with uploads() as saved:
-        path = saved.save(label, ".nii.gz")
+        path = saved.save(label, "label.nii.gz")
         label_id = instance.datastore().save_label(image, path, tag or "final", save_params)
     res = instance.on_save_label(image, label_id) or {}
     res.update({"image": image, "label": label_id})
@@ -472,18 +489,17 @@ async def api_save_label(
 def _add_image_sync(image: str | None, params: str, file: UploadFile, user: str) -> dict[str, Any]:
     instance = app_instance()
     save_params = _params(params)
-    name = os.path.basename(file.filename or "")
-    image_id = image
+    name = file.filename or ""
+    problem = plain_name_problem(name) if name else ""
+    if problem:
+        raise http_error(400, f"uploaded file name {name!r} refused: {problem}")
+    image_id = image or (name.split(".")[0] if name else "")
     if not image_id:
-        image_id = name.split(".")[0] if name else ""
-        problem = plain_name_problem(image_id) if image_id else "empty"
-        if problem:
-            raise http_error(400, f"uploaded file name {file.filename!r} gives no usable image id ({problem}); "
-                                  "give ?image=ID")
+        raise http_error(400, "the upload has no file name to take the image id from: give ?image=ID")
     if user:
         save_params["user"] = user
     with uploads() as saved:
-        path = saved.save(file, ".nii.gz")
+        path = saved.save(file, f"{image_id}.nii.gz")
         return {"image": instance.datastore().add_image(image_id, path, save_params)}
 
 
@@ -499,7 +515,7 @@ async def api_add_image(
 
 def _replace_model_sync(name: str, file: UploadFile) -> dict[str, Any]:
     with uploads() as saved:
-        path = saved.save(file, ".pt")
+        path = saved.save(file, "checkpoint.pt")
         return dict(app_instance().replace_model(name, path))
 
 
