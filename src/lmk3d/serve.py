@@ -84,7 +84,7 @@ class Safety:
 
     cors_origins: tuple[str, ...] = ()
     max_upload_mb: int = 512
-    infer_workers: int = 1
+    infer_workers: int = 2
     infer_queue: int = 32
     allow_unauthenticated_network: bool = False
 

@@ -115,8 +115,11 @@ class Server:
         return self.process.poll() is None and self.request("GET", "/info/").status == 200
 
     def upload_dir(self) -> Path:
-        """Where the server keeps uploads while a request runs (lib.server.upload_dir)."""
-        return self.tmp / f"lmk3d-uploads-{self.port}"
+        """Where the server keeps uploads while a request runs (lib.server.upload_dir: one per server process)."""
+        import psutil
+
+        children = psutil.Process(self.process.pid).children()  # lmk3d serve runs the server as its child
+        return self.tmp / f"lmk3d-uploads-{children[0].pid if children else self.process.pid}"
 
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")

@@ -28,7 +28,7 @@ in MONAI Label's child process, which lowers its own priority; ``run_sync=true``
 process in a worker thread (:mod:`lib.request_check`).
 
 **Uploads are the server's files.** Uploaded images and labels are written to one folder per server
-(:func:`upload_dir`, emptied at start) and removed on every path, refused or not.
+(:func:`upload_dir`; those of killed servers are removed at start) and removed on every path, refused or not.
 
 **Models are replaced only after a check** (``PUT /model/{name}``, admin): see
 :meth:`LandmarksApp.replace_model`; ``DELETE /model/{name}`` rolls back to the previous version.
@@ -41,6 +41,7 @@ import hmac
 import inspect
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -82,6 +83,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lib.errors import NOT_FOUND, UNPROCESSABLE, http_error
+from lmk3d.io.atomic import stale_owner
 from lmk3d.safe_names import plain_name_problem
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,7 @@ logger = logging.getLogger(__name__)
 ROLE_ADMIN = settings.MONAI_LABEL_AUTH_ROLE_ADMIN
 ROLE_ANNOTATOR = settings.MONAI_LABEL_AUTH_ROLE_ANNOTATOR
 DEFAULT_MAX_UPLOAD_MB = 512
-DEFAULT_INFER_WORKERS = 1
+DEFAULT_INFER_WORKERS = 2
 DEFAULT_INFER_QUEUE = 32
 #: Query parameters that name something inside the server (an image, a label, a model...).
 ID_PARAMS = ("image", "id", "label", "tag", "model", "session_id", "strategy", "method")
@@ -326,8 +328,9 @@ class InferencePool:
                 self._in_flight -= 1
 
     def retry_after(self) -> int:
-        seconds = sorted(self._recent)[len(self._recent) // 2] if self._recent else 2.0
-        return max(1, round(seconds * max(1, self._in_flight) / self.workers))
+        """Seconds until a place in the queue is likely free: one median inference (a worker finishing)."""
+        seconds = sorted(self._recent)[len(self._recent) // 2] if self._recent else 1.0
+        return max(1, math.ceil(seconds / self.workers))
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         def timed() -> Any:
@@ -343,9 +346,21 @@ class InferencePool:
 
 
 # --- uploads ---------------------------------------------------------------------------------------
+UPLOAD_PREFIX = "lmk3d-uploads-"
+
+
 def upload_dir() -> Path:
-    """This server's upload folder (one per port), emptied at start."""
-    return Path(tempfile.gettempdir()) / f"lmk3d-uploads-{int(settings.MONAI_LABEL_SERVER_PORT)}"
+    """This server process's upload folder (``$TMPDIR/lmk3d-uploads-<pid>``)."""
+    return Path(tempfile.gettempdir()) / f"{UPLOAD_PREFIX}{os.getpid()}"
+
+
+def remove_stale_uploads() -> None:
+    """Remove the upload folders of servers that are no longer running (killed), and this process's own."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{UPLOAD_PREFIX}*"):
+        if folder.is_dir() and stale_owner(folder.name, UPLOAD_PREFIX):
+            shutil.rmtree(folder, ignore_errors=True)
+            logger.warning("removed %s, the upload folder of a server that is not running", folder)
 
 
 @dataclass
@@ -600,7 +615,7 @@ def build_app(config: GuardSettings | None = None) -> ASGIApp:
 
     config = config or GuardSettings.from_env()
     _pool = InferencePool(config.infer_workers, config.infer_queue)
-    shutil.rmtree(upload_dir(), ignore_errors=True)  # what a killed server left
+    remove_stale_uploads()
     fastapi_app = FastAPI(title=settings.MONAI_LABEL_PROJECT_NAME, openapi_url="/openapi.json", docs_url=None,
                           redoc_url="/docs", lifespan=lifespan)
     fastapi_app.add_middleware(CORSMiddleware, allow_origins=list(config.origins), allow_credentials=True,
