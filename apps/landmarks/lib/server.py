@@ -363,6 +363,25 @@ def remove_stale_uploads() -> None:
             logger.warning("removed %s, the upload folder of a server that is not running", folder)
 
 
+def client_file_name(raw: str | None) -> str:
+    """The name of an uploaded file as the server uses it: the last part of the client's file name.
+
+    MONAI Label's client (and so 3D Slicer) sends the file's full local path as its name; the folders
+    in it are the client's, so only the last part is kept. A name with a ``..`` part is refused (400),
+    and the last part must be a plain name (400); ``""`` when the client sent no name.
+    """
+    if not raw:
+        return ""
+    parts = re.split(r"[\\/]", raw)
+    if ".." in parts:
+        raise http_error(400, f"uploaded file name {raw!r} refused: it has a '..' part")
+    name = parts[-1]
+    problem = plain_name_problem(name)
+    if problem:
+        raise http_error(400, f"uploaded file name {raw!r} refused: {problem}")
+    return name
+
+
 @dataclass
 class Uploads:
     """Uploaded files saved for one request; :meth:`close` removes them all.
@@ -374,10 +393,7 @@ class Uploads:
     folders: list[Path] = field(default_factory=list)
 
     def save(self, upload: UploadFile, default_name: str) -> str:
-        name = upload.filename or default_name
-        problem = plain_name_problem(name)
-        if problem:
-            raise http_error(400, f"uploaded file name {name!r} refused: {problem}")
+        name = client_file_name(upload.filename) or default_name
         root = upload_dir()
         root.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(dir=root))
@@ -504,10 +520,7 @@ async def api_save_label(
 def _add_image_sync(image: str | None, params: str, file: UploadFile, user: str) -> dict[str, Any]:
     instance = app_instance()
     save_params = _params(params)
-    name = file.filename or ""
-    problem = plain_name_problem(name) if name else ""
-    if problem:
-        raise http_error(400, f"uploaded file name {name!r} refused: {problem}")
+    name = client_file_name(file.filename)
     image_id = image or (name.split(".")[0] if name else "")
     if not image_id:
         raise http_error(400, "the upload has no file name to take the image id from: give ?image=ID")
