@@ -6,6 +6,9 @@ Start it with ``lmk3d serve --studies DIR_OR_DICOMWEB_URL`` (or ``make demo``). 
 - ``models``: folder of ``<detector>-<dataset>/checkpoint.pt`` (default: this checkout's ``models/``);
 - ``dataset``: which trained models to serve (default ``hippocampus``);
 - ``device``: ``cpu`` or ``cuda`` (default: CUDA when present);
+- ``workspace``: the model registry's folder, where every trained or uploaded version is kept
+  (default: :func:`lmk3d.registry.default_workspace`; never the repository's ``models/``, which is
+  only read);
 - ``landmark_output``: the infer tasks' default result file, ``label`` (a sphere label map, the
   default) or ``markups`` (a Slicer point list); each request may still ask for either.
 
@@ -49,7 +52,7 @@ from lib.datastore import LandmarkDatastore
 from lib.dicomweb import LandmarkDICOMwebDatastore
 from lib.errors import BAD_REQUEST, NOT_FOUND, UNPROCESSABLE, http_error, unknown_image
 from lib.infers import LandmarkInferTask, make_infer_task
-from lib.model_files import replace_checkpoint, rollback_checkpoint
+from lib.model_files import replace_checkpoint, rollback
 from lib.request_check import install_request_check
 from lib.scores import ScoreCache
 from lib.trainers import LandmarkTrainTask
@@ -67,6 +70,7 @@ from monailabel.tasks.activelearning.random import Random
 import lmk3d
 from lmk3d.errors import LandmarkError
 from lmk3d.publish import remove_stale_staging
+from lmk3d.registry import Registry, default_workspace
 from lmk3d.safe_names import plain_name_problem
 
 logger = logging.getLogger(__name__)
@@ -94,10 +98,16 @@ class LandmarksApp(MONAILabelApp):
         self.unavailable: dict[str, str] = {}
         logger.info("lmk3d %s: detectors %s; dataset %r; models from %s", lmk3d.__version__,
                     ", ".join(self.configs) or "(none)", self.dataset, self.models_dir)
+        workspace = Path(conf.get("workspace") or default_workspace(studies)).resolve()
+        if workspace == self.models_dir.resolve() or self.models_dir.resolve() in workspace.parents:
+            raise LandmarkError(f"--conf workspace {workspace}: inside the models folder {self.models_dir}, which "
+                                "holds the shipped models and is never written; choose a folder elsewhere")
+        self.registry = Registry(workspace)
+        logger.info("model registry (every trained version): %s", self.registry.root)
         for name, cfg in self.configs.items():
-            self._clean_after_kill(cfg.model_dir(self.models_dir, self.dataset))
+            self._clean_after_kill(self.registry.root / name)
             try:
-                self.models[name] = cfg.load(self.models_dir, self.dataset, self.device)
+                self.models[name] = cfg.load(self.registry, self.models_dir, self.dataset, self.device)
             except LandmarkError as e:
                 self._unavailable(name, str(e))
             except Exception as e:  # a broken checkpoint must not take the other models down
@@ -115,7 +125,7 @@ class LandmarksApp(MONAILabelApp):
 
     @staticmethod
     def _clean_after_kill(model_dir: Path) -> None:
-        """What a killed server or training left in a model folder: staging folders, a RUNNING status.
+        """What a killed server or training left in a model's registry folder: staging folders, a RUNNING status.
 
         Only the server does this: MONAI Label's training child builds the app too, and must not mark its
         own run as interrupted. Each removal is logged where it happens.
@@ -124,6 +134,13 @@ class LandmarksApp(MONAILabelApp):
             return
         remove_stale_staging(model_dir)
         reset_stale_status(model_dir)
+
+    def on_init_complete(self) -> None:
+        super().on_init_complete()
+        # Score the unlabelled images in the background from the start, so least_confident answers at once.
+        strategy = self._strategies.get("least_confident")
+        if isinstance(strategy, LeastConfident):
+            strategy.start(self.datastore())
 
     def _unavailable(self, name: str, reason: str) -> None:
         self.unavailable[name] = reason
@@ -191,7 +208,21 @@ class LandmarksApp(MONAILabelApp):
     def info(self) -> dict[str, Any]:
         meta: dict[str, Any] = super().info()
         meta["unavailable_models"] = dict(self.unavailable)
+        meta["model_versions"] = {name: self.models_json(name, brief=True) for name in self.models}
         return meta
+
+    def models_json(self, name: str | None = None, brief: bool = False) -> dict[str, Any]:
+        """The registry's record of one model (``GET /models/{name}``), or of every served one (``GET /models/``)."""
+        if name is None:
+            return {n: self.models_json(n, brief=True) for n in self.models}
+        if name not in self.models:
+            raise self._unknown_model(name, self.models)
+        record = self.models[name].record.to_json()
+        if brief:
+            versions = record.get("versions") or []
+            return {"current": record.get("current"), "versions": len(versions),
+                    "latest": versions[-1] if versions else None}
+        return dict(record)
 
     def _unknown_model(self, model: Any, served: Any) -> Exception:
         reason = self.unavailable.get(model) if isinstance(model, str) else None
@@ -241,24 +272,30 @@ class LandmarksApp(MONAILabelApp):
             raise self._unknown_model(name, self._infers)
         return task
 
-    def replace_model(self, name: str, upload: str) -> dict[str, Any]:
-        """Replace model ``name``'s checkpoint by the uploaded file ``upload``, once it has passed every check.
+    def replace_model(self, name: str, upload: str, force: bool = False) -> dict[str, Any]:
+        """Add the uploaded checkpoint ``upload`` as a new version of ``name``, served if it passes the gate.
 
         The file is read weights-only (:mod:`lmk3d.checkpoint`: a pickle that would run code is refused,
         never run), must hold the served detector with the served landmark names, and must predict
-        finite points on a probe image (:func:`lib.model_files.probe_volume`). Only then is it renamed
-        over ``checkpoint.pt`` (the old one kept as ``checkpoint.previous.pt``); the infer task loads
-        it on the next request. Any failure is a 422 naming it, with the served checkpoint untouched.
+        finite points on a probe image (:func:`lib.model_files.probe_volume`): else 422, nothing kept.
+        It then becomes a registry version; it is served only if the gate finds it no worse than the
+        served version on the model's validation cases (``force``: an admin's decision to serve it
+        anyway, recorded as such), else it stays a candidate (409 saying why).
         """
-        task = self._served(name)
+        self._served(name)
+        trainer = self._trainers.get(name)
+        val = trainer.validation_samples(self.datastore()) if isinstance(trainer, LandmarkTrainTask) else []
         with self._model_lock:
-            return replace_checkpoint(task.model_dir, upload, task.landmark_names, name, self._probe())
+            return replace_checkpoint(self.models[name], upload, self._probe(), val, force)
 
     def rollback_model(self, name: str) -> dict[str, Any]:
-        """Serve the previous checkpoint of ``name`` again (``DELETE /model/{name}``); 409 when there is none."""
-        task = self._served(name)
+        """Serve the version before the current one again (``DELETE /model/{name}``, ``POST /models/{name}/rollback``).
+
+        409 when there is nothing to roll back to.
+        """
+        self._served(name)
         with self._model_lock:
-            return rollback_checkpoint(task.model_dir, name)
+            return rollback(self.models[name])
 
     def _probe(self) -> str | None:
         """A local datastore image to probe an uploaded model with (None: a synthetic volume is used)."""

@@ -381,6 +381,87 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- models: the model registry (issue 19) ---------------------------------------------------------
+def add_models(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    workspace_help = ("the server's workspace: the model registry's folder (default: the LMK3D_WORKSPACE "
+                      "variable)")
+    for action, help_text in (("list", "every model of the workspace: detector, served version, versions"),
+                              ("show", "one model: its versions, metrics, decisions and validation cases"),
+                              ("rollback", "serve the version before the current one again (a running server "
+                               "picks it up on its next request)")):
+        q = sub.add_parser(action, help=help_text, description=help_text)
+        if action != "list":
+            q.add_argument("name", metavar="NAME", help="the model's name")
+        q.add_argument("--workspace", metavar="DIR", help=workspace_help)
+        if action == "show":
+            q.add_argument("--json", action="store_true", help="print the record as JSON")
+
+
+def _workspace(workspace: str | None) -> str:
+    """The ``--workspace`` folder, else ``$LMK3D_WORKSPACE``; it must exist (listing never creates one)."""
+    folder = workspace or os.environ.get("LMK3D_WORKSPACE")
+    if not folder:
+        raise LandmarkError("no workspace: pass --workspace DIR (the server's --workspace, by default "
+                            "<studies>/.lmk3d-workspace) or set LMK3D_WORKSPACE")
+    if not Path(folder).is_dir():
+        raise LandmarkError(f"workspace {folder}: no such folder (a server creates it when it starts)")
+    return folder
+
+
+def _metric(metrics: dict[str, object], key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "-"
+    return format(int(value) if fmt == "d" else value, fmt)
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from lmk3d.registry import Registry
+
+    registry = Registry(_workspace(args.workspace))
+    if args.models_command == "list":
+        names = registry.names()
+        if not names:
+            print(f"{registry.root}: no model yet")
+            return 0
+        print(f"{'model':<24} {'detector':<14} {'served':<9} {'versions':>8}  latest")
+        for name in names:
+            rec = registry.get(name)
+            versions = rec.versions()
+            latest = f"{versions[-1].id} {versions[-1].status}" if versions else "-"
+            print(f"{name:<24} {rec.detector:<14} {rec.current() or '-':<9} {len(versions):>8}  {latest}")
+        return 0
+    record = registry.get(args.name)
+    if args.models_command == "rollback":
+        before = record.current()
+        served = record.rollback()
+        print(f"{args.name}: now serving {served} (was {before})")
+        return 0
+    doc = record.to_json()
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    names = doc["landmark_names"]
+    print(f"model {doc['name']} ({doc['detector']}) in {doc['root']}")
+    print(f"  served: {doc['current'] or 'nothing yet'}" + (f" ({doc['current_dir']})" if doc["current_dir"] else ""))
+    print(f"  shipped: {doc['shipped'] or '-'}")
+    print(f"  landmarks: {', '.join(names) if names else 'not known yet'}")
+    val = doc["validation_cases"]
+    print(f"  validation cases ({len(val)}, never trained on): {', '.join(val) if val else 'none yet'}; training "
+          f"cases seen: {doc['n_training_cases_seen']}")
+    if not doc["versions"]:
+        print("  no version yet")
+    for v in doc["versions"]:
+        m = v["metrics"]
+        print(f"  {v['id']}  {v['status']:<11} {v['created']}  parent {v['parent'] or '-'}  MRE "
+              f"{_metric(m, 'val_mre_mm', '.3f')} mm  found {_metric(m, 'val_found', '.0%')}  n_val "
+              f"{_metric(m, 'n_val', 'd')}")
+        if v["decision"]:
+            print(f"         {'accepted' if v['decision']['accepted'] else 'rejected'}: {v['decision']['reason']}")
+    return 0
+
+
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 COMMANDS: list[Command] = [
     ("evaluate", "score predictions against a truth table (MRE, SD, SDR, missing) and plot", add_evaluate,
@@ -392,6 +473,8 @@ COMMANDS: list[Command] = [
     ("config", "print the resolved config of a detector profile (what train would use)", add_config, run_config),
     ("serve", "start the MONAI Label server with the landmarks app (127.0.0.1 unless --host)", serve.add_serve,
      serve.run_serve),
+    ("models", "list, show or roll back the versions in a server's model registry (its workspace)", add_models,
+     run_models),
 ]
 
 

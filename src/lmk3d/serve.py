@@ -344,12 +344,31 @@ def add_serve(p: argparse.ArgumentParser) -> None:
                    help=f"inferences run at a time (default {d.infer_workers})")
     p.add_argument("--infer-queue", type=int, default=d.infer_queue,
                    help=f"inferences waiting at most; more get 503 with Retry-After (default {d.infer_queue})")
+    p.add_argument("--workspace", default=None, metavar="DIR",
+                   help="the model registry's folder, where every trained or uploaded version is kept (default: "
+                   "<studies>/.lmk3d-workspace for a folder; never under the repository's models/)")
     p.add_argument("--allow-unauthenticated-network", action="store_true",
                    help="listen on a non-loopback --host with no authentication (only on a trusted network)")
 
 
+def workspace_conf(workspace: str | os.PathLike[str]) -> tuple[str, str]:
+    """``("workspace", DIR)`` for the app; a folder inside the repository's ``models/`` is refused.
+
+    Raises:
+        LandmarkError: ``workspace`` is inside ``models/`` (shipped models are read only).
+    """
+    path = Path(workspace).expanduser().resolve()
+    models = DEFAULT_MODELS_DIR.resolve()
+    if path == models or models in path.parents:
+        raise LandmarkError(f"--workspace {workspace}: inside the repository's models/ folder, which holds the "
+                            "shipped models and is never written; choose a folder elsewhere")
+    return ("workspace", str(path))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     conf = [(k, v) for k, v in args.conf]
+    if args.workspace:
+        conf.append(workspace_conf(args.workspace))
     cmd = server_command(args.studies, host=args.host, port=args.port, app_dir=args.app,
                          models_dir=args.models, conf=conf, log_level=args.log_level)
     safety = Safety(tuple(args.cors_origin), args.max_upload_mb, args.infer_workers, args.infer_queue,

@@ -25,9 +25,9 @@ server is started again on the same folder and port, and
 
 Then a real training on those labels is killed with the server as soon as its ``app_train_stats.json``
 says RUNNING: after the restart it says STOPPED, in the file and in ``GET /info/``. A last test leaves
-what a training killed while publishing leaves in a model folder (a ``.staging-*`` folder and
-``app_train_stats.json`` saying RUNNING) and checks that a start removes the folder and records the
-training as stopped, the checkpoint untouched. Only the kill points depend on timing; every assertion
+what a training killed while publishing leaves in the model's registry folder (a ``.staging-*``
+folder and ``app_train_stats.json`` saying RUNNING) and checks that a start removes the folder and
+records the training as stopped, the shipped checkpoint untouched. Only the kill points depend on timing; every assertion
 is about files and answers, none about time.
 """
 
@@ -469,7 +469,8 @@ def test_restart_after_kill9_leaves_no_temporary_files(rounds: Rounds) -> None:
 def test_kill9_during_training_is_stopped_after_restart(rounds: Rounds) -> None:
     """A real training (on the four final labels) killed with the server as soon as it says RUNNING."""
     server = rounds.server
-    stats_file = server.models / f"{MODEL}-hippocampus" / "app_train_stats.json"
+    # The model's registry folder (lmk3d.registry; the server's default workspace is in the studies folder).
+    stats_file = server.studies / ".lmk3d-workspace" / MODEL / "app_train_stats.json"
     stats_file.unlink(missing_ok=True)
     req = urllib.request.Request(f"{server.url}/train/{MODEL}", data=json.dumps({"max_minutes": 1.0}).encode(),
                                  method="POST")
@@ -508,15 +509,18 @@ def interrupted_training(root: Path) -> Iterator[tuple[Server, Path, str]]:
     studies.mkdir()
     shutil.copyfile(HIPPOCAMPUS / "images" / f"{SMALL[0]}.nii.gz", studies / f"{SMALL[0]}.nii.gz")
     models = _models_copy(base)
-    model_dir = models / f"{MODEL}-hippocampus"
+    shipped = models / f"{MODEL}-hippocampus"
+    server = Server(base, studies, models, _free_port(), base / "server.log")
+    server.start()  # creates the model's registry folder
+    server.stop()
+    model_dir = studies / ".lmk3d-workspace" / MODEL
     staging = model_dir / ".staging-xyz"
     staging.mkdir()
-    (staging / "checkpoint.pt").write_bytes((model_dir / "checkpoint.pt").read_bytes()[:1000])  # half written
+    (staging / "checkpoint.pt").write_bytes((shipped / "checkpoint.pt").read_bytes()[:1000])  # half written
     (model_dir / "app_train_stats.json").write_text(json.dumps(
-        {"model": MODEL, "status": "RUNNING", "phase": "publishing", "start_ts": "2024-01-01 00:00:00",
+        {"model": MODEL, "status": "RUNNING", "phase": "deciding", "start_ts": "2024-01-01 00:00:00",
          "init": "current", "max_minutes": 1.0, "epoch": 0, "total_epochs": 1}), encoding="utf-8")
-    before = _sha256(model_dir / "checkpoint.pt")
-    server = Server(base, studies, models, _free_port(), base / "server.log")
+    before = _sha256(shipped / "checkpoint.pt")
     server.start()
     try:
         yield server, model_dir, before
@@ -533,5 +537,5 @@ def test_start_clears_an_interrupted_training(interrupted_training: tuple[Server
     assert isinstance(info, dict)
     assert MODEL in info["models"], info.get("unavailable_models")
     assert info["train_stats"][MODEL]["status"] == "STOPPED", info["train_stats"]
-    assert _sha256(model_dir / "checkpoint.pt") == checkpoint_sha
+    assert _sha256(server.models / f"{MODEL}-hippocampus" / "checkpoint.pt") == checkpoint_sha
 

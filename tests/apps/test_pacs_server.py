@@ -280,8 +280,9 @@ def test_final_label_is_stored_as_sr_and_trains(server: Server, pacs: Pacs, uplo
     assert status == 422, bad
     far = {"markups": [{"type": "Fiducial", "coordinateSystem": "LPS", "controlPoints": [
         {"label": n, "position": [p[0] + 1e6, p[1], p[2]]} for n, p in corrected.items()]}]}
+    far_label = ("far.mrk.json", json.dumps(far).encode())
     status, bad = server.request("PUT", f"/datastore/label?image={image}&tag=final",
-                                 *_multipart({"params": (None, b"{}"), "label": ("far.mrk.json", json.dumps(far).encode())}))
+                                 *_multipart({"params": (None, b"{}"), "label": far_label}))
     assert status == 422 and "outside" in bad["detail"], bad
 
     status, info = server.request("GET", "/info/")

@@ -11,6 +11,8 @@ this module holds what they are made of. A config module is a few lines naming i
 The module name, the detector slug, the MONAI Label model name and the model folder
 ``models/<detector>-<dataset>/`` all use the same slug. A model is served only when its checkpoint
 exists and loads (:meth:`LandmarkModelConfig.load`); otherwise the app logs why and leaves it out.
+The served checkpoint is the model's current version in the registry (:mod:`lmk3d.registry`, in the
+server's workspace), or the shipped one in ``models/`` until a first version is published.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 from lmk3d.detectors import Detector, load_detector
 from lmk3d.detectors.base import CHECKPOINT_FILE
 from lmk3d.errors import LandmarkError
+from lmk3d.registry import ModelRecord, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -58,32 +61,57 @@ class LandmarkModelConfig:
         """``models/<detector>-<dataset>``: where this detector's checkpoint for ``dataset`` lives."""
         return Path(models_dir) / f"{self.detector}-{dataset}"
 
-    def load(self, models_dir: Path, dataset: str, device: str | None = None) -> LoadedModel:
-        """Load the trained detector for ``dataset``.
+    def load(self, registry: Registry, models_dir: Path, dataset: str, device: str | None = None) -> LoadedModel:
+        """Load the served version of this model: the registry's current one, else the shipped checkpoint.
+
+        The model's registry record is created on first use, based on the shipped folder
+        ``models/<detector>-<dataset>`` when it has a checkpoint (read only, never written).
 
         Raises:
-            LandmarkError: no checkpoint (never a silent fallback to random weights), or one that
-                cannot be read or belongs to another detector.
+            LandmarkError: no version and no shipped checkpoint (never a silent fallback to random
+                weights), a checkpoint that cannot be read or belongs to another detector, or a
+                workspace whose record of this model is based on another shipped folder.
         """
-        folder = self.model_dir(models_dir, dataset)
-        ckpt = folder / CHECKPOINT_FILE
-        if not ckpt.is_file():
+        shipped = self.model_dir(models_dir, dataset)
+        has_shipped = (shipped / CHECKPOINT_FILE).is_file()
+        if not has_shipped and self.name not in registry.names():
             raise LandmarkError(
-                f"no checkpoint at {ckpt}; train one with `lmk3d train --detector {self.detector} "
-                f"--profile cpu --data SPEC --out {folder}`, or serve another dataset (--conf dataset NAME)")
+                f"no checkpoint at {shipped / CHECKPOINT_FILE}; train one with `lmk3d train --detector "
+                f"{self.detector} --profile cpu --data SPEC --out {shipped}`, or serve another dataset (--conf "
+                "dataset NAME)")
+        record = registry.ensure(self.name, self.detector, shipped=shipped.resolve() if has_shipped else None)
+        if has_shipped and record.shipped is not None and Path(record.shipped).resolve() != shipped.resolve():
+            raise LandmarkError(f"the workspace {registry.root} keeps model {self.name!r} based on {record.shipped}, "
+                                f"not {shipped}; serve that dataset, or give another --workspace")
+        folder = record.current_dir()
+        if folder is None:
+            raise LandmarkError(
+                f"no checkpoint at {shipped / CHECKPOINT_FILE} and no trained version in {record.root}; train one "
+                f"with `lmk3d train --detector {self.detector} --profile cpu --data SPEC --out {shipped}`, or "
+                "serve another dataset (--conf dataset NAME)")
         detector = load_detector(folder, device)
         if detector.name != self.detector:
-            raise LandmarkError(f"{ckpt} holds a {detector.name!r} detector, not {self.detector!r}")
-        return LoadedModel(self, detector, folder)
+            raise LandmarkError(f"{folder / CHECKPOINT_FILE} holds a {detector.name!r} detector, not {self.detector!r}")
+        if record.landmark_names is None:
+            record.set_landmark_names(detector.landmark_names)
+        return LoadedModel(self, detector, record)
 
 
 @dataclass
 class LoadedModel:
-    """A config with its trained detector, ready to be wrapped in an infer task."""
+    """A config with its trained detector and its registry record, ready to be wrapped in tasks."""
 
     config: LandmarkModelConfig
     detector: Detector
-    model_dir: Path
+    record: ModelRecord
+
+    @property
+    def model_dir(self) -> Path:
+        """The folder of the served checkpoint (a registry version, or the shipped folder)."""
+        folder = self.record.current_dir()
+        if folder is None:
+            raise LandmarkError(f"model {self.config.name!r} has no served version")
+        return Path(folder)
 
 
 def discover_configs(package: str = CONFIGS_PACKAGE) -> dict[str, LandmarkModelConfig]:

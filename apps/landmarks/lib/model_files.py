@@ -1,6 +1,6 @@
-"""Replacing a served model's checkpoint by an uploaded one, and rolling it back.
+"""Adding an uploaded checkpoint as a new version of a served model, and rolling a model back.
 
-An uploaded checkpoint is a file from the network: it replaces ``checkpoint.pt`` only after
+An uploaded checkpoint is a file from the network: it becomes a version only after
 :func:`replace_checkpoint` has
 
 1. read it weights-only (:func:`lmk3d.detectors.load_detector`, which reads through
@@ -9,11 +9,11 @@ An uploaded checkpoint is a file from the network: it replaces ``checkpoint.pt``
 3. run it on a probe image (a datastore image, else a synthetic volume) and checked it returns one
    finite point, or "not found", per landmark.
 
-The file is copied into a staging folder inside the model folder first (same file system), fsynced,
-and renamed over ``checkpoint.pt``; the old file stays as ``checkpoint.previous.pt``. Any failure is
-a 422 naming it and leaves the served checkpoint as it was. :func:`rollback_checkpoint` makes
-``checkpoint.previous.pt`` current again; with no previous version it refuses (409) rather than
-leave the model without weights.
+Any failure is a 422 naming it, and nothing is kept. A file that passes is added to the model
+registry (:mod:`lmk3d.registry`) and served only if the gate finds it no worse than the served
+version on the model's validation cases, as for a retrain; otherwise it is kept as a candidate
+(409, saying why) unless an admin passes ``force``. :func:`rollback` serves the previous version
+again; with none it refuses (409) rather than leave the model without weights.
 """
 
 from __future__ import annotations
@@ -23,20 +23,23 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from lmk3d.registry import RegistryError, gate
 
+from lib.configs import LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
+from lib.trainers.task import scores
 from lmk3d.checkpoint import CHECKPOINT_FILE
+from lmk3d.data.samples import Sample
 from lmk3d.detectors import load_detector
 from lmk3d.io import read_image
 from lmk3d.io.image import Volume
-from lmk3d.publish import PREVIOUS_CHECKPOINT, STAGING_PREFIX
+from lmk3d.publish import STAGING_PREFIX
 
-__all__ = ["probe_volume", "replace_checkpoint", "rollback_checkpoint"]
+__all__ = ["probe_volume", "replace_checkpoint", "rollback"]
 
 
 def probe_volume(image_path: str | None) -> Volume:
@@ -60,14 +63,18 @@ def _refuse(name: str, why: str) -> Exception:
     return http_error(UNPROCESSABLE, f"model file for {name!r} refused, the served model is unchanged: {why}")
 
 
-def replace_checkpoint(model_dir: Path, upload: str, landmark_names: Sequence[str], name: str,
-                       probe_image: str | None) -> dict[str, Any]:
-    """Check ``upload`` and make it ``model_dir/checkpoint.pt`` (see the module docstring).
+def replace_checkpoint(model: LoadedModel, upload: str, probe_image: str | None, val: Sequence[Sample],
+                       force: bool = False) -> dict[str, Any]:
+    """Check ``upload``, add it as a version of ``model`` and serve it if the gate (or ``force``) allows.
 
     Raises:
-        HTTPException: 422 naming the check that failed.
+        HTTPException: 422 naming the check that failed (nothing is kept); 409 when the version is kept
+            as a candidate because the gate found it worse (the message says why).
     """
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=model_dir))
+    name = model.config.name
+    record = model.record
+    landmark_names = tuple(model.detector.landmark_names)
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=record.root))
     try:
         staged = staging / CHECKPOINT_FILE
         shutil.copyfile(upload, staged)
@@ -75,9 +82,9 @@ def replace_checkpoint(model_dir: Path, upload: str, landmark_names: Sequence[st
             detector = load_detector(staging, "cpu")
         except Exception as e:  # every reading failure is the file's fault here
             raise _refuse(name, f"{type(e).__name__}: {e}".replace(str(staged), "the uploaded file")) from None
-        if detector.name != name:
-            raise _refuse(name, f"it holds a {detector.name!r} detector, not {name!r}")
-        if tuple(detector.landmark_names) != tuple(landmark_names):
+        if detector.name != record.detector:
+            raise _refuse(name, f"it holds a {detector.name!r} detector, not {record.detector!r}")
+        if tuple(detector.landmark_names) != landmark_names:
             raise _refuse(name, f"its landmarks {list(detector.landmark_names)} differ from the served model's "
                                 f"{list(landmark_names)}")
         try:
@@ -88,46 +95,38 @@ def replace_checkpoint(model_dir: Path, upload: str, landmark_names: Sequence[st
         found = np.asarray(landmarks.found, dtype=bool)
         if coords.shape != (len(landmark_names), 3) or not np.isfinite(coords[found]).all():
             raise _refuse(name, "its prediction on a probe image is not one finite point per landmark")
-        with staged.open("rb") as f:
-            os.fsync(f.fileno())
-        final = model_dir / CHECKPOINT_FILE
-        previous = None
-        if final.is_file():
-            backup = staging / PREVIOUS_CHECKPOINT
-            os.link(final, backup)
-            os.replace(backup, model_dir / PREVIOUS_CHECKPOINT)
-            previous = str(model_dir / PREVIOUS_CHECKPOINT)
-        os.replace(staged, final)
-        _fsync_dir(model_dir)
+        current = record.current()
+        before = scores(load_detector(record.current_dir(), "cpu"), val) if current is not None else None
+        after = scores(detector, val)
+        version = record.add_version(staging, parent=current, detector=detector.name, metrics=after,
+                                     report={"source": "uploaded by an admin (PUT /model)",
+                                             "val_cases": [s.case for s in val]},
+                                     data_fingerprint=str(getattr(detector, "data_fingerprint", "") or ""))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"model": name, "checkpoint": str(final), "previous": previous, "sha256": _sha256(final),
-            "detector": detector.name, "landmarks": list(detector.landmark_names)}
+    accepted, reason = gate(before, after)
+    if force and not accepted:
+        accepted, reason = True, f"served on an admin's decision (force=true) although the gate said: {reason}"
+    record.decide(version.id, accepted, reason, {"current": current, "before": before, "after": after})
+    answer = {"model": name, "version": version.id, "published": accepted, "decision": reason,
+              "served_version": record.current(), "sha256": _sha256(version.checkpoint),
+              "detector": detector.name, "landmarks": list(detector.landmark_names)}
+    if not accepted:
+        raise http_error(CONFLICT, f"model file for {name!r} kept as candidate version {version.id}, not served: "
+                                   f"{reason} (an admin may serve it anyway with ?force=true)")
+    return answer
 
 
-def rollback_checkpoint(model_dir: Path, name: str) -> dict[str, Any]:
-    """Make ``checkpoint.previous.pt`` current; the replaced file is kept as ``checkpoint.<time>.deleted``.
+def rollback(model: LoadedModel) -> dict[str, Any]:
+    """Serve the version before the current one again (the registry's rollback).
 
     Raises:
-        HTTPException: 409 when there is no previous version.
+        HTTPException: 409 when there is nothing to roll back to.
     """
-    final = model_dir / CHECKPOINT_FILE
-    previous = model_dir / PREVIOUS_CHECKPOINT
-    if not previous.is_file():
-        raise http_error(CONFLICT, f"model {name!r} has no previous version to roll back to; the server keeps its "
-                                   "only checkpoint (replace it with PUT /model/{name} instead)")
-    aside = model_dir / f"checkpoint.{datetime.now().strftime('%Y%m%d_%H%M%S_%f')}.deleted"
-    if final.is_file():
-        os.link(final, aside)
-    os.replace(previous, final)
-    _fsync_dir(model_dir)
-    return {"model": name, "checkpoint": str(final), "sha256": _sha256(final),
-            "set_aside": str(aside) if aside.exists() else None}
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    record = model.record
+    before = record.current()
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        served = record.rollback()
+    except RegistryError as e:
+        raise http_error(CONFLICT, f"model {model.config.name!r}: {e}") from None
+    return {"model": model.config.name, "rolled_back_from": before, "served_version": served}

@@ -102,6 +102,7 @@ ADMIN_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("GET", re.compile(r"^/datastore/dataset/?$")),
     ("DELETE", re.compile(r"^/datastore/?(image|label)?/?$")),
     ("POST", re.compile(r"^/reload/?$")),
+    ("POST", re.compile(r"^/models/[^/]+/rollback/?$")),
 )
 #: Paths anyone may read, even with an annotator token configured (the viewer's files, the API page).
 PUBLIC_PREFIXES = ("/info", "/static/", "/ohif", "/favicon.ico", "/docs", "/openapi.json")
@@ -541,18 +542,34 @@ async def api_add_image(
     return await run_in_threadpool(_add_image_sync, image, params, file, user.username)
 
 
-def _replace_model_sync(name: str, file: UploadFile) -> dict[str, Any]:
+def _replace_model_sync(name: str, file: UploadFile, force: bool) -> dict[str, Any]:
     with uploads() as saved:
         path = saved.save(file, "checkpoint.pt")
-        return dict(app_instance().replace_model(name, path))
+        return dict(app_instance().replace_model(name, path, force))
 
 
-@router.put("/model/{model}", summary="Replace a model's checkpoint (admin; checked before it replaces anything)")
-async def api_replace_model(model: str, file: UploadFile, user: User = Depends(RBAC(ROLE_ADMIN))) -> Any:
-    return await run_in_threadpool(_replace_model_sync, model, file)
+@router.put("/model/{model}", summary="Add an uploaded checkpoint as a new version (admin; checked, then gated)")
+async def api_replace_model(model: str, file: UploadFile, force: bool = False,
+                            user: User = Depends(RBAC(ROLE_ADMIN))) -> Any:
+    return await run_in_threadpool(_replace_model_sync, model, file, force)
 
 
-@router.delete("/model/{model}", summary="Roll a model back to its previous checkpoint (admin)")
+@router.delete("/model/{model}", summary="Roll a model back to its previous version (admin)")
+async def api_delete_model(model: str, user: User = Depends(RBAC(ROLE_ADMIN))) -> Any:
+    return await run_in_threadpool(lambda: dict(app_instance().rollback_model(model)))
+
+
+@router.get("/models/", summary="Every served model's versions (the model registry)")
+async def api_models(user: User = Depends(RBAC(ROLE_ANNOTATOR))) -> Any:
+    return await run_in_threadpool(lambda: dict(app_instance().models_json()))
+
+
+@router.get("/models/{model}", summary="One model's versions: metrics, parents, decisions")
+async def api_model_versions(model: str, user: User = Depends(RBAC(ROLE_ANNOTATOR))) -> Any:
+    return await run_in_threadpool(lambda: dict(app_instance().models_json(model)))
+
+
+@router.post("/models/{model}/rollback", summary="Serve the version before the current one again (admin)")
 async def api_rollback_model(model: str, user: User = Depends(RBAC(ROLE_ADMIN))) -> Any:
     return await run_in_threadpool(lambda: dict(app_instance().rollback_model(model)))
 

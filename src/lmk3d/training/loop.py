@@ -151,10 +151,14 @@ class Trainer:
         rng: the NumPy generator of every random draw of the fit (augmentation, sampling, order).
         device: the resolved torch device.
         meta: JSON-able facts saved with the resume state (the CLI stores its command there).
+        on_epoch: called after every epoch with ``(phase, epochs done, phase's epoch budget, row)``,
+            ``row`` being the epoch's ``{"epoch", "loss", ...}`` (the server reports progress with it).
     """
 
     def __init__(self, options: TrainOptions | None = None, resume: dict[str, Any] | None = None,
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None,
+                 on_epoch: Callable[[str, int, int, dict[str, float]], None] | None = None) -> None:
+        self.on_epoch = on_epoch
         self.options = options or TrainOptions()
         self.rng = seed_everything(self.options.seed)
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -275,6 +279,8 @@ class Trainer:
             report.epochs = epoch + 1
             report.seconds = time.monotonic() - t0
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"})
+            if self.on_epoch is not None:
+                self.on_epoch(name, epoch + 1, max_epochs, row)
             stop = ""
             if since_best >= patience:
                 stop = "patience"

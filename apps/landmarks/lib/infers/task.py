@@ -36,8 +36,9 @@ module only adapts requests and answers to MONAI Label.
 The task's type is ``segmentation`` because that is the type both stock plugins list under
 "auto segmentation" (a ``detection`` model makes Slicer's "Submit Label" send ROI boxes instead).
 
-The task checks the checkpoint file on every request and reloads it when a train task has published a
-new one, so retrained weights are used without restarting the server; a checkpoint that fails to load
+The task checks the served checkpoint (the model's current registry version, :mod:`lmk3d.registry`) on
+every request and reloads it when a new version has been published or rolled back to, so retrained
+weights are used without restarting the server; a checkpoint that fails to load
 leaves the previous weights in service (and says so in the log).
 
 It does not subclass MONAI Label's ``BasicInferTask``: that class runs MONAI transforms and the MONAI
@@ -52,6 +53,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +116,7 @@ class LandmarkInferTask(InferTask):
             },
         )
         self.name = model.config.name
-        self.model_dir = Path(model.model_dir)
+        self.record = model.record
         self.device = device
         self.scores = scores
         self._lock = threading.Lock()
@@ -124,6 +126,12 @@ class LandmarkInferTask(InferTask):
         self.sr_store: SrStore | None = None
 
     # --- the model ----------------------------------------------------------------------------------
+    @property
+    def model_dir(self) -> Path:
+        """The served version's folder (the registry's current version, or the shipped model folder)."""
+        folder = self.record.current_dir()
+        return Path(folder) if folder is not None else Path(self.record.root) / "no-version"
+
     @property
     def checkpoint(self) -> Path:
         return self.model_dir / CHECKPOINT_FILE
@@ -160,19 +168,11 @@ class LandmarkInferTask(InferTask):
     def predict(self, volume: Volume) -> tuple[Prediction, FileSignature | None]:
         """Run the current detector on ``volume``; record its scores for active learning."""
         detector, signature = self.detector()
-        prediction = detector.predict_all(volume)
+        with self.scores.inferring() if self.scores is not None else nullcontext():  # holds background scoring back
+            prediction = detector.predict_all(volume)
         if self.scores is not None and volume.path:
             self.scores.put(self.name, volume.path, signature, prediction.landmarks.scores)
         return prediction, signature
-
-    def scores_for(self, image_path: str) -> np.ndarray:
-        """Per-landmark scores of the current model for an image file: cached, or predicted now."""
-        _, signature = self.detector()
-        cached = self.scores.get(self.name, image_path, signature) if self.scores is not None else None
-        if cached is not None:
-            return cached
-        prediction, _ = self.predict(read_image(image_path))
-        return np.asarray(prediction.landmarks.scores)
 
     # --- a request ----------------------------------------------------------------------------------
     def __call__(self, request: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:

@@ -1,24 +1,30 @@
 """Train tasks: one class, :class:`LandmarkTrainTask`, fine-tunes or retrains every detector from the final labels.
 
-``POST /train/<model>`` with JSON options
+``POST /train/<model>`` with JSON options (any other option is a 422)
 
 - ``init``: ``current`` (default: fine-tune the served weights) or ``scratch`` (new weights, same
-  detector and profile);
-- ``max_minutes``: the time budget of ``Detector.fit`` (default 10);
-- ``val_fraction``: share of the labelled images held out to measure the mean radial error (default
-  0.2; with a single labelled image there is no hold-out and the error is measured on it);
-- ``seed``: the split's and the training's seed (default 0).
+  detector and profile); ``from_scratch: true`` is the same as ``init: scratch``;
+- ``max_minutes``: the time budget of ``Detector.fit`` (default 10); ``max_epochs``: a cap on every
+  training phase's epochs (default: the profile's);
+- ``val_fraction``: share of the *training* cases split off for early stopping (default 0.2);
+- ``seed``: that split's and the training's seed (default 0).
+
+Every training result is a new version in the model registry (:mod:`lmk3d.registry`, in the server's
+workspace, never in the repository's ``models/``), and it is served only if the gate
+(:func:`lmk3d.registry.gate`, docs/registry.md) finds it no worse than the served version on the
+model's **validation cases**: labelled images set aside when the model first saw them
+(:meth:`lmk3d.registry.ModelRecord.validation_cases`) and never trained on. A rejected version stays in
+the registry as a candidate with its report; ``GET /train/`` (the last output lines), ``/info/``'s
+``train_stats`` (``published``, ``decision``, ``version``, ``served_version``) and ``lmk3d models show``
+say what was decided and why. The infer task notices the new served version and loads it.
 
 MONAI Label runs the task in a child process (``python -m monailabel.interfaces.utils.app -m train``)
 and shows the last 20 lines of its output in ``GET /train/``: this task prints one line per step (labels
-read, split, error before, training, error after, published) and the detector's progress bar adds the
-loss and validation error per epoch. ``GET /info/`` shows ``train_stats`` from ``app_train_stats.json``
-in the model folder (``status``, ``phase``, ``val_mre_mm``, ``val_mre_mm_before``, ``best_metric`` =
-the share of held-out landmarks within 4 mm, which is what Slicer's accuracy bar shows...); the
-detector's own training report goes to ``app_train_report.json`` beside it. (The ``app_`` prefix keeps
-them apart from what ``lmk3d train`` wrote there: ``MODEL_CARD.md``, ``train_report.json`` and
-``metrics.json`` keep describing the shipped weights, which stay as ``checkpoint.previous.pt`` after
-the first retrain.)
+read, validation and training cases, the served version's scores, training, the new weights' scores,
+the decision) and the detector's progress bar adds the loss and validation error per epoch.
+``GET /info/`` shows ``train_stats`` from ``app_train_stats.json`` in the model's registry folder
+(``status``, ``phase``, ``val_mre_mm``, ``val_mre_mm_before``, ``best_metric`` = the share of validation
+landmarks within 4 mm, which is what Slicer's accuracy bar shows...).
 
 The labels are read through :func:`lmk3d.io.labels.read_label` (``.mrk.json``, ``.fcsv``, ``.json``, sphere
 label maps with the ``label_info`` they were uploaded with); partial annotation is fine, and a label
@@ -30,11 +36,6 @@ started from keeps answering annotators while it trains. A server that restarts 
 finds ``status: RUNNING`` in ``app_train_stats.json`` from a process that no longer exists:
 :func:`reset_stale_status`, called at start-up, rewrites it as stopped.
 
-The split (:func:`lmk3d.data.split.holdout_split`), the scoring (:func:`lmk3d.metrics.evaluate_detector`)
-and the publishing (:func:`lmk3d.publish.publish`: a staging folder inside the model folder, loaded back
-as a check, then renamed over ``checkpoint.pt``, the previous one kept as ``checkpoint.previous.pt``) are
-the library's; the infer task notices the new file and reloads it.
-
 Bad requests are answered before the child process starts, with a 4xx: an unknown model (404), bad
 options (422), no final label in the datastore (409): :meth:`LandmarkTrainTask.check`, which the app
 runs through :mod:`lib.request_check` (MONAI Label 0.8.5 offers no hook for it).
@@ -42,11 +43,14 @@ runs through :mod:`lib.request_check` (MONAI Label 0.8.5 offers no hook for it).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,7 +64,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.configs import LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
 from lib.json_values import jsonable
-from lmk3d.checkpoint import CHECKPOINT_FILE
+from lmk3d.checkpoint import CHECKPOINT_FILE, data_fingerprint
 from lmk3d.data.samples import Sample
 from lmk3d.data.split import holdout_split
 from lmk3d.detectors import Detector, load_detector
@@ -69,7 +73,10 @@ from lmk3d.io.atomic import atomic_write_text
 from lmk3d.io.image import read_image
 from lmk3d.io.labels import read_label
 from lmk3d.metrics import evaluate_detector
-from lmk3d.publish import publish
+from lmk3d.publish import STAGING_PREFIX
+from lmk3d.registry import gate
+from lmk3d.training.loop import Trainer
+from lmk3d.training.loop import TrainOptions as TrainOptions_  # the library's; TrainOptions here is the request's
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,7 @@ class TrainOptions:
 
     init: str = "current"
     max_minutes: float = 10.0
+    max_epochs: int | None = None
     val_fraction: float = 0.2
     seed: int = 0
 
@@ -99,10 +107,19 @@ class TrainOptions:
             init = init[0] if init else cls.init
         if init not in INIT_CHOICES:
             raise http_error(UNPROCESSABLE, f"init {init!r} is not one of {', '.join(INIT_CHOICES)}")
+        scratch = request.get("from_scratch", False)
+        if not isinstance(scratch, bool):
+            raise http_error(UNPROCESSABLE, f"from_scratch {scratch!r} must be true or false")
+        if scratch:
+            init = "scratch"
         max_minutes = _number(request, "max_minutes", cls.max_minutes, lambda v: 0 < v <= 24 * 60, "in (0, 1440]")
+        max_epochs = None
+        if request.get("max_epochs") not in (None, ""):
+            max_epochs = int(_number(request, "max_epochs", 1, lambda v: v == int(v) and 1 <= v <= 100_000,
+                                     "a whole number in [1, 100000]"))
         val_fraction = _number(request, "val_fraction", cls.val_fraction, lambda v: 0 <= v < 1, "in [0, 1)")
         seed = _number(request, "seed", cls.seed, lambda v: v == int(v) and v >= 0, "a whole number >= 0")
-        return cls(str(init), max_minutes, val_fraction, int(seed))
+        return cls(str(init), max_minutes, max_epochs, val_fraction, int(seed))
 
 
 def _number(request: Mapping[str, Any], key: str, default: float, ok: Callable[[float], bool], rule: str) -> float:
@@ -126,16 +143,19 @@ class LandmarkTrainTask(TrainTask):
 
     def __init__(self, model: LoadedModel, device: str | None = None) -> None:
         super().__init__(f"Fine-tune or retrain {model.config.name} from the final labels (.mrk.json, .fcsv "
-                         "or sphere label maps)")
+                         "or sphere label maps); a new version is published only if it is no worse on the "
+                         "model's validation cases")
         self.name = model.config.name
-        self.model_dir = Path(model.model_dir)
+        self.record = model.record
+        #: Where this task's status and report files live: the model's registry folder, never models/.
+        self.model_dir = Path(model.record.root)
         self.landmark_names = tuple(model.detector.landmark_names)
         self.device = device
 
     def config(self) -> dict[str, Any]:
         d = TrainOptions()
-        return {"init": list(INIT_CHOICES), "max_minutes": d.max_minutes, "val_fraction": d.val_fraction,
-                "seed": d.seed}
+        return {"init": list(INIT_CHOICES), "from_scratch": False, "max_minutes": d.max_minutes, "max_epochs": "",
+                "val_fraction": d.val_fraction, "seed": d.seed}
 
     def stats(self) -> dict[str, Any]:
         path = self.model_dir / STATS_FILE
@@ -181,45 +201,86 @@ class LandmarkTrainTask(TrainTask):
             if isinstance(e, LandmarkError):  # bad labels, not a bug: a 422 when run synchronously
                 raise http_error(UNPROCESSABLE, f"training {self.name!r} failed: {e}") from None
             raise
-        stats.update(report, status="DONE", phase="published", end_ts=_now(), epoch=1,
+        stats.update(report, status="DONE", phase="published" if report["published"] else "rejected",
+                     end_ts=_now(), epoch=stats.get("total_epochs", 1),
                      total_time=round(time.monotonic() - t0, 2))
         self._stats(stats)
         return jsonable(stats)
 
     def _train(self, options: TrainOptions, datastore: Datastore, stats: dict[str, Any]) -> dict[str, Any]:
         samples = self._samples(datastore)
-        train, val = holdout_split(samples, options.val_fraction, options.seed)
-        held_out = bool(val)
-        measure = val if held_out else train
-        where = (f"{len(val)} held-out image(s)" if held_out
-                 else "the training image(s) (none held out)")
-        self._say(f"split (seed {options.seed}): {len(train)} for training, {len(val)} held out")
+        record = self.record
+        val_ids = set(record.validation_cases([s.case for s in samples]))
+        train = [s for s in samples if s.case not in val_ids]
+        val = [s for s in samples if s.case in val_ids]
+        if not train:
+            raise LandmarkError(f"all {len(samples)} labelled image(s) are validation cases of {self.name!r}, which "
+                                "are never trained on; label more images")
+        self._say(f"validation cases (fixed for this model, never trained on): {len(val)}; training cases: "
+                  f"{len(train)}")
 
-        detector = load_detector(self.model_dir, self.device)
-        if detector.name != self.name:
-            raise LandmarkError(f"{self.model_dir / CHECKPOINT_FILE} holds a {detector.name!r} detector")
-        before = _scores(detector, measure)
-        self._say(f"MRE of the current weights on {where}: {_mm(before['mre_mm'])}")
-        stats.update(phase="training", n_train=len(train), n_val=len(val), val_mre_mm_before=before["mre_mm"])
+        current = record.current()
+        folder = record.current_dir()
+        if folder is None:
+            raise LandmarkError(f"model {self.name!r} has no version to start from")
+        detector = load_detector(folder, self.device)
+        if detector.name != record.detector:
+            raise LandmarkError(f"{folder / CHECKPOINT_FILE} holds a {detector.name!r} detector")
+        before = scores(detector, val)
+        self._say(f"served version {current}: {_described(before)}")
+        stats.update(phase="training", n_train=len(train), n_val=len(val), val_mre_mm_before=before["val_mre_mm"],
+                     current_version=current)
         self._stats(stats)
 
-        self._say(f"training {self.name} (init={options.init}, max_minutes={options.max_minutes:g})")
-        fit_report = detector.fit(train, val or None, seed=options.seed, max_minutes=options.max_minutes,
-                                  progress=True, init=options.init)
-        after = _scores(detector, measure)
-        self._say(f"MRE after training on {where}: {_mm(after['mre_mm'])} (before: {_mm(before['mre_mm'])}); "
-                  f"within {SDR_RADIUS_MM:g} mm: {after['sdr']:.0%}")
-        stats.update(phase="publishing", val_mre_mm=after["mre_mm"], val_sdr_4mm=after["sdr"],
-                     best_metric=after["sdr"], measured_on="held-out" if held_out else "training")
+        # Early stopping looks at cases split off the training cases: the validation cases decide publishing only.
+        fit_train, fit_val = holdout_split(train, options.val_fraction, options.seed)
+        self._say(f"training {self.name} (init={options.init}, max_minutes={options.max_minutes:g}, "
+                  f"max_epochs={options.max_epochs or 'profile'}; early stopping on {len(fit_val)} of the "
+                  "training cases)")
+        def progress(phase: str, done: int, total: int, row: dict[str, float]) -> None:
+            # What the stock Slicer plugin draws: epoch / total_epochs of the phase running now.
+            stats.update(phase=f"training: {phase}", epoch=done, total_epochs=total, loss=row.get("loss"))
+            self._stats(stats)
+
+        trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=options.max_minutes,
+                                        max_epochs=options.max_epochs, progress=True,
+                                        device=str(detector.device)), on_epoch=progress)
+        fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=options.init)
+        after = scores(detector, val)
+        self._say(f"new weights: {_described(after)}")
+        stats.update(phase="deciding", val_mre_mm=after["val_mre_mm"], val_sdr_4mm=after["val_sdr_4mm"],
+                     best_metric=after["val_sdr_4mm"])
         self._stats(stats)
 
-        path = publish(detector, self.model_dir)
-        self._say(f"published {path}")
-        # The detector's own report (per-epoch history...) is long: beside the stats, not in /info/.
-        atomic_write_text(self.model_dir / REPORT_FILE, json.dumps(jsonable(fit_report), indent=2))
-        return {"n_train": len(train), "n_val": len(val), "val_mre_mm_before": before["mre_mm"],
-                "val_mre_mm": after["mre_mm"], "val_sdr_4mm": after["sdr"], "best_metric": after["sdr"],
-                "checkpoint": str(path), "train_cases": [s.case for s in train], "val_cases": [s.case for s in val]}
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=record.root))
+        try:
+            detector.save(staging)
+            atomic_write_text(staging / REPORT_FILE, json.dumps(jsonable(fit_report), indent=2))
+            version = record.add_version(
+                staging, parent=current, detector=detector.name, metrics=after,
+                report={"options": dataclasses.asdict(options), "train_cases": [s.case for s in train],
+                        "val_cases": [s.case for s in val], "fit": jsonable(fit_report)},
+                data_fingerprint=data_fingerprint([(s.case, s.landmarks) for s in train]))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        accepted, reason = gate(before if current is not None else None, after)
+        record.decide(version.id, accepted, reason, {"current": current, "before": before, "after": after})
+        self._say(f"version {version.id} {'PUBLISHED' if accepted else 'kept as a candidate, NOT published'}: "
+                  f"{reason}")
+        return {"n_train": len(train), "n_val": len(val), "val_mre_mm_before": before["val_mre_mm"],
+                "val_mre_mm": after["val_mre_mm"], "val_sdr_4mm": after["val_sdr_4mm"],
+                "best_metric": after["val_sdr_4mm"], "version": version.id, "parent": current,
+                "published": accepted, "decision": reason, "served_version": record.current(),
+                "train_cases": [s.case for s in train], "val_cases": [s.case for s in val]}
+
+    def validation_samples(self, datastore: Datastore) -> list[Sample]:
+        """The model's validation cases with their final labels (what the gate measures a new version on)."""
+        try:
+            samples = self._samples(datastore)
+        except LandmarkError:
+            return []
+        val = set(self.record.validation_cases([s.case for s in samples]))
+        return [s for s in samples if s.case in val]
 
     def _samples(self, datastore: Datastore) -> list[Sample]:
         """Every image with a readable final label, as Samples in the model's landmark order."""
@@ -324,10 +385,21 @@ def _training_running() -> bool:
     return bool(processes("train"))
 
 
-def _scores(detector: Detector, samples: Sequence[Sample]) -> dict[str, float]:
-    """The mean radial error (mm) and the share within :data:`SDR_RADIUS_MM` of ``detector`` on ``samples``."""
+def scores(detector: Detector, samples: Sequence[Sample]) -> dict[str, float]:
+    """What the gate compares (:func:`lmk3d.registry.gate`): MRE (mm), share found, share within 4 mm, cases."""
+    if not samples:
+        return {"val_mre_mm": math.nan, "val_found": math.nan, "val_sdr_4mm": math.nan, "n_val": 0}
     overall = evaluate_detector(detector, samples, radii=(SDR_RADIUS_MM,)).overall
-    return {"mre_mm": overall.mre, "sdr": overall.sdr[f"{SDR_RADIUS_MM:g}"]}
+    found = overall.n_scored / overall.n_truth if overall.n_truth else math.nan
+    return {"val_mre_mm": overall.mre, "val_found": found, "val_sdr_4mm": overall.sdr[f"{SDR_RADIUS_MM:g}"],
+            "n_val": len(samples)}
+
+
+def _described(metrics: Mapping[str, float]) -> str:
+    if not metrics["n_val"]:
+        return "no validation case yet"
+    return (f"MRE {_mm(metrics['val_mre_mm'])}, {metrics['val_found']:.0%} found, "
+            f"{metrics['val_sdr_4mm']:.0%} within {SDR_RADIUS_MM:g} mm on {metrics['n_val']} validation case(s)")
 
 
 def _mm(value: float) -> str:
