@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lmk3d.checkpoint import CHECKPOINT_FILE
-from lmk3d.io.atomic import fsync_dir, stale_owner
+from lmk3d.io.atomic import fsync_dir, remove_stale_dirs
 
 if TYPE_CHECKING:
     from lmk3d.detectors import Detector
@@ -98,18 +98,5 @@ def remove_stale_staging(model_dir: str | os.PathLike[str]) -> list[Path]:
     Returns:
         The removed folders.
     """
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(model_dir))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir(follow_symlinks=False):
-            continue
-        if not stale_owner(entry.name, STAGING_PREFIX) or os.path.realpath(entry.path) in _in_progress:
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if not os.path.lexists(entry.path):
-            logger.warning("removed %s: a staging folder left by an interrupted publish", entry.path)
-            removed.append(Path(entry.path))
-    return removed
+    return remove_stale_dirs(model_dir, STAGING_PREFIX, lambda path: path in _in_progress,
+                             "an interrupted publish")

@@ -56,7 +56,7 @@ from typing import Any
 
 from lmk3d.checkpoint import CHECKPOINT_FILE
 from lmk3d.errors import LandmarkError
-from lmk3d.io.atomic import atomic_write_text, fsync_dir, remove_stale_temps, stale_owner
+from lmk3d.io.atomic import atomic_write_text, fsync_dir, remove_stale_dirs, remove_stale_temps
 from lmk3d.safe_names import plain_name_problem
 
 __all__ = ["DEFAULT_VAL_FRACTION", "MODEL_FILE", "SHIPPED", "STATUSES", "WORKSPACE_DIR", "ModelRecord", "Registry",
@@ -307,22 +307,12 @@ def _version_number(vid: str) -> int | None:
 
 def _remove_stale_staging(folder: Path) -> list[Path]:
     """Remove the staging folders in ``folder`` that killed :meth:`ModelRecord.add_version` calls left."""
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(STAGING_PREFIX) or not entry.is_dir(follow_symlinks=False):
-            continue
+
+    def busy(path: str) -> bool:
         with _in_progress_lock:
-            if not stale_owner(entry.name, STAGING_PREFIX) or os.path.realpath(entry.path) in _in_progress:
-                continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        if not os.path.lexists(entry.path):
-            logger.warning("removed %s: a staging folder left by an interrupted add_version", entry.path)
-            removed.append(Path(entry.path))
-    return removed
+            return path in _in_progress
+
+    return remove_stale_dirs(folder, STAGING_PREFIX, busy, "an interrupted add_version")
 
 
 # --- one model -------------------------------------------------------------------------------------

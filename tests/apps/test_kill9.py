@@ -27,8 +27,8 @@ Then a real training on those labels is killed with the server as soon as its ``
 says RUNNING: after the restart it says STOPPED, in the file and in ``GET /info/``. A last test leaves
 what a training killed while publishing leaves in the model's registry folder (a ``.staging-*``
 folder and ``app_train_stats.json`` saying RUNNING) and checks that a start removes the folder and
-records the training as stopped, the shipped checkpoint untouched. Only the kill points depend on timing; every assertion
-is about files and answers, none about time.
+records the training as stopped, the shipped checkpoint untouched. Only the kill points depend on
+timing; every assertion is about files and answers, none about time.
 """
 
 from __future__ import annotations

@@ -167,3 +167,31 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
         logger.warning("removed %s: a temporary file left by an interrupted write", entry.path)
         removed.append(Path(entry.path))
     return removed
+
+
+def remove_stale_dirs(folder: str | os.PathLike[str], prefix: str, busy: Callable[[str], bool],
+                      what: str) -> list[Path]:
+    """Remove the folders named ``<prefix><pid>-...`` in ``folder`` that killed processes left.
+
+    A folder is stale when its process is gone, or when it is this process's and ``busy`` (called with
+    its real path) says nothing of this process is filling it; another live process's folder is left
+    alone. Each removal is logged, naming ``what`` left it.
+
+    Returns:
+        The removed folders (none when ``folder`` does not exist).
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
+            continue
+        if not stale_owner(entry.name, prefix) or busy(os.path.realpath(entry.path)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            logger.warning("removed %s: a folder left by %s", entry.path, what)
+            removed.append(Path(entry.path))
+    return removed
