@@ -10,7 +10,20 @@ Start it with ``lmk3d serve --studies DIR_OR_DICOMWEB_URL`` (or ``make demo``). 
   (default: :func:`lmk3d.registry.default_workspace`; never the repository's ``models/``, which is
   only read);
 - ``landmark_output``: the infer tasks' default result file, ``label`` (a sphere label map, the
-  default) or ``markups`` (a Slicer point list); each request may still ask for either.
+  default) or ``markups`` (a Slicer point list); each request may still ask for either;
+- ``new_models``: models of the user's own landmarks, ``NAME=DETECTOR,NAME2=DETECTOR2`` (``lmk3d serve
+  --new-model NAME=DETECTOR``), see below.
+
+**Declared models.** A model in ``new_models`` gets a registry record with no shipped checkpoint and
+no landmark names. Until it has a version it is listed in ``/info/`` under ``untrained_models`` (why,
+and how to train it), has a train task (``POST /train/NAME``: :mod:`lib.trainers.task` fixes its
+landmark names from the final labels, publishes the ``mean_shape`` baseline as its first version,
+then trains its detector) and answers inference with 409 "not trained yet". The datastore accepts
+labels with new landmark names while such a model has no names (:mod:`lib.label_names`). As soon as
+its record has a served version (the training child published one) the server serves it, with no
+restart: :meth:`LandmarksApp.serve_trained` runs on every ``/info/``, inference, train and model
+request. After a restart a declared model with a version is served like any other (declare it again
+with the same ``--new-model``).
 
 Each module in ``lib/configs`` declares one detector and is found automatically. A detector whose
 checkpoint is missing or unreadable is not served: the log says why and how to make one, and
@@ -47,11 +60,12 @@ from typing import Any
 
 from dicomweb_client.session_utils import create_session_from_user_pass
 from lib.activelearning import LeastConfident
-from lib.configs import LANDMARK_OUTPUTS, LandmarkModelConfig, LoadedModel, discover_configs
+from lib.configs import LANDMARK_OUTPUTS, DeclaredModel, LandmarkModelConfig, LoadedModel, discover_configs
 from lib.datastore import LandmarkDatastore
 from lib.dicomweb import LandmarkDICOMwebDatastore
-from lib.errors import BAD_REQUEST, NOT_FOUND, UNPROCESSABLE, http_error, unknown_image
+from lib.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, UNPROCESSABLE, http_error, unknown_image
 from lib.infers import LandmarkInferTask, make_infer_task
+from lib.label_names import LabelNames
 from lib.model_files import replace_checkpoint, rollback
 from lib.request_check import install_request_check
 from lib.scores import ScoreCache
@@ -68,10 +82,12 @@ from monailabel.tasks.activelearning.first import First
 from monailabel.tasks.activelearning.random import Random
 
 import lmk3d
+from lmk3d.detectors import detector_names
 from lmk3d.errors import LandmarkError
 from lmk3d.publish import remove_stale_staging
-from lmk3d.registry import Registry, default_workspace
+from lmk3d.registry import ModelRecord, Registry, default_workspace
 from lmk3d.safe_names import plain_name_problem
+from lmk3d.serve import NEW_MODELS_CONF, parse_new_models
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +96,12 @@ TRAIN_REQUEST_KEYS = frozenset({"model", "gpus", "multi_gpu", "name"})
 
 
 class LandmarksApp(MONAILabelApp):
-    """MONAI Label app serving the trained lmk3d detectors found in ``models/``."""
+    """MONAI Label app serving the trained lmk3d detectors found in ``models/``, and the declared models."""
+
+    # MONAI Label's, typed here: serve_trained replaces them with larger dicts.
+    _infers: dict[str, InferTask]
+    _trainers: dict[str, TrainTask]
+    _strategies: dict[str, Strategy]
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]) -> None:
         conf = dict(conf or {})
@@ -96,6 +117,10 @@ class LandmarksApp(MONAILabelApp):
         self.configs: dict[str, LandmarkModelConfig] = discover_configs()
         self.models: dict[str, LoadedModel] = {}
         self.unavailable: dict[str, str] = {}
+        #: Declared models with no version yet; replaced (never changed in place) as they get one.
+        self.untrained: dict[str, DeclaredModel] = {}
+        self._declared_lock = threading.Lock()
+        self._unloadable: dict[str, str | None] = {}  # declared model -> the version that failed to load
         logger.info("lmk3d %s: detectors %s; dataset %r; models from %s", lmk3d.__version__,
                     ", ".join(self.configs) or "(none)", self.dataset, self.models_dir)
         workspace = Path(conf.get("workspace") or default_workspace(studies)).resolve()
@@ -113,6 +138,7 @@ class LandmarksApp(MONAILabelApp):
             except Exception as e:  # a broken checkpoint must not take the other models down
                 logger.exception("model %r: loading failed", name)
                 self._unavailable(name, f"loading failed ({type(e).__name__}: {e})")
+        self._declare(conf.get(NEW_MODELS_CONF) or "")
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -122,6 +148,29 @@ class LandmarksApp(MONAILabelApp):
             version=lmk3d.__version__,
         )
         install_request_check(self._check_request)
+
+    def _declare(self, value: str) -> None:
+        """Create the records of the declared models (``--conf new_models NAME=DETECTOR,...``); load those trained.
+
+        Raises:
+            LandmarkError: a bad declaration (the message says what is accepted), or a workspace that keeps
+                a model of that name with another detector.
+        """
+        items = [item for item in value.split(",") if item.strip()]
+        detectors = [d for d in self.configs if d in detector_names()]
+        for name, detector in parse_new_models(items, detectors, f"--conf {NEW_MODELS_CONF}").items():
+            self._clean_after_kill(self.registry.root / name)
+            declared = self.configs[detector].declared(name).declare(self.registry)
+            if declared.record.current() is None:
+                self.untrained[name] = declared
+                logger.info("model %r (%s): declared, not trained yet; its landmark names come from the final "
+                            "labels: save some, then POST /train/%s", name, detector, name)
+                continue
+            try:
+                self.models[name] = declared.config.load_declared(declared.record, self.device)
+            except Exception as e:  # a broken version must not take the other models down
+                logger.exception("model %r: loading failed", name)
+                self._unavailable(name, f"loading failed ({type(e).__name__}: {e})")
 
     @staticmethod
     def _clean_after_kill(model_dir: Path) -> None:
@@ -160,8 +209,26 @@ class LandmarksApp(MONAILabelApp):
         return infers
 
     def init_trainers(self) -> dict[str, TrainTask]:
-        # Only a served model can be fine-tuned: training needs its checkpoint's detector and profile.
-        return {name: LandmarkTrainTask(self.models[name], self.device) for name in self._infers}
+        # A served model is fine-tuned from its checkpoint; a declared one is trained from its labels.
+        trainers: dict[str, TrainTask] = {name: self._train_task(self.models[name]) for name in self._infers}
+        trainers.update((name, self._train_task(model)) for name, model in self.untrained.items())
+        return trainers
+
+    def _train_task(self, model: LoadedModel | DeclaredModel) -> LandmarkTrainTask:
+        name = model.config.name
+        return LandmarkTrainTask(model, self.device, lambda: self._names_of_others(name))
+
+    def _names_of_others(self, name: str) -> frozenset[str]:
+        """The landmark names of every model but ``name`` (served, or declared with names)."""
+        names: set[str] = set()
+        for other, record in self._records().items():
+            if other != name:
+                names.update(record.landmark_names or ())
+        return frozenset(names)
+
+    def _records(self) -> dict[str, ModelRecord]:
+        """Every served or declared model's registry record, by name."""
+        return {**{n: m.record for n, m in self.models.items()}, **{n: d.record for n, d in self.untrained.items()}}
 
     def init_strategies(self) -> dict[str, Strategy]:
         strategies: dict[str, Strategy] = {"random": Random(), "first": First()}
@@ -178,7 +245,7 @@ class LandmarksApp(MONAILabelApp):
             extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
-            landmark_names=self.landmark_names,
+            landmark_names=self.label_names,
         )
 
     def _init_pacs_datastore(self) -> LandmarkDICOMwebDatastore:
@@ -197,7 +264,7 @@ class LandmarksApp(MONAILabelApp):
         logger.info("DICOMweb studies %s (%s); series listing cached for %s s", self.studies,
                     "with credentials" if session else "no credentials", settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)
         return LandmarkDICOMwebDatastore(client, dict(settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER), cache_path,
-                                         settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, self.landmark_names)
+                                         settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY, self.label_names)
 
     def landmark_names(self) -> tuple[str, ...]:
         """The served models' landmark names (value k+1 of a sphere label map = name k)."""
@@ -205,19 +272,121 @@ class LandmarksApp(MONAILabelApp):
             return tuple(model.detector.landmark_names)
         return ()
 
+    def label_names(self) -> LabelNames:
+        """What landmark names a saved label may carry now (:mod:`lib.label_names`)."""
+        self.serve_trained()
+        default = self.landmark_names()
+        known: set[str] = set(default)
+        open_models = []
+        for name, record in self._records().items():
+            names = record.landmark_names
+            if names is None:
+                open_models.append(name)
+            else:
+                known.update(names)
+                default = default or tuple(names)
+        return LabelNames(default=default, known=frozenset(known), open_models=tuple(open_models))
+
+    # --- declared models: served as soon as they have a version ------------------------------------------
+    def serve_trained(self) -> list[str]:
+        """Serve each declared model whose record has got a served version since (its training published one).
+
+        Builds its infer and train tasks and adds them to the app's (new dicts, swapped in, so a request
+        reading the old ones is unaffected); once per model, under a lock. A version that cannot be loaded
+        leaves the model untrained, with the reason in the log and in ``/info/``.
+
+        Returns:
+            The models served from now on.
+        """
+        def ready(name: str, declared: DeclaredModel) -> bool:
+            current = declared.record.current()
+            return current is not None and self._unloadable.get(name) != current
+
+        if not any(ready(n, d) for n, d in self.untrained.items()):
+            return []
+        served = []
+        with self._declared_lock:
+            for name, declared in list(self.untrained.items()):
+                if not ready(name, declared):
+                    continue
+                try:
+                    model = declared.config.load_declared(declared.record, self.device)
+                    task = make_infer_task(model, self.landmark_output, self.device, self.scores)
+                    if not isinstance(task, LandmarkInferTask):
+                        raise LandmarkError("this app version has no infer task for it")
+                except Exception as e:
+                    version = declared.record.current()
+                    logger.exception("model %r: its version %s cannot be served", name, version)
+                    self._unloadable[name] = version
+                    self._unavailable(name, f"its version {version} cannot be loaded ({type(e).__name__}: {e})")
+                    continue
+                if isinstance(self._datastore, LandmarkDICOMwebDatastore):
+                    task.sr_store = self._datastore.store_sr
+                self.unavailable.pop(name, None)
+                self.models = {**self.models, name: model}
+                self._infers = {**self._infers, name: task}
+                self._trainers = {**self._trainers, name: self._train_task(model)}
+                self.untrained = {n: d for n, d in self.untrained.items() if n != name}
+                self._add_to_strategies(name, task)
+                served.append(name)
+                logger.info("model %r: trained, now served: version %s (%s, landmarks %s)", name,
+                            model.record.current(), model.detector.name, ", ".join(model.detector.landmark_names))
+        return served
+
+    def _add_to_strategies(self, name: str, task: LandmarkInferTask) -> None:
+        strategy = self._strategies.get("least_confident")
+        if isinstance(strategy, LeastConfident):
+            strategy.add_task(name, task)
+            return
+        if "least_confident" in self._strategies or is_training_child():
+            return
+        strategy = LeastConfident({name: task})
+        self._strategies = {**self._strategies, "least_confident": strategy}
+        strategy.start(self.datastore())
+
+    def _not_trained(self, name: str) -> Exception:
+        return http_error(CONFLICT, f"model {name} is not trained yet: save final labels (PUT "
+                                    "/datastore/label?image=ID&tag=final with a .mrk.json or .fcsv point list "
+                                    "naming your landmarks, or a sphere label map with label_info) and POST "
+                                    f"/train/{name}")
+
+    def untrained_json(self) -> dict[str, Any]:
+        """``/info/``'s ``untrained_models``: each declared model with no version yet, why, and how to train it."""
+        out = {}
+        for name, declared in self.untrained.items():
+            names = declared.record.landmark_names
+            out[name] = {
+                "detector": declared.config.detector,
+                "landmark_names": list(names) if names is not None else None,
+                "reason": "not trained yet: it has no version",
+                "how_to_train": (f"save final labels naming your landmarks (PUT /datastore/label?image=ID&tag=final "
+                                 "with a .mrk.json or .fcsv point list, or a sphere label map with label_info), then "
+                                 f"POST /train/{name}: the mean_shape baseline is served within a minute, then "
+                                 f"{declared.config.detector} if it is no worse on the validation cases"),
+                "train_stats": self._trainers[name].stats() if name in self._trainers else {},
+            }
+        return out
+
     def info(self) -> dict[str, Any]:
+        self.serve_trained()
         meta: dict[str, Any] = super().info()
         meta["unavailable_models"] = dict(self.unavailable)
-        meta["model_versions"] = {name: self.models_json(name, brief=True) for name in self.models}
+        meta["untrained_models"] = self.untrained_json()
+        meta["model_versions"] = {name: self.models_json(name, brief=True) for name in self._records()}
         return meta
 
     def models_json(self, name: str | None = None, brief: bool = False) -> dict[str, Any]:
-        """The registry's record of one model (``GET /models/{name}``), or of every served one (``GET /models/``)."""
+        """The registry's record of one model (``GET /models/{name}``), or of every one (``GET /models/``).
+
+        Declared models with no version yet are included (no versions, ``current`` null).
+        """
+        self.serve_trained()
+        records = self._records()
         if name is None:
-            return {n: self.models_json(n, brief=True) for n in self.models}
-        if name not in self.models:
-            raise self._unknown_model(name, self.models)
-        record = self.models[name].record.to_json()
+            return {n: self.models_json(n, brief=True) for n in records}
+        if name not in records:
+            raise self._unknown_model(name, records)
+        record = records[name].to_json()
         if brief:
             versions = record.get("versions") or []
             return {"current": record.get("current"), "versions": len(versions),
@@ -228,6 +397,8 @@ class LandmarksApp(MONAILabelApp):
         reason = self.unavailable.get(model) if isinstance(model, str) else None
         if reason:
             return http_error(NOT_FOUND, f"model {model!r} is not served: {reason}")
+        if isinstance(model, str) and model in self.untrained:
+            return self._not_trained(model)
         return http_error(NOT_FOUND, f"unknown model {model!r}; served models: {', '.join(served) or '(none)'}")
 
     def infer(self, request: dict[str, Any], datastore: Datastore | None = None) -> dict[str, Any]:
@@ -238,6 +409,7 @@ class LandmarksApp(MONAILabelApp):
         is a datastore id, resolved by the datastore only (a path sent as an id is not an id: 400/404).
         """
         model = request.get("model")
+        self.serve_trained()
         if model not in self._infers:
             raise self._unknown_model(model, self._infers)
         ds = datastore or self.datastore()
@@ -267,6 +439,7 @@ class LandmarksApp(MONAILabelApp):
 
     # --- models: replace after a check, roll back -----------------------------------------------------
     def _served(self, name: str) -> LandmarkInferTask:
+        self.serve_trained()
         task = self._infers.get(name)
         if not isinstance(task, LandmarkInferTask):
             raise self._unknown_model(name, self._infers)
@@ -316,6 +489,7 @@ class LandmarksApp(MONAILabelApp):
 
     def _check_request(self, method: str, request: dict[str, Any]) -> None:
         """Refuse a bad background-task request with a 4xx before MONAI Label starts a process for it."""
+        self.serve_trained()
         if method == "batch_infer":
             if request.get("model") not in self._infers:
                 raise self._unknown_model(request.get("model"), self._infers)

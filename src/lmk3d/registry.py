@@ -59,8 +59,8 @@ from lmk3d.errors import LandmarkError
 from lmk3d.io.atomic import atomic_write_text, fsync_dir, remove_stale_dirs, remove_stale_temps
 from lmk3d.safe_names import plain_name_problem
 
-__all__ = ["DEFAULT_VAL_FRACTION", "MODEL_FILE", "SHIPPED", "STATUSES", "WORKSPACE_DIR", "ModelRecord", "Registry",
-           "RegistryError", "Version", "default_workspace", "gate"]
+__all__ = ["BASELINE_DETECTOR", "DEFAULT_VAL_FRACTION", "MODEL_FILE", "SHIPPED", "STATUSES", "WORKSPACE_DIR",
+           "ModelRecord", "Registry", "RegistryError", "Version", "default_workspace", "gate"]
 
 #: The share of a model's labelled cases set aside as validation cases (see :meth:`ModelRecord.validation_cases`).
 DEFAULT_VAL_FRACTION = 0.2
@@ -72,6 +72,9 @@ SHIPPED = "shipped"
 STATUSES = ("candidate", "published", "rejected", "rolled_back")
 #: The default workspace folder inside a local studies folder (hidden, so no datastore lists it).
 WORKSPACE_DIR = ".lmk3d-workspace"
+#: The detector a model's version may hold besides the model's own: the fast baseline that gives a newly
+#: declared model its first version within a minute, before its own detector has trained.
+BASELINE_DETECTOR = "mean_shape"
 
 VERSION_FILE = "version.json"
 REPORT_FILE = "report.json"
@@ -389,6 +392,11 @@ class ModelRecord:
         return tuple(names) if names is not None else None
 
     @property
+    def detectors(self) -> tuple[str, ...]:
+        """The detectors a version of this model may hold: its own, and the :data:`BASELINE_DETECTOR`."""
+        return tuple(dict.fromkeys((self.detector, BASELINE_DETECTOR)))
+
+    @property
     def val_fraction(self) -> float:
         return float(self._doc().get("val_fraction", DEFAULT_VAL_FRACTION))
 
@@ -484,7 +492,7 @@ class ModelRecord:
         Args:
             source_dir: a folder with ``checkpoint.pt`` (it is only read).
             parent: the version served when this one was made (``"shipped"``, ``"v0002"``, or None).
-            detector: the detector slug in the checkpoint; must be the model's.
+            detector: the detector slug in the checkpoint; the model's own or the baseline (:attr:`detectors`).
             metrics: its scores on the validation cases (see :func:`gate`).
             report: what made it (options, cases, training report...), stored as ``report.json``.
             data_fingerprint: the training data's fingerprint (:func:`lmk3d.checkpoint.data_fingerprint`).
@@ -497,9 +505,9 @@ class ModelRecord:
         source = Path(source_dir)
         if status not in STATUSES:
             raise RegistryError(f"status {status!r} is not one of {', '.join(STATUSES)}")
-        if detector != self.detector:
+        if detector not in self.detectors:
             raise RegistryError(f"model {self.name!r} is a {self.detector!r} model; a {detector!r} checkpoint "
-                                "cannot be one of its versions")
+                                f"cannot be one of its versions (only {' or '.join(map(repr, self.detectors))})")
         if not (source / CHECKPOINT_FILE).is_file():
             raise RegistryError(f"{source}: no {CHECKPOINT_FILE} to add as a version of {self.name!r}")
         if parent is not None and parent != SHIPPED and _version_number(parent) is None:

@@ -17,6 +17,9 @@ A thin wrapper over ``monailabel start_server``, run as a child process with thi
   ``labels/<tag>/``;
 - the app folder ``apps/landmarks`` and the model folder ``models/`` of this checkout, passed to the
   app as ``--conf models DIR``;
+- ``--new-model NAME=DETECTOR`` (repeatable): a model of the user's own landmarks, not trained yet
+  (docs/registry.md, "Declaring a new model"), passed to the app as ``--conf new_models
+  NAME=DETECTOR,NAME2=DETECTOR2`` after :func:`new_models_conf` has checked it;
 - for a DICOMweb ``--studies`` URL (docs/pacs.md): this interpreter's ``bin`` folder first on
   ``PATH`` (dcmqi's ``itkimage2segimage`` from PyPI, so nothing is downloaded at start), the PACS
   credentials ``MONAI_LABEL_DICOMWEB_USERNAME``/``_PASSWORD`` taken from ``LMK3D_PACS_USER``/
@@ -30,6 +33,7 @@ Example::
     lmk3d serve --studies .demo/studies --port 8000
     lmk3d serve --studies http://127.0.0.1:8042/dicom-web --conf dataset phantom-hn
     lmk3d serve --studies DIR --dry-run      # print the command and settings, start nothing
+    lmk3d serve --studies DIR --new-model skull=cascade   # your own landmarks, trained from your labels
 
 The settings above are forced on the child (they define what the app supports); every other
 ``MONAI_LABEL_*`` variable in the caller's environment passes through unchanged.
@@ -347,6 +351,10 @@ def add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workspace", default=None, metavar="DIR",
                    help="the model registry's folder, where every trained or uploaded version is kept (default: "
                    "<studies>/.lmk3d-workspace for a folder; never under the repository's models/)")
+    p.add_argument("--new-model", action="append", default=[], metavar="NAME=DETECTOR",
+                   help="declare a model of your own landmarks, not trained yet (repeatable): NAME a plain name "
+                   "unlike the served models', DETECTOR one of the detectors (e.g. skull=cascade); its landmark "
+                   "names are those of the final labels you save, and POST /train/NAME trains it")
     p.add_argument("--allow-unauthenticated-network", action="store_true",
                    help="listen on a non-loopback --host with no authentication (only on a trusted network)")
 
@@ -365,8 +373,76 @@ def workspace_conf(workspace: str | os.PathLike[str]) -> tuple[str, str]:
     return ("workspace", str(path))
 
 
+#: The app setting that lists the declared models (``NAME=DETECTOR,NAME2=DETECTOR2``).
+NEW_MODELS_CONF = "new_models"
+
+
+def app_detectors(app_dir: str | os.PathLike[str] | None = None) -> list[str]:
+    """The detectors the app serves: one config module per detector in ``<app>/lib/configs``, named after it.
+
+    They are :func:`lmk3d.detectors.detector_names` (the app checks again against those when it starts);
+    read from the folder so that ``lmk3d serve`` does not import torch and MONAI (seconds) to check a name.
+    """
+    folder = Path(app_dir if app_dir is not None else DEFAULT_APP_DIR) / "lib" / "configs"
+    return sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_"))
+
+
+def parse_new_models(items: Sequence[str], detectors: Sequence[str], what: str = "--new-model") -> dict[str, str]:
+    """Check ``NAME=DETECTOR`` declarations; return ``{name: detector}`` in the given order.
+
+    A name must be a plain name (:mod:`lmk3d.safe_names`), given once, and not the name of a served
+    model (the app serves one model per detector, named after it); a detector must be one of ``detectors``.
+
+    Raises:
+        LandmarkError: the first bad declaration, with what is accepted.
+
+    Example:
+        >>> parse_new_models(["skull=cascade"], ["cascade", "pin"])
+        {'skull': 'cascade'}
+    """
+    from lmk3d.safe_names import plain_name_problem
+
+    declared: dict[str, str] = {}
+    for item in items:
+        name, sep, detector = (part.strip() for part in str(item).partition("="))
+        if not sep or not name or not detector:
+            raise LandmarkError(f"{what} {item!r}: give NAME=DETECTOR, e.g. skull=cascade")
+        problem = plain_name_problem(name)
+        if problem or "=" in name or "," in name:
+            why = problem or f"it contains {'=' if '=' in name else ','!r}"
+            raise LandmarkError(f"{what} {item!r}: the model name {name!r} is not a plain name ({why}); use letters, "
+                                "digits, '_' or '-', e.g. my_skull")
+        if detector not in detectors:
+            raise LandmarkError(f"{what} {item!r}: unknown detector {detector!r}; choose one of {', '.join(detectors)}")
+        if name in detectors:
+            raise LandmarkError(f"{what} {item!r}: {name!r} is the name of a served model (one per detector: "
+                                f"{', '.join(detectors)}); choose another name")
+        if name in declared:
+            raise LandmarkError(f"{what} {item!r}: model {name!r} is declared twice; give each model once")
+        declared[name] = detector
+    return declared
+
+
+def new_models_conf(items: Sequence[str], conf: Sequence[tuple[str, str]] = (),
+                    app_dir: str | os.PathLike[str] | None = None) -> list[tuple[str, str]]:
+    """``conf`` with the ``--new-model`` declarations ``items`` merged into its ``new_models`` entry.
+
+    A ``--conf new_models`` value given by hand is checked the same way and comes first.
+
+    Raises:
+        LandmarkError: a bad declaration (see :func:`parse_new_models`).
+    """
+    given = [v for k, v in conf if k == NEW_MODELS_CONF]
+    earlier = [item for value in given for item in value.split(",") if item.strip()]
+    declared = parse_new_models([*earlier, *items], app_detectors(app_dir)) if given or items else {}
+    out = [(k, v) for k, v in conf if k != NEW_MODELS_CONF]
+    if declared:
+        out.append((NEW_MODELS_CONF, ",".join(f"{n}={d}" for n, d in declared.items())))
+    return out
+
+
 def run_serve(args: argparse.Namespace) -> int:
-    conf = [(k, v) for k, v in args.conf]
+    conf = new_models_conf(args.new_model, [(k, v) for k, v in args.conf], args.app)
     if args.workspace:
         conf.append(workspace_conf(args.workspace))
     cmd = server_command(args.studies, host=args.host, port=args.port, app_dir=args.app,

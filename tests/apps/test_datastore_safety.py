@@ -349,7 +349,9 @@ def test_stale_temporary_files_are_removed_at_construction(studies: Path, caplog
 
 # --- training from the datastore ---------------------------------------------------------------------------
 def _train_task(model_dir: Path) -> Any:
-    model = SimpleNamespace(config=SimpleNamespace(name="pin"), model_dir=model_dir,
+    model_dir.mkdir(parents=True, exist_ok=True)
+    record = SimpleNamespace(root=model_dir, landmark_names=NAMES)  # the registry record's part a task reads
+    model = SimpleNamespace(config=SimpleNamespace(name="pin", detector="pin"), record=record,
                             detector=SimpleNamespace(landmark_names=NAMES))
     return TASK.LandmarkTrainTask(model)  # type: ignore[arg-type]
 

@@ -11,7 +11,8 @@ file path, copies an upload over the stored label before anything checks it, wri
   (a symbolic link) is refused with 403. Files whose names are not plain are left out of the listing;
 - **checks each label before it is stored**, so a bad upload is a 4xx with a message and the label
   already stored stays byte for byte as it was: an unknown image (404); a file that is not an accepted
-  label or does not decode (:func:`lmk3d.io.labels.read_label`), a label map on another voxel grid
+  label or does not decode (:func:`lmk3d.io.labels.read_label`), landmark names no model knows (but any
+  name while a declared model has no names yet: :mod:`lib.label_names`), a label map on another voxel grid
   than the image's, or points more than :data:`lmk3d.io.labels.LABEL_MARGIN_MM` outside the image
   (:func:`lmk3d.io.labels.check_label_fits`, from the image's header only): 422. An uploaded image must
   have a listed file type and read in full as a 3D image (422);
@@ -39,10 +40,11 @@ from filelock import FileLock
 from monailabel.datastore.local import DataModel, ImageLabelModel, LocalDatastore
 
 from lib.errors import BAD_REQUEST, CONFLICT, NOT_FOUND, UNPROCESSABLE, bad_input, http_error, unknown_image
+from lib.label_names import LabelNames, as_label_names, read_saved_label
 from lmk3d.errors import LandmarkError
 from lmk3d.io import landmark_suffix, read_image
 from lmk3d.io.atomic import atomic_copy, atomic_write_text, remove_stale_temps
-from lmk3d.io.labels import check_label_fits, label_kind, read_grid, read_label
+from lmk3d.io.labels import check_label_fits, label_kind, read_grid
 from lmk3d.io.markups import write_markups
 from lmk3d.safe_names import check_plain_name, plain_name_problem
 
@@ -55,11 +57,12 @@ class LandmarkDatastore(LocalDatastore):
     """A :class:`LocalDatastore` that confines names to the studies folder, checks labels, writes atomically.
 
     Args:
-        landmark_names: returns the served models' landmark names (value k+1 of a label map = name k).
+        landmark_names: returns the models' landmark names now (:class:`lib.label_names.LabelNames`), or
+            a plain sequence of names (value k+1 of a label map = name k; other names refused).
         *args, **kwargs: as for :class:`LocalDatastore`.
     """
 
-    def __init__(self, *args: Any, landmark_names: Callable[[], Sequence[str]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, landmark_names: Callable[[], LabelNames | Sequence[str]], **kwargs: Any) -> None:
         self._landmark_names = landmark_names
         self._ignored_files: set[str] = set()
         super().__init__(*args, **kwargs)
@@ -211,10 +214,10 @@ class LandmarkDatastore(LocalDatastore):
         image_uri = self.get_image_uri(image_id)
         if not image_uri:
             raise unknown_image(image_id, len(self.list_images()))
-        names = tuple(self._landmark_names())
+        names = as_label_names(self._landmark_names())
         source = _describe(label_filename)
         with bad_input(prefix=f"label for image {image_id!r} rejected: "):
-            landmarks = read_label(label_filename, names, label_info, source=source)
+            landmarks = read_saved_label(label_filename, label_info, names, source=source)
             label_grid = read_grid(label_filename, source=source) if label_kind(label_filename) == "label_map" else None
         try:
             image_grid = read_grid(image_uri, source=f"image {image_id!r}")

@@ -48,10 +48,11 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from pydicom.dataset import Dataset
 
 from lib.errors import NOT_FOUND, UNPROCESSABLE, bad_input, http_error
+from lib.label_names import LabelNames, as_label_names, read_saved_label
 from lmk3d.io import read_image
 from lmk3d.io.dicom_series import check_series_geometry
 from lmk3d.io.dicom_sr import build_sr
-from lmk3d.io.labels import ImageGrid, check_label_fits, label_kind, read_grid, read_label
+from lmk3d.io.labels import ImageGrid, check_label_fits, label_kind, read_grid
 from lmk3d.landmarks import LandmarkSet
 
 logger = logging.getLogger(__name__)
@@ -84,11 +85,12 @@ class LandmarkDICOMwebDatastore(DICOMWebDatastore):
         search_filter: QIDO-RS series filters (``{}``: every series).
         cache_path: the local cache folder (None: MONAI Label's default under ``~/.cache``).
         cache_expiry_s: how long a series listing is reused.
-        landmark_names: returns the served models' landmark names (to decode a label map).
+        landmark_names: returns the models' landmark names now (:class:`lib.label_names.LabelNames`, or
+            one model's names), to check and decode a label.
     """
 
     def __init__(self, client: Any, search_filter: dict[str, Any], cache_path: str | None, cache_expiry_s: float,
-                 landmark_names: Callable[[], Sequence[str]]) -> None:
+                 landmark_names: Callable[[], LabelNames | Sequence[str]]) -> None:
         self._cache_expiry_s = float(cache_expiry_s)
         self._landmark_names = landmark_names
         self._listing: tuple[float, dict[str, dict[str, Any]]] | None = None
@@ -230,8 +232,8 @@ class LandmarkDICOMwebDatastore(DICOMWebDatastore):
             return str(LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info))
         image_path = self.get_image_uri(image_id)  # 404 / 422 / 502 / 503 as for an infer request
         with bad_input(prefix=f"label for image {image_id!r} rejected: "):
-            landmarks = read_label(label_filename, tuple(self._landmark_names()), label_info,
-                                   source="the uploaded label")
+            landmarks = read_saved_label(label_filename, label_info, as_label_names(self._landmark_names()),
+                                         source="the uploaded label")
             label_grid = (read_grid(label_filename, source="the uploaded label")
                           if label_kind(label_filename) == "label_map" else None)
             series = read_image(image_path)  # a DICOM folder: its geometry as the detectors see it

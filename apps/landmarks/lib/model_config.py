@@ -13,10 +13,18 @@ The module name, the detector slug, the MONAI Label model name and the model fol
 exists and loads (:meth:`LandmarkModelConfig.load`); otherwise the app logs why and leaves it out.
 The served checkpoint is the model's current version in the registry (:mod:`lmk3d.registry`, in the
 server's workspace), or the shipped one in ``models/`` until a first version is published.
+
+A model the user declares (``lmk3d serve --new-model NAME=DETECTOR``) is the same config under its own
+name (:meth:`LandmarkModelConfig.declared`): it has no shipped checkpoint, and until its first
+training it is a :class:`DeclaredModel` (a record, no detector); once the registry has a version for
+it, :meth:`LandmarkModelConfig.load_declared` loads it like any other model. Its served version may
+hold its own detector or the ``mean_shape`` baseline that gave it a first version
+(:attr:`lmk3d.registry.ModelRecord.detectors`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import pkgutil
@@ -47,15 +55,28 @@ class LandmarkModelConfig:
         detector: the detector slug (``prior_guided``, ``pin``, ``cascade``); also the model name.
         description: one line shown to clients in ``/info/``.
         landmark_output: the default result file, ``label`` or ``markups`` (a request may ask for either).
+        model: the model name when it is not the detector's: a model the user declared (see :meth:`declared`).
     """
 
     detector: str
     description: str = ""
     landmark_output: str = DEFAULT_LANDMARK_OUTPUT
+    model: str = ""
 
     @property
     def name(self) -> str:
-        return self.detector
+        return self.model or self.detector
+
+    @property
+    def is_declared(self) -> bool:
+        """Whether this is a model the user declared (no shipped checkpoint; landmarks from the user's labels)."""
+        return bool(self.model)
+
+    def declared(self, name: str) -> LandmarkModelConfig:
+        """This detector as the user's own model ``name`` (``lmk3d serve --new-model NAME=DETECTOR``)."""
+        return dataclasses.replace(self, model=name, description=(
+            f"{name}: your own landmarks, detected by {self.detector} (the mean_shape baseline until {self.detector} "
+            "has trained and passed the gate)"))
 
     def model_dir(self, models_dir: Path, dataset: str) -> Path:
         """``models/<detector>-<dataset>``: where this detector's checkpoint for ``dataset`` lives."""
@@ -83,15 +104,38 @@ class LandmarkModelConfig:
         if has_shipped and record.shipped is not None and Path(record.shipped).resolve() != shipped.resolve():
             raise LandmarkError(f"the workspace {registry.root} keeps model {self.name!r} based on {record.shipped}, "
                                 f"not {shipped}; serve that dataset, or give another --workspace")
-        folder = record.current_dir()
-        if folder is None:
+        if record.current_dir() is None:
             raise LandmarkError(
                 f"no checkpoint at {shipped / CHECKPOINT_FILE} and no trained version in {record.root}; train one "
                 f"with `lmk3d train --detector {self.detector} --profile cpu --data SPEC --out {shipped}`, or "
                 "serve another dataset (--conf dataset NAME)")
+        return self._load_current(record, device)
+
+    def declare(self, registry: Registry) -> DeclaredModel:
+        """The registry record of this declared model, created (no shipped folder, no names yet) if missing.
+
+        Raises:
+            RegistryError: the workspace keeps a model of that name with another detector.
+        """
+        return DeclaredModel(self, registry.ensure(self.name, self.detector, shipped=None))
+
+    def load_declared(self, record: ModelRecord, device: str | None = None) -> LoadedModel:
+        """Load the served version of this declared model (see :meth:`declare`).
+
+        Raises:
+            LandmarkError: it has no version yet, or its checkpoint cannot be read or holds another detector.
+        """
+        if record.current_dir() is None:
+            raise LandmarkError(f"model {self.name!r} is not trained yet")
+        return self._load_current(record, device)
+
+    def _load_current(self, record: ModelRecord, device: str | None) -> LoadedModel:
+        folder = record.current_dir()
+        assert folder is not None
         detector = load_detector(folder, device)
-        if detector.name != self.detector:
-            raise LandmarkError(f"{folder / CHECKPOINT_FILE} holds a {detector.name!r} detector, not {self.detector!r}")
+        if detector.name not in record.detectors:
+            raise LandmarkError(f"{folder / CHECKPOINT_FILE} holds a {detector.name!r} detector, not "
+                                f"{' or '.join(map(repr, record.detectors))}")
         if record.landmark_names is None:
             record.set_landmark_names(detector.landmark_names)
         return LoadedModel(self, detector, record)
@@ -112,6 +156,18 @@ class LoadedModel:
         if folder is None:
             raise LandmarkError(f"model {self.config.name!r} has no served version")
         return Path(folder)
+
+
+@dataclass
+class DeclaredModel:
+    """A model the user declared that has no version yet: its config and registry record, no detector.
+
+    Its landmark names are ``record.landmark_names``: None until its first training fixes them from the
+    final labels.
+    """
+
+    config: LandmarkModelConfig
+    record: ModelRecord
 
 
 def discover_configs(package: str = CONFIGS_PACKAGE) -> dict[str, LandmarkModelConfig]:

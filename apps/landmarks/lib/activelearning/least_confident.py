@@ -63,6 +63,13 @@ class LeastConfident(Strategy):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "config": {"model": list(self.tasks), "reduce": list(REDUCTIONS)}}
 
+    def add_task(self, name: str, task: LandmarkInferTask) -> None:
+        """Offer one more model (a declared model that has just got its first version); scored from now on."""
+        # New dicts swapped in: the background thread may be iterating over the old ones.
+        self.tasks = {**self.tasks, name: task}
+        self.scorer.tasks = {**self.scorer.tasks, name: task}
+        self.scorer.wake()
+
     def start(self, datastore: Datastore) -> None:
         """Start scoring ``datastore``'s unlabelled images in the background (once; later calls do nothing)."""
         self.scorer.start(datastore)

@@ -12,9 +12,11 @@ This package holds only those modules; it re-exports :mod:`lib.model_config` for
 from lib.model_config import (
     DEFAULT_LANDMARK_OUTPUT,
     LANDMARK_OUTPUTS,
+    DeclaredModel,
     LandmarkModelConfig,
     LoadedModel,
     discover_configs,
 )
 
-__all__ = ["DEFAULT_LANDMARK_OUTPUT", "LANDMARK_OUTPUTS", "LandmarkModelConfig", "LoadedModel", "discover_configs"]
+__all__ = ["DEFAULT_LANDMARK_OUTPUT", "LANDMARK_OUTPUTS", "DeclaredModel", "LandmarkModelConfig", "LoadedModel",
+           "discover_configs"]

@@ -39,7 +39,9 @@ The task's type is ``segmentation`` because that is the type both stock plugins 
 The task checks the served checkpoint (the model's current registry version, :mod:`lmk3d.registry`) on
 every request and reloads it when a new version has been published or rolled back to, so retrained
 weights are used without restarting the server; a checkpoint that fails to load
-leaves the previous weights in service (and says so in the log).
+leaves the previous weights in service (and says so in the log). The new version may hold another
+detector than the old one only as a model the user declared allows it: the ``mean_shape`` baseline
+first, then the model's own detector (:attr:`lmk3d.registry.ModelRecord.detectors`).
 
 It does not subclass MONAI Label's ``BasicInferTask``: that class runs MONAI transforms and the MONAI
 reader, and overwrites ``result["centroids"]`` with a dict of strings.
@@ -153,8 +155,9 @@ class LandmarkInferTask(InferTask):
             if signature is not None and signature != self._signature:
                 try:
                     det = load_detector(self.model_dir, self.device)
-                    if det.name != self._detector.name:
-                        raise LandmarkError(f"it holds a {det.name!r} detector, not {self._detector.name!r}")
+                    if det.name not in self.record.detectors:  # a declared model goes from the baseline to its own
+                        raise LandmarkError(f"it holds a {det.name!r} detector, not "
+                                            f"{' or '.join(map(repr, self.record.detectors))}")
                 except Exception as e:  # a bad new file must not take the model down: keep the old weights
                     logger.error("model %r: %s changed but cannot be loaded (%s); still serving the previous "
                                  "weights", self.name, self.checkpoint, e)

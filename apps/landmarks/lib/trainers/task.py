@@ -39,6 +39,24 @@ finds ``status: RUNNING`` in ``app_train_stats.json`` from a process that no lon
 Bad requests are answered before the child process starts, with a 4xx: an unknown model (404), bad
 options (422), no final label in the datastore (409): :meth:`LandmarkTrainTask.check`, which the app
 runs through :mod:`lib.request_check` (MONAI Label 0.8.5 offers no hook for it).
+
+**A model the user declared** (``lmk3d serve --new-model NAME=DETECTOR``) starts with no version and,
+maybe, no landmark names. Its first training
+
+1. fixes its landmark names, if it has none, from the final labels: every landmark name placed in
+   them, in order of first appearance (labels read in sorted image-id order, the points of each in
+   file order). A label whose placed names all belong to another model of the server was made for
+   that model and is left out; a label map without ``label_info`` cannot say its names and is left
+   out too (each with a line saying why). From then on a label with other names is skipped, saying why;
+2. fits the ``mean_shape`` baseline (seconds) and adds it as the first version, which the gate
+   accepts as the first one (rule 1): the server serves it from its next request;
+3. then, if the declared detector is not ``mean_shape``, trains a new one from its ``cpu`` profile
+   (:data:`NEW_MODEL_PROFILE`) within what is left of ``max_minutes`` (and ``max_epochs``), and adds
+   it as the next version through the gate: served only if no worse on the validation cases than the
+   baseline.
+
+A later training of such a model trains its own detector again: fine-tuned (or from scratch) when it
+is the one served, new from the profile while the baseline is still served.
 """
 
 from __future__ import annotations
@@ -52,7 +70,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -61,20 +79,20 @@ from typing import Any
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from lib.configs import LoadedModel
+from lib.configs import DeclaredModel, LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
 from lib.json_values import jsonable
 from lmk3d.checkpoint import CHECKPOINT_FILE, data_fingerprint
 from lmk3d.data.samples import Sample
 from lmk3d.data.split import holdout_split
-from lmk3d.detectors import Detector, load_detector
+from lmk3d.detectors import Detector, detector_class, load_detector
 from lmk3d.errors import LandmarkError
 from lmk3d.io.atomic import atomic_write_text
 from lmk3d.io.image import read_image
 from lmk3d.io.labels import read_label
 from lmk3d.metrics import evaluate_detector
 from lmk3d.publish import STAGING_PREFIX
-from lmk3d.registry import gate
+from lmk3d.registry import BASELINE_DETECTOR, gate
 from lmk3d.training.loop import Trainer
 from lmk3d.training.loop import TrainOptions as TrainOptions_  # the library's; TrainOptions here is the request's
 
@@ -87,6 +105,10 @@ SDR_RADIUS_MM = 4.0
 #: How much the training child lowers its CPU priority (``nice``), so the server stays responsive.
 TRAIN_NICE = 10
 INTERRUPTED_NOTE = "interrupted (server restarted)"
+#: The profile a declared model's detector is first trained with (DETECTOR_CONTRACT.md: minutes on a CPU).
+NEW_MODEL_PROFILE = "cpu"
+#: The least time budget (minutes) left to a declared model's detector after the baseline has been fitted.
+MIN_MINUTES_LEFT = 0.05
 
 
 @dataclass(frozen=True)
@@ -134,23 +156,36 @@ def _number(request: Mapping[str, Any], key: str, default: float, ok: Callable[[
 
 
 class LandmarkTrainTask(TrainTask):
-    """Fine-tune (or retrain) one served detector from the datastore's final labels.
+    """Fine-tune (or retrain) one model from the datastore's final labels; a declared model's first training too.
 
     Args:
-        model: the loaded detector and its model folder (where the new checkpoint is published).
+        model: a served model (its detector and registry record), or a declared model with no version yet.
         device: where training runs (None: CUDA when present).
+        other_names: returns the landmark names of the server's other models: a label made only of
+            those was made for them, and does not give a declared model its names.
     """
 
-    def __init__(self, model: LoadedModel, device: str | None = None) -> None:
-        super().__init__(f"Fine-tune or retrain {model.config.name} from the final labels (.mrk.json, .fcsv "
-                         "or sphere label maps); a new version is published only if it is no worse on the "
-                         "model's validation cases")
+    def __init__(self, model: LoadedModel | DeclaredModel, device: str | None = None,
+                 other_names: Callable[[], Collection[str]] | None = None) -> None:
+        if isinstance(model, DeclaredModel):
+            what = (f"Train {model.config.name}, your own landmarks, from the final labels (.mrk.json or .fcsv point "
+                    "lists, or sphere label maps with label_info): first the mean_shape baseline, served at once, "
+                    f"then {model.config.detector}, served if it is no worse on the model's validation cases")
+        else:
+            what = (f"Fine-tune or retrain {model.config.name} from the final labels (.mrk.json, .fcsv or sphere "
+                    "label maps); a new version is published only if it is no worse on the model's validation cases")
+        super().__init__(what)
         self.name = model.config.name
         self.record = model.record
         #: Where this task's status and report files live: the model's registry folder, never models/.
         self.model_dir = Path(model.record.root)
-        self.landmark_names = tuple(model.detector.landmark_names)
         self.device = device
+        self._other_names = other_names or frozenset
+
+    @property
+    def landmark_names(self) -> tuple[str, ...]:
+        """The model's landmark names, in order; empty while a declared model has none yet."""
+        return self.record.landmark_names or ()
 
     def config(self) -> dict[str, Any]:
         d = TrainOptions()
@@ -208,8 +243,11 @@ class LandmarkTrainTask(TrainTask):
         return jsonable(stats)
 
     def _train(self, options: TrainOptions, datastore: Datastore, stats: dict[str, Any]) -> dict[str, Any]:
-        samples = self._samples(datastore)
+        t0 = time.monotonic()
         record = self.record
+        if record.landmark_names is None:
+            self._fix_landmark_names(datastore)
+        samples = self._samples(datastore)
         val_ids = set(record.validation_cases([s.case for s in samples]))
         train = [s for s in samples if s.case not in val_ids]
         val = [s for s in samples if s.case in val_ids]
@@ -218,34 +256,68 @@ class LandmarkTrainTask(TrainTask):
                                 "are never trained on; label more images")
         self._say(f"validation cases (fixed for this model, never trained on): {len(val)}; training cases: "
                   f"{len(train)}")
+        stats.update(n_train=len(train), n_val=len(val))
+
+        first: dict[str, Any] | None = None
+        if record.current() is None:
+            # A declared model's first training: the baseline first (seconds), so something is served at once.
+            self._say(f"model {self.name!r} has no version yet: fitting the {BASELINE_DETECTOR} baseline first")
+            baseline = detector_class(BASELINE_DETECTOR).create(self.landmark_names, NEW_MODEL_PROFILE, self.device)
+            first = self._fit_and_decide(baseline, "scratch", options, options.max_minutes, train, val, stats)
+            if record.detector == BASELINE_DETECTOR:
+                return first
 
         current = record.current()
         folder = record.current_dir()
         if folder is None:
             raise LandmarkError(f"model {self.name!r} has no version to start from")
         detector = load_detector(folder, self.device)
-        if detector.name != record.detector:
+        if detector.name not in record.detectors:
             raise LandmarkError(f"{folder / CHECKPOINT_FILE} holds a {detector.name!r} detector")
-        before = scores(detector, val)
-        self._say(f"served version {current}: {_described(before)}")
-        stats.update(phase="training", n_train=len(train), n_val=len(val), val_mre_mm_before=before["val_mre_mm"],
-                     current_version=current)
+        init = options.init
+        if detector.name != record.detector:
+            # The baseline is served: the model's own detector is trained new, from its profile.
+            self._say(f"the served version {current} is the {BASELINE_DETECTOR} baseline: training a new "
+                      f"{record.detector} detector ({NEW_MODEL_PROFILE} profile) to replace it")
+            detector = detector_class(record.detector).create(self.landmark_names, NEW_MODEL_PROFILE, self.device)
+            init = "scratch"
+        minutes_left = max(options.max_minutes - (time.monotonic() - t0) / 60.0, MIN_MINUTES_LEFT)
+        report = self._fit_and_decide(detector, init, options, minutes_left, train, val, stats)
+        if first is not None:
+            report["first_version"] = {k: first[k] for k in ("version", "detector", "published", "decision",
+                                                             "val_mre_mm")}
+        return report
+
+    def _fit_and_decide(self, detector: Detector, init: str, options: TrainOptions, max_minutes: float,
+                        train: Sequence[Sample], val: Sequence[Sample], stats: dict[str, Any]) -> dict[str, Any]:
+        """Train ``detector`` on ``train``, add it as a version, and let the gate decide against the served one."""
+        record = self.record
+        current = record.current()
+        before: dict[str, float] | None = None
+        if current is not None:
+            folder = record.current_dir()
+            assert folder is not None
+            before = scores(load_detector(folder, self.device), val)
+            self._say(f"served version {current}: {_described(before)}")
+        stats.update(phase="training", val_mre_mm_before=before["val_mre_mm"] if before else None,
+                     current_version=current, detector=detector.name)
         self._stats(stats)
 
         # Early stopping looks at cases split off the training cases: the validation cases decide publishing only.
-        fit_train, fit_val = holdout_split(train, options.val_fraction, options.seed)
-        self._say(f"training {self.name} (init={options.init}, max_minutes={options.max_minutes:g}, "
+        fit_train, fit_val = holdout_split(list(train), options.val_fraction, options.seed)
+        self._say(f"training {self.name} ({detector.name}, init={init}, max_minutes={max_minutes:.3g}, "
                   f"max_epochs={options.max_epochs or 'profile'}; early stopping on {len(fit_val)} of the "
                   "training cases)")
+
         def progress(phase: str, done: int, total: int, row: dict[str, float]) -> None:
             # What the stock Slicer plugin draws: epoch / total_epochs of the phase running now.
             stats.update(phase=f"training: {phase}", epoch=done, total_epochs=total, loss=row.get("loss"))
             self._stats(stats)
 
-        trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=options.max_minutes,
+        trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=max_minutes,
                                         max_epochs=options.max_epochs, progress=True,
                                         device=str(detector.device)), on_epoch=progress)
-        fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=options.init)
+        fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=init)
         after = scores(detector, val)
         self._say(f"new weights: {_described(after)}")
         stats.update(phase="deciding", val_mre_mm=after["val_mre_mm"], val_sdr_4mm=after["val_sdr_4mm"],
@@ -258,20 +330,58 @@ class LandmarkTrainTask(TrainTask):
             atomic_write_text(staging / REPORT_FILE, json.dumps(jsonable(fit_report), indent=2))
             version = record.add_version(
                 staging, parent=current, detector=detector.name, metrics=after,
-                report={"options": dataclasses.asdict(options), "train_cases": [s.case for s in train],
-                        "val_cases": [s.case for s in val], "fit": jsonable(fit_report)},
+                report={"options": dataclasses.asdict(options), "init": init, "max_minutes": max_minutes,
+                        "train_cases": [s.case for s in train], "val_cases": [s.case for s in val],
+                        "fit": jsonable(fit_report)},
                 data_fingerprint=data_fingerprint([(s.case, s.landmarks) for s in train]))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        accepted, reason = gate(before if current is not None else None, after)
+        accepted, reason = gate(before, after)
         record.decide(version.id, accepted, reason, {"current": current, "before": before, "after": after})
-        self._say(f"version {version.id} {'PUBLISHED' if accepted else 'kept as a candidate, NOT published'}: "
-                  f"{reason}")
-        return {"n_train": len(train), "n_val": len(val), "val_mre_mm_before": before["val_mre_mm"],
+        self._say(f"version {version.id} {'PUBLISHED' if accepted else 'kept as a candidate, NOT published'} "
+                  f"({detector.name}): {reason}")
+        return {"n_train": len(train), "n_val": len(val),
+                "val_mre_mm_before": before["val_mre_mm"] if before else None,
                 "val_mre_mm": after["val_mre_mm"], "val_sdr_4mm": after["val_sdr_4mm"],
-                "best_metric": after["val_sdr_4mm"], "version": version.id, "parent": current,
-                "published": accepted, "decision": reason, "served_version": record.current(),
+                "best_metric": after["val_sdr_4mm"], "version": version.id, "detector": detector.name, "init": init,
+                "parent": current, "published": accepted, "decision": reason, "served_version": record.current(),
                 "train_cases": [s.case for s in train], "val_cases": [s.case for s in val]}
+
+    def _fix_landmark_names(self, datastore: Datastore) -> tuple[str, ...]:
+        """A declared model's first training: take its landmark names from the final labels and record them.
+
+        Every name placed in a final label, in order of first appearance (labels in sorted image-id order,
+        points in file order). A label whose placed names all belong to another model was made for that
+        model and is left out; so is a label that cannot be read without names (a label map without
+        ``label_info``), each with a line saying why.
+
+        Raises:
+            LandmarkError: no final label gives a name.
+        """
+        others = frozenset(self._other_names())
+        names: dict[str, None] = {}
+        for image_id in sorted(datastore.get_labeled_images()):
+            label_path = datastore.get_label_uri(image_id, DefaultLabelTag.FINAL)
+            info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
+            try:
+                landmarks = read_label(label_path, (), info, source=f"{image_id} (final)")
+            except LandmarkError as e:
+                self._say(f"not used for the landmark names: {e}")
+                continue
+            placed = [n for i, n in enumerate(landmarks.names) if landmarks.found[i]]
+            if others and all(n in others for n in placed):
+                self._say(f"not used for the landmark names: {image_id} (final) holds only landmarks of another "
+                          f"model ({', '.join(placed)})")
+                continue
+            names.update(dict.fromkeys(placed))
+        if not names:
+            raise LandmarkError(f"model {self.name!r} has no landmark names yet and no final label gives any: save "
+                                "point lists (.mrk.json, .fcsv) with your landmark names, or label maps with "
+                                "label_info")
+        self.record.set_landmark_names(list(names))
+        self._say(f"landmark names of {self.name!r}, fixed from the final labels (first appearance, labels in "
+                  f"image-id order): {', '.join(names)}")
+        return tuple(names)
 
     def validation_samples(self, datastore: Datastore) -> list[Sample]:
         """The model's validation cases with their final labels (what the gate measures a new version on)."""
