@@ -328,12 +328,17 @@ class LandmarkTrainTask(TrainTask):
         try:
             detector.save(staging)
             atomic_write_text(staging / REPORT_FILE, json.dumps(jsonable(fit_report), indent=2))
+            fingerprint = data_fingerprint([(s.case, s.landmarks) for s in train])
+            atomic_write_text(staging / "MODEL_CARD.md", _model_card(
+                self.name, detector, current, train, val, before, after, fingerprint,
+                {"init": init, "max_minutes": round(max_minutes, 2), "max_epochs": options.max_epochs,
+                 "seed": options.seed, "early_stopping_fraction": options.val_fraction}, fit_report))
             version = record.add_version(
                 staging, parent=current, detector=detector.name, metrics=after,
                 report={"options": dataclasses.asdict(options), "init": init, "max_minutes": max_minutes,
                         "train_cases": [s.case for s in train], "val_cases": [s.case for s in val],
                         "fit": jsonable(fit_report)},
-                data_fingerprint=data_fingerprint([(s.case, s.landmarks) for s in train]))
+                data_fingerprint=fingerprint)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         accepted, reason = gate(before, after)
@@ -503,6 +508,38 @@ def scores(detector: Detector, samples: Sequence[Sample]) -> dict[str, float]:
     found = overall.n_scored / overall.n_truth if overall.n_truth else math.nan
     return {"val_mre_mm": overall.mre, "val_found": found, "val_sdr_4mm": overall.sdr[f"{SDR_RADIUS_MM:g}"],
             "n_val": len(samples)}
+
+
+def _model_card(name: str, detector: Detector, parent: str | None, train: Sequence[Sample], val: Sequence[Sample],
+                before: Mapping[str, float] | None, after: Mapping[str, float], fingerprint: str,
+                options: Mapping[str, Any], fit_report: Mapping[str, Any]) -> str:
+    """The version's model card: what it was trained from, how, and how it measured before the gate decided."""
+    def row(label: str, m: Mapping[str, float] | None) -> str:
+        if not m or not m.get("n_val"):
+            return f"| {label} | - | - | - | 0 |"
+        return (f"| {label} | {_mm(m['val_mre_mm'])} | {m['val_found']:.0%} | {m['val_sdr_4mm']:.0%} | "
+                f"{m['n_val']} |")
+
+    return "\n".join([
+        f"# Model card: {name}, a version trained by the server",
+        "",
+        f"- Detector: `{detector.name}`; landmarks: {', '.join(detector.landmark_names)}.",
+        f"- Parent (the version served when it was trained): `{parent}`.",
+        f"- Trained on {len(train)} final labels from the datastore (data fingerprint `{fingerprint}`); options: "
+        + ", ".join(f"`{k}={v}`" for k, v in options.items()) + f"; {float(fit_report.get('seconds', 0.0)):.0f} s on "
+        f"{fit_report.get('device', 'cpu')}.",
+        f"- Measured on the model's {len(val)} validation case(s), fixed when the model first saw them and never "
+        f"trained on: {', '.join(s.case for s in val) or '(none yet)'}.",
+        "",
+        "| weights | MRE | found | within 4 mm | cases |",
+        "|---|---|---|---|---|",
+        row(f"served before (`{parent}`)", before),
+        row("this version", after),
+        "",
+        "Whether it was served is the gate's decision (docs/registry.md), recorded in the model's `model.json`: "
+        "`lmk3d models show NAME` or `GET /models/NAME`.",
+        "",
+    ])
 
 
 def _described(metrics: Mapping[str, float]) -> str:
