@@ -147,19 +147,9 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
         The removed files (none when ``folder`` does not exist).
     """
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        name = entry.name
-        if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+    for entry in _stale_entries(folder, TEMP_PREFIX, False, _writing):
+        if not entry.name.endswith(TEMP_SUFFIX):
             continue
-        if entry.is_dir(follow_symlinks=False) or not stale_owner(name, TEMP_PREFIX):
-            continue
-        with _in_progress_lock:
-            if os.path.realpath(entry.path) in _in_progress:
-                continue
         try:
             os.unlink(entry.path)
         except FileNotFoundError:
@@ -167,6 +157,22 @@ def remove_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
         logger.warning("removed %s: a temporary file left by an interrupted write", entry.path)
         removed.append(Path(entry.path))
     return removed
+
+
+def _writing(path: str) -> bool:
+    with _in_progress_lock:
+        return path in _in_progress
+
+
+def _stale_entries(folder: str | os.PathLike[str], prefix: str, folders: bool,
+                   busy: Callable[[str], bool]) -> list[os.DirEntry[str]]:
+    """The files (or ``folders``) ``<prefix><pid>-...`` in ``folder`` whose writer is gone (:func:`stale_owner`)."""
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [e for e in entries if e.name.startswith(prefix) and e.is_dir(follow_symlinks=False) == folders
+            and stale_owner(e.name, prefix) and not busy(os.path.realpath(e.path))]
 
 
 def remove_stale_dirs(folder: str | os.PathLike[str], prefix: str, busy: Callable[[str], bool],
@@ -181,15 +187,7 @@ def remove_stale_dirs(folder: str | os.PathLike[str], prefix: str, busy: Callabl
         The removed folders (none when ``folder`` does not exist).
     """
     removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(prefix) or not entry.is_dir(follow_symlinks=False):
-            continue
-        if not stale_owner(entry.name, prefix) or busy(os.path.realpath(entry.path)):
-            continue
+    for entry in _stale_entries(folder, prefix, True, busy):
         shutil.rmtree(entry.path, ignore_errors=True)
         if not os.path.lexists(entry.path):
             logger.warning("removed %s: a folder left by %s", entry.path, what)
