@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,15 @@ DATA = SHARED / "data"
 SCHEMA = SHARED / "schemas" / "markups-schema-v1.0.3.json"
 
 
+_DATA_HOME: str | None = None
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    global _DATA_HOME
+    # Nothing a test starts writes under the user's home: a server on a DICOMweb URL keeps its registry
+    # workspace in $XDG_DATA_HOME, which would carry models from one run into the next.
+    _DATA_HOME = tempfile.mkdtemp(prefix="lmk3d-test-data-home-")
+    os.environ["XDG_DATA_HOME"] = _DATA_HOME
     # Tests run torch on one thread: with two threads on two cores, another busy process slows it 6-9x.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
@@ -25,6 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
         pass
     if not DATA.is_dir():
         raise pytest.UsageError(f"the shared data folder {DATA} is missing; tests read ../shared/data in place")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _DATA_HOME is not None:
+        shutil.rmtree(_DATA_HOME, ignore_errors=True)
 
 
 def oblique_affine(rng: np.random.Generator, spacing: tuple[float, float, float] = (0.7, 0.9, 2.5),
