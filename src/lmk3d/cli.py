@@ -31,16 +31,34 @@ def add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pred", required=True, help="predicted landmarks: a table CSV, a JSON table, or a folder "
                    "of per-case .mrk.json/.fcsv/.json files")
     p.add_argument("--truth", required=True, help="true landmarks: a table CSV (or any --pred form)")
-    p.add_argument("--out", required=True, help="folder for metrics.json and the plots")
+    p.add_argument("--out", required=True, help="folder for metrics.json, the plots and review_curve.csv")
     p.add_argument("--title", default="", help="title of the box plot")
+    p.add_argument("--review-tolerance-mm", type=float, default=3.0, metavar="MM",
+                   help="review burden (predictions with scores): a point over MM from the truth, or not found, "
+                   "is an error to catch (default 3)")
+    p.add_argument("--review-catch", type=float, default=0.95, metavar="SHARE",
+                   help="review burden: the share of errors the reviewer must catch, in (0, 1] (default 0.95)")
+    p.add_argument("--plot", metavar="PNG", help="also draw the review curve and the score calibration to PNG "
+                   "(needs matplotlib)")
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import math
+
+    from lmk3d import review
     from lmk3d.io import read_collection
     from lmk3d.io.atomic import atomic_write_text
     from lmk3d.metrics import evaluate, format_table
-    from lmk3d.plots import error_boxplot, sdr_curve
 
+    tol, catch = args.review_tolerance_mm, args.review_catch
+    if not (math.isfinite(tol) and tol > 0):
+        raise LandmarkError(f"--review-tolerance-mm {tol}: give a distance in mm > 0")
+    if not 0 < catch <= 1:
+        raise LandmarkError(f"--review-catch {catch}: give the share of errors to catch, in (0, 1] (e.g. 0.95)")
+    if args.plot:
+        if Path(args.plot).is_dir():
+            raise LandmarkError(f"--plot {args.plot}: is a folder; give a PNG file path")
+        review.require_matplotlib()
     out = out_folder(args.out)
     truth = read_collection(args.truth)
     pred = read_collection(args.pred)
@@ -55,10 +73,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
               f"missing): {', '.join(ev.unmatched_cases[:10])}{' ...' if len(ev.unmatched_cases) > 10 else ''}")
     out.mkdir(parents=True, exist_ok=True)
     doc = {"pred": str(args.pred), "truth": str(args.truth), **ev.to_dict()}
+    written = [out / "metrics.json"]
+    if review.carries_scores(pred):
+        pts = review.review_points(ev, pred)
+        rep = review.review_report(pts, tol, catch)
+        rep["curve_csv"] = "review_curve.csv"
+        doc["review"] = rep
+        print(review.format_review(rep))
+        atomic_write_text(out / "review_curve.csv", review.review_csv_text(pts, tol))
+        written.append(out / "review_curve.csv")
+        if args.plot:
+            written.append(review.plot_review(args.plot, pts, rep))
+    else:
+        print("no review burden: the predictions carry no scores (every score is 1.0)"
+              + ("; --plot skipped" if args.plot else ""))
     atomic_write_text(out / "metrics.json", json.dumps(doc, indent=2))
-    error_boxplot(ev, out / "errors_boxplot.png", args.title)
-    sdr_curve(ev, out / "sdr_curve.png")
-    print(f"wrote {out / 'metrics.json'}, {out / 'errors_boxplot.png'}, {out / 'sdr_curve.png'}")
+    try:
+        from lmk3d.plots import error_boxplot, sdr_curve
+
+        written += [error_boxplot(ev, out / "errors_boxplot.png", args.title), sdr_curve(ev, out / "sdr_curve.png")]
+    except ImportError:  # matplotlib is missing: the numbers stand without the pictures
+        print("matplotlib is missing: errors_boxplot.png and sdr_curve.png not drawn")
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
