@@ -229,9 +229,15 @@ def run_train(args: argparse.Namespace) -> int:
     from lmk3d.detectors import detector_class, load_detector
     from lmk3d.io.atomic import atomic_write_text
     from lmk3d.metrics import evaluate, format_table
+    from lmk3d.training import distributed
     from lmk3d.training.loop import Trainer, TrainOptions
 
     args, resume_state = _train_args(args)
+    # Under torchrun every rank runs this; only rank 0 prints, writes and evaluates (docs/distributed.md).
+    world = distributed.world_from_env()
+    distributed.check_resume(resume_state, world)  # before the data is read: fail fast
+    device = distributed.rank_device(args.device, world) if world.distributed else args.device
+    is_main = world.rank == 0
     for key, low in (("val_fraction", 0.0), ("test_fraction", 0.0)):
         v = getattr(args, key)
         if not low <= v < 1.0:
@@ -240,27 +246,46 @@ def run_train(args: argparse.Namespace) -> int:
         raise LandmarkError("--val-fraction and --test-fraction leave no training cases")
     out = out_folder(args.out)
     options = TrainOptions(seed=args.seed, max_minutes=args.max_minutes, max_epochs=args.max_epochs,
-                           device=args.device, progress=not args.no_progress, state_dir=str(out))
+                           device=device, progress=not args.no_progress and is_main, state_dir=str(out))
     cls = detector_class(args.detector)
     ds = load_dataset(args.data, args.images)
-    labelled = readable(ds.labelled(), lambda line: print(f"warning: {line}", file=sys.stderr, flush=True))
+
+    def warn(line: str) -> None:
+        if is_main:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    labelled = readable(ds.labelled(), warn)
     if not labelled:
         raise LandmarkError(f"{args.data}: no labelled cases with a readable image to train on ({len(ds)} images)")
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
     split = make_split([s.case for s in labelled], fractions, args.split_seed)
     train, val, test = apply_split(labelled, split)
-    print(f"{args.data}: {len(ds)} cases ({len(labelled)} labelled), {len(ds.names)} landmarks; split seed "
-          f"{args.split_seed}: {len(train)} train / {len(val)} val / {len(test)} test")
-    det = cls.create(ds.names, args.profile, args.device, **parse_overrides(args.overrides))
-    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        print(f"{args.data}: {len(ds)} cases ({len(labelled)} labelled), {len(ds.names)} landmarks; split seed "
+              f"{args.split_seed}: {len(train)} train / {len(val)} val / {len(test)} test"
+              + (f"; {world.size} processes, each training on its shard" if world.distributed else ""))
+    det = cls.create(ds.names, args.profile, device, **parse_overrides(args.overrides))
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(options, resume_state, {"args": {k: getattr(args, k) for k in TRAIN_KEYS}})
-    if resume_state is not None:
-        print(f"resuming {args.detector} in {out}: {len(trainer.completed)} phase(s) finished before")
-    t0 = time.perf_counter()
-    # Landmark groups are not passed: the prior-guided detector reads groups.json beside the images itself,
-    # and detectors without groups reject options they do not know.
-    fit_report = det.fit(train, val, trainer=trainer)
-    train_seconds = time.perf_counter() - t0
+    try:
+        if resume_state is not None and is_main:
+            print(f"resuming {args.detector} in {out}: {len(trainer.completed)} phase(s) finished before")
+        t0 = time.perf_counter()
+        # Landmark groups are not passed: the prior-guided detector reads groups.json beside the images itself,
+        # and detectors without groups reject options they do not know.
+        fit_report = det.fit(train, val, trainer=trainer)
+        train_seconds = time.perf_counter() - t0
+        ranks: list[dict[str, object]] = []
+        if world.distributed:  # what each rank trained on and the weights it ended with (equal on every rank)
+            digest = distributed.weights_digest((f"{s.name}.{k}", m) for s in det.stages()
+                                                for k, m in s.networks().items())
+            ranks = distributed.all_gather({"rank": world.rank, "cases": sorted(set(trainer.shard_cases)),
+                                            "weights_sha256": digest})
+    finally:
+        trainer.close()
+    if not is_main:
+        return 0
     det.save(out)
     trainer.finish()
     command = _command_line("train", args, ["detector", "profile", "data", "images", "out", "split_seed",
@@ -270,7 +295,7 @@ def run_train(args: argparse.Namespace) -> int:
     metrics: dict[str, object] = {}
     test_mre: float | None = None
     if test:
-        model = load_detector(out, args.device)  # evaluate what was saved, not what is in memory
+        model = load_detector(out, device)  # evaluate what was saved, not what is in memory
         preds = {s.case: model.predict(s.load_image()) for s in test}
         ev = evaluate(preds, {s.case: s.landmarks for s in test if s.landmarks is not None})
         print(format_table(ev))
@@ -281,13 +306,15 @@ def run_train(args: argparse.Namespace) -> int:
     report = {
         "detector": args.detector, "profile": args.profile, "data": str(args.data), "command": command,
         "seed": args.seed, "split_seed": args.split_seed, "max_minutes": args.max_minutes,
-        "max_epochs": args.max_epochs, "resumed": resume_state is not None,
+        "max_epochs": args.max_epochs, "resumed": resume_state is not None, "world_size": world.size,
         "counts": {"train": len(train), "val": len(val), "test": len(test)},
         "landmark_names": list(ds.names), "groups": [g.to_dict() for g in ds.groups],
         "train_seconds": round(train_seconds, 2), "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s)",
         "fit": fit_report,
         "test_mre_mm": test_mre,
     }
+    if world.distributed:
+        report["distributed"] = {"backend": trainer.backend, "ranks": ranks}
     atomic_write_text(out / "train_report.json", json.dumps(report, indent=2, default=_jsonable))
     extra = f"; test MRE {test_mre:.2f} mm" if test_mre is not None and np.isfinite(test_mre) else ""
     print(f"trained {args.detector} ({args.profile}) in {train_seconds:.1f} s -> {out}{extra}")
@@ -342,6 +369,45 @@ def add_predict(p: argparse.ArgumentParser) -> None:
                    help="with --data: which cases of the model's split.json (default test); the subset's "
                    "true landmarks are written to OUT/truth.csv")
     p.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--shard", metavar="I/N", help="predict part I of N (1 <= I <= N) of the images, for N "
+                   "machines or jobs sharing one batch: the images are sorted by case id and part I takes every "
+                   "N-th from the I-th, so the N parts are disjoint and together cover the batch; the tables are "
+                   "then predictions.shard-I-of-N.csv (and truth.shard-I-of-N.csv), so the parts may share one "
+                   "--out folder (docs/distributed.md shows how to merge them)")
+    p.add_argument("--prefetch", type=int, default=1, metavar="K", help="images read ahead in a background "
+                   "thread while the current one runs (default 1; 0: read each image when its turn comes); "
+                   "memory holds K+1 images")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``--shard I/N`` -> ``(I, N)``: part ``I`` of ``N``, counted from 1 (``1 <= I <= N``).
+
+    Raises:
+        LandmarkError: not of the form ``I/N`` with whole numbers, ``N < 1``, or ``I`` outside ``1..N``.
+    """
+    import re
+
+    m = re.fullmatch(r"\s*([+-]?\d+)\s*/\s*([+-]?\d+)\s*", text)
+    if m is None:
+        raise LandmarkError(f"--shard {text!r}: expected I/N with whole numbers, e.g. 2/4 (part 2 of 4; "
+                            "parts count from 1)")
+    index, count = int(m.group(1)), int(m.group(2))
+    if count < 1:
+        raise LandmarkError(f"--shard {text}: N must be at least 1 (the number of parts)")
+    if not 1 <= index <= count:
+        raise LandmarkError(f"--shard {text}: I must be between 1 and N={count} (parts count from 1: "
+                            f"1/{count} ... {count}/{count})")
+    return index, count
+
+
+def shard_of(jobs: Sequence[tuple[str, Path]], index: int, count: int) -> list[tuple[str, Path]]:
+    """Part ``index`` (from 1) of ``count`` of ``jobs``: sorted by case id, every ``count``-th from the ``index``-th.
+
+    The same list gives the same parts on every machine whatever its order on the command line; the
+    ``count`` parts are disjoint and together hold every job. Example: cases a..e in 2 parts ->
+    ``1/2`` = a, c, e and ``2/2`` = b, d.
+    """
+    return sorted(jobs)[index - 1::count]
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -349,8 +415,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     from lmk3d.detectors import load_detector
     from lmk3d.io import case_id, read_image, write_landmarks, write_table
+    from lmk3d.io.read_ahead import ReadAhead
     from lmk3d.landmarks import LandmarkSet
 
+    shard = parse_shard(args.shard) if args.shard is not None else None
+    if args.prefetch < 0:
+        raise LandmarkError(f"--prefetch {args.prefetch}: give the number of images to read ahead, 0 or more")
     jobs: list[tuple[str, Path]] = [(case_id(p), Path(p)) for p in args.images]
     out = out_folder(args.out)
     truth: dict[str, LandmarkSet] = {}
@@ -374,42 +444,54 @@ def run_predict(args: argparse.Namespace) -> int:
             if not p.is_dir():
                 raise LandmarkError(f"{p}: --format sr needs a DICOM series folder (the SR references its "
                                     "instances and frame of reference)")
-    model = load_detector(args.model, args.device)
+    table_name, truth_name = "predictions.csv", "truth.csv"
+    if shard is not None:
+        everything = len(jobs)
+        jobs = shard_of(jobs, *shard)
+        truth = {c: truth[c] for c, _ in jobs if c in truth}
+        table_name, truth_name = (f"{stem}.shard-{shard[0]}-of-{shard[1]}.csv" for stem in ("predictions", "truth"))
+        print(f"shard {shard[0]}/{shard[1]}: {len(jobs)} of {everything} image(s)")
     table: dict[str, LandmarkSet] = {}
     failed: list[str] = []
-    for c, p in jobs:
-        t0 = time.perf_counter()
-        try:
-            volume = read_image(p)
-        except LandmarkError as e:
-            # One unreadable image must not cost the batch: skip it, say so, and exit 1 at the end.
-            print(f"{c}: skipped: {e}", file=sys.stderr)
-            failed.append(c)
-            continue
-        t1 = time.perf_counter()
-        pred = model.predict_all(volume)
-        if args.format == "sr":
-            from lmk3d.io.dicom_sr import write_sr
+    t_start = time.perf_counter()
+    # The next image is read in a background thread while the current one runs (--prefetch); the
+    # results come back in input order, so the output equals a run that reads one image at a time.
+    with ReadAhead([p for _, p in jobs], read_image, args.prefetch) as reads:
+        model = load_detector(args.model, args.device)
+        for (c, p), got in zip(jobs, reads, strict=True):
+            if got.error is not None:
+                # One unreadable image must not cost the batch: skip it, say so, and exit 1 at the end.
+                print(f"{c}: skipped: {got.error}", file=sys.stderr)
+                failed.append(c)
+                continue
+            volume = got.value
+            assert volume is not None
+            pred = model.predict_all(volume)
+            if args.format == "sr":
+                from lmk3d.io.dicom_sr import write_sr
 
-            write_sr(out / f"{c}.sr.dcm", pred.landmarks, p,
-                     algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"])
-        elif args.format == "json":
-            from lmk3d.io.atomic import atomic_write_text
-            from lmk3d.io.table import landmarks_to_json
+                write_sr(out / f"{c}.sr.dcm", pred.landmarks, p,
+                         algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"])
+            elif args.format == "json":
+                from lmk3d.io.atomic import atomic_write_text
+                from lmk3d.io.table import landmarks_to_json
 
-            doc = {**landmarks_to_json(pred.landmarks, volume.affine), "detector": model.name,
-                   "stages": pred.stages_json()}
-            atomic_write_text(out / f"{c}.json", json.dumps(doc, indent=2))
-        else:
-            write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
-        table[c] = pred.landmarks
-        stages = ", ".join(f"{k} {v:.2f} s" for k, v in pred.latencies.items())
-        print(f"{c}: {int(pred.landmarks.found.sum())}/{len(pred.landmarks)} found (load {t1 - t0:.2f} s, {stages})")
-    write_table(out / "predictions.csv", table, with_scores=True)
+                doc = {**landmarks_to_json(pred.landmarks, volume.affine), "detector": model.name,
+                       "stages": pred.stages_json()}
+                atomic_write_text(out / f"{c}.json", json.dumps(doc, indent=2))
+            else:
+                write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
+            table[c] = pred.landmarks
+            stages = ", ".join(f"{k} {v:.2f} s" for k, v in pred.latencies.items())
+            print(f"{c}: {int(pred.landmarks.found.sum())}/{len(pred.landmarks)} found (load {got.seconds:.2f} s, "
+                  f"{stages})")
+    seconds = time.perf_counter() - t_start
+    write_table(out / table_name, table, with_scores=True)
     if truth:
-        write_table(out / "truth.csv", truth, with_scores=False)
-    print(f"wrote {len(table)} {args.format} file(s) and {out / 'predictions.csv'}"
-          + (f" and {out / 'truth.csv'}" if truth else ""))
+        write_table(out / truth_name, truth, with_scores=False)
+    rate = f" ({len(jobs) / seconds:.2f} image(s)/s)" if seconds > 0 and jobs else ""
+    print(f"wrote {len(table)} {args.format} file(s) and {out / table_name}"
+          + (f" and {out / truth_name}" if truth else "") + f"; {len(jobs)} image(s) in {seconds:.1f} s{rate}")
     if failed:
         print(f"lmk3d predict: {len(failed)} of {len(jobs)} image(s) could not be read and were skipped: "
               f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}", file=sys.stderr)

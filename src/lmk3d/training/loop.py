@@ -13,6 +13,12 @@ simply done again.
 
 The shared pieces of every training loop also live here: the cosine schedule, the optimiser step and
 the mean radial error.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same trainer trains data-parallel (:mod:`lmk3d.training.distributed`):
+it joins the process group, wraps the network of each phase in ``DistributedDataParallel`` (the training
+functions call it through :meth:`Trainer.forward`), gives each rank its shard of the training cases
+(:meth:`Trainer.shard`), and makes every decision (validation metric, early stop, time budget) rank 0's.
+Only rank 0 writes the resume state. A single process runs exactly what it ran before.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 
 from lmk3d.errors import LandmarkError
+from lmk3d.training import distributed
 
 STATE_FILE = "train_state.pt"
 
@@ -119,7 +126,7 @@ class TrainOptions:
             raise LandmarkError(f"max_epochs must be at least 1, got {self.max_epochs}")
 
 
-def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
+def _rng_state(rng: np.random.Generator, device: torch.device | None = None) -> dict[str, Any]:
     legacy: tuple[Any, ...] = np.random.get_state(legacy=True)  # type: ignore[assignment]
     state: dict[str, Any] = {
         "numpy_generator": rng.bit_generator.state,
@@ -127,12 +134,14 @@ def _rng_state(rng: np.random.Generator) -> dict[str, Any]:
         "numpy_legacy": [legacy[0], torch.from_numpy(np.asarray(legacy[1], dtype=np.int64)), *legacy[2:]],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":  # a rank's own GPU only (all of them would wake every GPU)
+        state["cuda_device"] = torch.cuda.get_rng_state(device)
+    elif device is None and torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
+def _set_rng_state(rng: np.random.Generator, state: dict[str, Any], device: torch.device | None = None) -> None:
     rng.bit_generator.state = state["numpy_generator"]
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
@@ -141,6 +150,25 @@ def _set_rng_state(rng: np.random.Generator, state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+
+
+class _Calls(torch.nn.Module):
+    """Holds a phase's model for ``DistributedDataParallel``; its forward runs the function it is handed.
+
+    The training functions call their networks through stage methods (``forward_deep``, a stage's
+    ``forward`` over several networks...), not through one module's ``forward``: this wrapper lets DDP
+    see each of those calls (``ddp(fn, x)``), so it synchronises buffers before and averages the
+    gradients after, with the parameters registered once.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
 
 
 class Trainer:
@@ -148,8 +176,12 @@ class Trainer:
 
     Attributes:
         options: the :class:`TrainOptions`.
-        rng: the NumPy generator of every random draw of the fit (augmentation, sampling, order).
-        device: the resolved torch device.
+        rng: the NumPy generator of every random draw of the fit (augmentation, sampling, order); in a
+            distributed run rank ``r`` > 0 draws from its own stream (``default_rng([seed, r])``), so
+            the ranks augment differently; rank 0 draws what a single process draws.
+        device: the resolved torch device (``cuda:LOCAL_RANK`` for a rank of a distributed run on CUDA).
+        world: this process's rank and the number of processes (rank 0 of 1 outside torchrun).
+        shard_cases: the case ids of this rank's shards (what :meth:`shard` handed out), in order.
         meta: JSON-able facts saved with the resume state (the CLI stores its command there).
         on_epoch: called after every epoch with ``(phase, epochs done, phase's epoch budget, row)``,
             ``row`` being the epoch's ``{"epoch", "loss", ...}`` (the server reports progress with it).
@@ -160,10 +192,22 @@ class Trainer:
                  on_epoch: Callable[[str, int, int, dict[str, float]], None] | None = None) -> None:
         self.on_epoch = on_epoch
         self.options = options or TrainOptions()
+        self.world = distributed.world_from_env()
+        distributed.check_resume(resume, self.world)
         self.rng = seed_everything(self.options.seed)
+        if self.world.rank > 0:
+            self.rng = np.random.default_rng([self.options.seed, self.world.rank])
         torch.use_deterministic_algorithms(True, warn_only=True)
-        dev = self.options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(dev)
+        self.device = torch.device(distributed.rank_device(self.options.device, self.world))
+        self._owns_group = distributed.init_group(self.world, self.device)
+        #: the process group's backend (``gloo``, ``nccl``) in a distributed run, else None
+        self.backend: str | None = None
+        if self.world.distributed:
+            import torch.distributed as dist
+
+            self.backend = str(dist.get_backend())
+        self._ddp: torch.nn.Module | None = None
+        self.shard_cases: list[str] = []
         self.start = time.monotonic()
         self.meta = dict(meta or (resume or {}).get("meta", {}))
         self.completed: dict[str, dict[str, Any]] = dict((resume or {}).get("completed", {}))
@@ -189,9 +233,74 @@ class Trainer:
         cap = self.options.max_epochs
         return configured if cap is None else min(configured, cap)
 
+    # --- data-parallel training --------------------------------------------------------------------
+    @property
+    def is_main(self) -> bool:
+        """True on the process that writes files (rank 0; the only process outside torchrun)."""
+        return self.world.rank == 0
+
+    def shard(self, items: Sequence[Any], names: Sequence[str] | None = None) -> list[Any]:
+        """This rank's share of the training ``items`` for the gradient steps (all of them in one process).
+
+        See :func:`lmk3d.training.distributed.shard`. ``names`` (default: each item's ``case``) are
+        recorded in :attr:`shard_cases`. Fitted state must be computed on all the items, never on a shard.
+        """
+        picked = distributed.shard(range(len(items)), self.world)
+        mine = [items[i] for i in picked]
+        if names is not None:
+            if len(names) != len(items):
+                raise ValueError(f"shard: {len(names)} names for {len(items)} items")
+            self.shard_cases += [str(names[i]) for i in picked]
+        else:
+            self.shard_cases += [str(x.case) for x in mine if hasattr(x, "case")]
+        return mine
+
+    def forward(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``: the training forward pass of the current phase's networks.
+
+        In a distributed run it goes through the phase's ``DistributedDataParallel`` wrapper, which
+        then averages the gradients of the backward pass over the ranks; otherwise it is a plain call.
+        """
+        if self._ddp is None:
+            return fn(*args, **kwargs)
+        return self._ddp(fn, *args, **kwargs)
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (``value`` in one process): for decisions that must not differ."""
+        return distributed.agree(value)
+
+    def _wrap(self, model: torch.nn.Module) -> None:
+        if not self.world.distributed or not any(p.requires_grad for p in model.parameters()):
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a loss may leave a head out of a batch (no landmark of its group present).
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(_Calls(model), device_ids=ids, find_unused_parameters=True)
+
+    def _rng_snapshot(self) -> dict[str, Any]:
+        if not self.world.distributed:
+            return _rng_state(self.rng)
+        mine = _rng_state(self.rng, self.device)
+        return {**mine, "ranks": distributed.all_gather(mine)}
+
+    def _restore_rng(self, state: dict[str, Any]) -> None:
+        if "ranks" in state:
+            _set_rng_state(self.rng, state["ranks"][self.world.rank], self.device)
+        else:
+            _set_rng_state(self.rng, state)
+
+    def close(self) -> None:
+        """Leave the process group this trainer joined (nothing outside a distributed run)."""
+        if self._owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self._owns_group = False
+
     # --- resume state ---------------------------------------------------------------------------
     def _write_state(self) -> None:
-        if self.options.state_dir is None:
+        if self.options.state_dir is None or not self.is_main:
             return
         import io
 
@@ -199,12 +308,12 @@ class Trainer:
 
         buf = io.BytesIO()
         torch.save({"meta": self.meta, "options": asdict(self.options), "completed": self.completed,
-                    "current": self._current}, buf)
+                    "current": self._current, "world_size": self.world.size}, buf)
         atomic_write_bytes(Path(self.options.state_dir) / STATE_FILE, buf.getvalue())
 
     def finish(self) -> None:
         """The fit is over: remove the resume state (the checkpoint is what stays)."""
-        if self.options.state_dir is not None:
+        if self.options.state_dir is not None and self.is_main:
             p = Path(self.options.state_dir) / STATE_FILE
             if p.exists():
                 os.unlink(p)
@@ -241,7 +350,7 @@ class Trainer:
             model.load_state_dict(done["model"])
             model.eval()
             # The generators as that phase left them: what follows draws as it did in the first run.
-            _set_rng_state(self.rng, done["rng"])
+            self._restore_rng(done["rng"])
             return LoopReport(**done["report"])
         max_epochs = self.epochs(max_epochs)
         report = LoopReport(name)
@@ -256,19 +365,43 @@ class Trainer:
                 scheduler.load_state_dict(cur["scheduler"])
             best_state, since_best, first = cur["best_state"], int(cur["since_best"]), int(cur["epoch"])
             report = LoopReport(**cur["report"])
-            _set_rng_state(self.rng, cur["rng"])
+            self._restore_rng(cur["rng"])
             self._current = None
         t0 = time.monotonic() - report.seconds
-        bar = tqdm(range(first, max_epochs), desc=name, disable=not self.options.progress, leave=False,
-                   dynamic_ncols=True)
+        bar = tqdm(range(first, max_epochs), desc=name, disable=not self.options.progress or not self.is_main,
+                   leave=False, dynamic_ncols=True)
+        self._wrap(model)
+        try:
+            report = self._epochs(bar, name, model, train_epoch, validate, report, best_state, since_best, t0,
+                                  max_epochs=max_epochs, optimizer=optimizer, scheduler=scheduler, deadline=deadline,
+                                  patience=patience, val_every=val_every, metric_name=metric_name)
+        finally:
+            self._ddp = None
+        bar.close()
+        model.eval()
+        report.seconds = time.monotonic() - t0
+        self.completed[name] = {"model": copy.deepcopy(model.state_dict()), "report": report.to_dict(),
+                                "rng": self._rng_snapshot()}
+        self._write_state()
+        return report
+
+    def _epochs(self, bar: Any, name: str, model: torch.nn.Module, train_epoch: Callable[[int], float],
+                validate: Callable[[], float] | None, report: LoopReport,
+                best_state: dict[str, torch.Tensor] | None, since_best: int, t0: float, *, max_epochs: int,
+                optimizer: torch.optim.Optimizer | None, scheduler: Any, deadline: float | None, patience: int,
+                val_every: int, metric_name: str) -> LoopReport:
+        """The epochs of :meth:`phase`; the model ends with its best validation weights."""
         for epoch in bar:
             model.train()
             loss = float(train_epoch(epoch))
+            if self.world.distributed:  # the epoch's loss over all the shards (each rank's mean, averaged)
+                loss = float(np.mean(distributed.all_gather(loss)))
+            distributed.broadcast_buffers(model)
             row: dict[str, float] = {"epoch": float(epoch), "loss": loss}
             if validate is not None and (epoch % val_every == val_every - 1 or epoch == max_epochs - 1):
                 model.eval()
                 with torch.no_grad():
-                    val = float(validate())
+                    val = float(self.agree(float(validate())))
                 row[metric_name] = val
                 if val < report.best_val:
                     report.best_val, report.best_epoch, since_best = val, epoch, 0
@@ -286,11 +419,12 @@ class Trainer:
                 stop = "patience"
             elif deadline is not None and time.monotonic() > deadline:
                 stop = "time_budget"
+            stop = self.agree(stop)
             if stop:
                 report.stopped = stop
             self._current = None if stop or epoch + 1 >= max_epochs else {
                 "name": name, "epoch": epoch + 1, "model": model.state_dict(), "best_state": best_state,
-                "since_best": since_best, "report": report.to_dict(), "rng": _rng_state(self.rng),
+                "since_best": since_best, "report": report.to_dict(), "rng": self._rng_snapshot(),
                 "optimizer": None if optimizer is None else optimizer.state_dict(),
                 "scheduler": None if scheduler is None else scheduler.state_dict(),
             }
@@ -298,14 +432,8 @@ class Trainer:
                 self._write_state()
             if stop:
                 break
-        bar.close()
         if best_state is not None:
             model.load_state_dict(best_state)
-        model.eval()
-        report.seconds = time.monotonic() - t0
-        self.completed[name] = {"model": copy.deepcopy(model.state_dict()), "report": report.to_dict(),
-                                "rng": _rng_state(self.rng)}
-        self._write_state()
         return report
 
 

@@ -2,7 +2,9 @@
 
 Each function takes the stage it trains or fits and the training cases (:class:`CascadeCase`: a
 :class:`~lmk3d.preprocessing.PreparedImage` with its true landmarks); the networks go through
-:meth:`lmk3d.training.loop.Trainer.phase`, and every random draw comes from ``trainer.rng``.
+:meth:`lmk3d.training.loop.Trainer.phase`, and every random draw comes from ``trainer.rng``. The
+gradient steps go over ``trainer.shard(train)`` (this rank's share under torchrun) and call the networks
+through ``trainer.forward``; budgets and fitted state (ranges, priors) use every training case.
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ def fit_stage1(stage: HeatmapStage, trainer: Trainer, train: list[CascadeCase], 
     c, device, rng = stage.config, stage.device, trainer.rng
     opt = torch.optim.Adam(stage.unet.parameters(), lr=c.lr)
     epochs = max(c.max_epochs, math.ceil(c.min_iterations / math.ceil(len(train) / c.batch_size)))
+    mine = trainer.shard(train)
 
     def epoch_fn(epoch: int) -> float:
         cosine_lr(opt, c.lr, epoch, epochs)
-        order = rng.permutation(len(train))
+        order = rng.permutation(len(mine))
         losses = []
         for i in range(0, len(order), c.batch_size):
-            chunk = [train[j] for j in order[i:i + c.batch_size]]
+            chunk = [mine[j] for j in order[i:i + c.batch_size]]
             grids = []
             for case in chunk:
                 g = stage.coarse_grid(case.image)
@@ -95,7 +98,7 @@ def fit_stage1(stage: HeatmapStage, trainer: Trainer, train: list[CascadeCase], 
             present = torch.as_tensor(np.stack([case.present for case in chunk]), device=device)
             target = heatmap_targets(torch.as_tensor(pts, dtype=torch.float32, device=device), present,
                                      stage.coarse_shape, c.sigma, c.heatmap_height)
-            main, sides = stage.unet.forward_deep(x)
+            main, sides = trainer.forward(stage.unet.forward_deep, x)
             loss = deep_supervision_loss(main, sides, target, heatmap_channel_mask(present), c.weight_gamma,
                                          c.side_weights, c.weight_target)
             losses.append(optimizer_step(opt, loss))
@@ -166,6 +169,7 @@ def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[CascadeCa
     epochs = max(c.patch_epochs, math.ceil(c.patch_min_iterations / steps))
     r = stage.ranges_mm
     centre_idx = (np.asarray(c.roi_size, dtype=np.float64) - 1) / 2.0
+    mine = trainer.shard(train)
 
     def draw(case: CascadeCase) -> tuple[list[Grid], np.ndarray]:
         # Centres uniform in the ball of radius r_n around the truth (the range stage 1 really needs).
@@ -180,15 +184,16 @@ def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[CascadeCa
 
     def epoch_fn(epoch: int) -> float:
         cosine_lr(opt, c.patch_lr, epoch, epochs)
-        order = np.concatenate([rng.permutation(len(train)) for _ in range(c.patches_per_case)])
+        order = np.concatenate([rng.permutation(len(mine)) for _ in range(c.patches_per_case)])
         losses = []
         for i in range(0, len(order), c.patch_batch_size):
-            chunk = [train[j] for j in order[i:i + c.patch_batch_size]]
+            chunk = [mine[j] for j in order[i:i + c.patch_batch_size]]
             draws = [draw(case) for case in chunk]
             target = torch.as_tensor(np.stack([d[1] for d in draws]), dtype=torch.float32, device=device)
             present = torch.as_tensor(np.stack([case.present for case in chunk]), device=device)
             patches = stage.sample_patches([case.image for case in chunk], [d[0] for d in draws])
-            losses.append(optimizer_step(opt, displacement_loss(stage.displacements(patches), target, present)))
+            losses.append(optimizer_step(opt, displacement_loss(trainer.forward(stage.displacements, patches), target,
+                                                                present)))
         return float(np.mean(losses))
 
     def validate() -> float:

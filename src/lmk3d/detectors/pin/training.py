@@ -3,7 +3,9 @@
 Every level is trained in turn: its shape models are fitted on the training configurations in its
 working frames, then each unit's CNN is trained in its own :meth:`~lmk3d.training.loop.Trainer.phase`
 (named after the level and the unit, e.g. ``pin_unit0``, ``pin_fine_unit3``), and the level's answers
-on the training and validation cases become the next level's starting points.
+on the training and validation cases become the next level's starting points. A unit's batches are drawn
+from ``trainer.shard`` of its usable cases (all of them in one process, this rank's share under torchrun)
+and its CNN is called through ``trainer.forward``; shape models and windows use every training case.
 """
 
 from __future__ import annotations
@@ -150,14 +152,20 @@ def load_level_data(samples: Sequence[Sample], modality: str, pixdim: float, dev
 
 
 def train_unit(trainer: Trainer, stage: PinIterate, unit: PinUnit, phase: str, train_data: Data, val_data: Data,
-               val_starts: Sequence[LandmarkSet | None], deadline: float | None) -> dict[str, Any]:
-    """Train one unit's CNN in the trainer's phase ``phase``; returns its JSON-able report."""
+               val_starts: Sequence[LandmarkSet | None], deadline: float | None,
+               case_ids: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train one unit's CNN in the trainer's phase ``phase``; returns its JSON-able report.
+
+    Args:
+        case_ids: the ids of the ``train_data`` cases (recorded in the trainer's shards).
+    """
     c, rng, device = stage.config, trainer.rng, trainer.device
     lm = unit.landmarks
     usable = [i for i, (_, _, f) in enumerate(train_data) if f[lm].any()]
     if not usable:
         names = ", ".join(stage.landmark_names[k] for k in lm)
         raise LandmarkError(f"pin.fit: no training case annotates {names}")
+    usable = trainer.shard(usable, None if case_ids is None else [case_ids[i] for i in usable])
     opt = torch.optim.Adam(unit.net.parameters(), lr=c.learning_rate, betas=(0.9, 0.999))
     max_epochs = trainer.epochs(c.max_epochs)
     t0 = time.monotonic()
@@ -168,7 +176,8 @@ def train_unit(trainer: Trainer, stage: PinIterate, unit: PinUnit, phase: str, t
         if deadline is None:
             cosine_lr(opt, c.learning_rate, epoch, max_epochs, floor=0.0)
             return
-        done = max(epoch / max(max_epochs, 1), (time.monotonic() - t0) / max(deadline - t0, 1e-9))
+        # Rank 0's clock: every rank of a distributed run must step with the same learning rate.
+        done = max(epoch / max(max_epochs, 1), trainer.agree((time.monotonic() - t0) / max(deadline - t0, 1e-9)))
         resolution = 1_000_000
         cosine_lr(opt, c.learning_rate, int(round(min(done, 1.0) * resolution)), resolution, floor=0.0)
 
@@ -210,7 +219,7 @@ def train_unit(trainer: Trainer, stage: PinIterate, unit: PinUnit, phase: str, t
         for _ in range(c.steps_per_epoch):
             patches, d_gt, mask = batch()
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                d, logits = unit.net(patches)
+                d, logits = trainer.forward(unit.net, patches)
             partial = not bool(mask.bool().all())
             loss, _ = pin_loss(d.float(), logits.float(), d_gt, c.alpha, mask if partial else None,
                                unit.w_t if partial else None)
@@ -273,7 +282,7 @@ def fit_levels(det: PinDetector, trainer: Trainer, train: Sequence[Sample], val:
             left = trainer.minutes_left()
             deadline = None if left is None else time.monotonic() + 60.0 * left / (n_units - trained)
             rep = train_unit(trainer, stage, unit, f"{stage.name}_unit{u}", train_data, val_used, starts_used,
-                             deadline)
+                             deadline, [s.case for s in train])
             reports.append({"level": level, "pixdim": pixdim, "val_cases": len(val_used),
                             "val_left_out": [i for i, k in enumerate(keep) if not k], **rep})
             trained += 1

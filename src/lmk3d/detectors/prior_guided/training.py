@@ -1,7 +1,9 @@
 """``prior_guided``'s training: the coarse regressor, its measured errors, then the fine networks.
 
 Every random draw comes from ``trainer.rng``; each network trains in one :meth:`Trainer.phase`
-(``coarse``, then ``fine``), which keeps its best-on-validation weights.
+(``coarse``, then ``fine``), which keeps its best-on-validation weights. The gradient steps go over
+``trainer.shard(train)`` (all the cases in one process, this rank's share under torchrun) and call the
+networks through ``trainer.forward``; fitted state (mean position, jitter) uses every training case.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ def fit_coarse(coarse: CoarseStage, trainer: Trainer, train: list[Case], val: li
     opt = torch.optim.Adam(net.parameters(), lr=cfg.coarse_lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
     dev = coarse.device
+    mine = trainer.shard(train)
     # Start at the mean position: the untrained regressor then already equals the mean-shape guess.
     targets = [normalise_coordinates(torch.as_tensor(c.coarse_grid.world_to_grid(c.xyz), dtype=torch.float32), size)
                for c in train]
@@ -104,10 +107,10 @@ def fit_coarse(coarse: CoarseStage, trainer: Trainer, train: list[Case], val: li
 
     def epoch_fn(epoch: int) -> float:
         losses = []
-        order = rng.permutation(len(train))
+        order = rng.permutation(len(mine))
         for start in range(0, len(order), cfg.coarse_batch_size):
             xs, ys = [], []
-            for c in (train[i] for i in order[start:start + cfg.coarse_batch_size]):
+            for c in (mine[i] for i in order[start:start + cfg.coarse_batch_size]):
                 centre = c.coarse_grid.grid_to_world((np.asarray(size) - 1) / 2.0)
                 shift = cfg.translation_fraction * float(np.max(c.coarse_grid.spacing_mm)) * max(size)
                 g = c.coarse_grid.moved(random_world_transform(rng, centre, cfg.rotation_deg, cfg.scale_range, shift))
@@ -116,13 +119,14 @@ def fit_coarse(coarse: CoarseStage, trainer: Trainer, train: list[Case], val: li
             x = torch.cat(xs).to(dev)
             y = torch.stack(ys).to(dev)
             mask = torch.isfinite(y).all(dim=-1)
-            losses.append(optimizer_step(opt, (net(x) - torch.nan_to_num(y))[mask].abs().mean()))
+            losses.append(optimizer_step(opt, (trainer.forward(net, x) - torch.nan_to_num(y))[mask].abs().mean()))
         return float(np.mean(losses))
 
     def validate() -> float:
         cases = val or train
         coarse_estimates(coarse, cases)
-        mre = case_mre(cases, [c.coarse for c in cases])  # type: ignore[misc]
+        # Rank 0's number steps every rank's scheduler: the learning rates must not differ between ranks.
+        mre = float(trainer.agree(case_mre(cases, [c.coarse for c in cases])))  # type: ignore[misc]
         sched.step(mre)
         return mre
 
@@ -228,13 +232,14 @@ def fit_fine(fine: FineStage, trainer: Trainer, train: list[Case], val: list[Cas
     opt = torch.optim.Adam(params, lr=cfg.fine_lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
     shape = cfg.roi_size
+    mine = trainer.shard(train)
 
     def epoch_fn(epoch: int) -> float:
         losses = []
-        order = rng.permutation(len(train))
+        order = rng.permutation(len(mine))
         for start in range(0, len(order), cfg.fine_batch_size):
             xs, ms, truths = [], [], []
-            for c in (train[i] for i in order[start:start + cfg.fine_batch_size]):
+            for c in (mine[i] for i in order[start:start + cfg.fine_batch_size]):
                 grids, truth = draw_patches(fine, c, rng, sd)
                 xs.append(c.fine_src.sample(grids, fine.pixdim)[:, 0])
                 truths.append(torch.as_tensor(truth, dtype=torch.float32))
@@ -242,7 +247,7 @@ def fit_fine(fine: FineStage, trainer: Trainer, train: list[Case], val: list[Cas
             x = torch.stack(xs).to(dev)  # (B, N, D, H, W)
             truth_t = torch.stack(truths).to(dev)  # (B, N, 3)
             mask = torch.stack(ms).to(dev)  # (B, N)
-            heat, keys = fine.forward(x)
+            heat, keys = trainer.forward(fine.forward, x)
             per = ((heat - gaussian_heatmaps(truth_t, shape, cfg.sigma)) ** 2).flatten(2).mean(-1)  # (B, N)
             loss = per[mask].sum() / mask.sum().clamp(min=1) + _slice_loss(fine, keys, truth_t, mask)
             losses.append(optimizer_step(opt, loss))
@@ -253,7 +258,8 @@ def fit_fine(fine: FineStage, trainer: Trainer, train: list[Case], val: list[Cas
 
     def validate() -> float:
         cases = val or train
-        mre = case_mre(cases, [fine.refine(c.fine_src, c.coarse)[0] for c in cases], cap)  # type: ignore[arg-type]
+        mre = float(trainer.agree(case_mre(cases, [fine.refine(c.fine_src, c.coarse)[0] for c in cases],  # type: ignore[arg-type]
+                                           cap)))
         sched.step(mre)
         return mre
 
