@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install the Debian tools the DICOM SR and PACS tests use, only when one is missing:
-#   dcmtk (dsrdump), dicom3tools (dciodvfy), orthanc + orthanc-dicomweb (the test PACS).
+# Install the Debian tools the DICOM SR, PACS and viewer tests use, only when one is missing:
+#   dcmtk (dsrdump), dicom3tools (dciodvfy), orthanc + orthanc-dicomweb (the test PACS),
+#   chromium (the browser playwright drives headless for the OHIF tests; never `playwright install`).
 # Idempotent: with every binary present it does nothing. Without root or apt-get it installs nothing
 # and says so; the tests that need a missing binary then skip with the reason.
 set -euo pipefail
@@ -12,9 +13,10 @@ command -v dsrdump >/dev/null 2>&1 || missing+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || missing+=(dicom3tools)
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 [ -e "$ORTHANC_DICOMWEB_PLUGIN" ] || missing+=(orthanc-dicomweb)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "== system tools present: dsrdump, dciodvfy, Orthanc with DICOMweb"
+  echo "== system tools present: dsrdump, dciodvfy, Orthanc with DICOMweb, chromium"
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then

@@ -70,8 +70,6 @@ from monailabel.endpoints import (
     login,
     logs,
     model,
-    ohif,
-    proxy,
     scoring,
     session,
     train,
@@ -82,6 +80,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lib import dicomweb_proxy, ohif
 from lib.errors import NOT_FOUND, UNPROCESSABLE, http_error
 from lmk3d.io.atomic import stale_owner
 from lmk3d.safe_names import plain_name_problem
@@ -460,6 +459,8 @@ def _infer_sync(background_tasks: BackgroundTasks, model_name: str, image: str, 
             request["uploaded_image"] = saved.save(file, "image.nii.gz")
         elif not image and not session_id:
             raise http_error(UNPROCESSABLE, "no image: give ?image=ID of a datastore image or upload a file")
+        else:  # OHIF's panel names a studies-folder image by the SeriesInstanceUID it is shown as
+            request["image"] = dicomweb_proxy.viewer_image_id(instance, image)
         request.update(instance.info().get("config", {}).get("infer", {}))
         request.update(p)
         if session_id:
@@ -596,7 +597,8 @@ async def api_download_dataset(background_tasks: BackgroundTasks, limit_cases: i
 REPLACED = {("POST", "/infer/{model}"), ("PUT", "/datastore/label"), ("PUT", "/datastore/image"),
             ("PUT", "/datastore/"), ("PUT", "/model/{model}"), ("DELETE", "/model/{model}"),
             ("GET", "/datastore/dataset")}
-ROUTERS = (info, model, infer, batch_infer, train, activelearning, scoring, datastore, logs, ohif, proxy, session)
+#: MONAI Label's OHIF and DICOMweb proxy routes are replaced by lib.ohif and lib.dicomweb_proxy (docs/ohif.md).
+ROUTERS = (info, model, infer, batch_infer, train, activelearning, scoring, datastore, logs, session)
 
 
 def _off_loop(endpoint: Callable[..., Any]) -> Callable[..., Any]:
@@ -654,6 +656,8 @@ def build_app(config: GuardSettings | None = None) -> ASGIApp:
     if settings.MONAI_LABEL_AUTH_ENABLE:
         fastapi_app.include_router(login.router, prefix=settings.MONAI_LABEL_API_STR)
     fastapi_app.include_router(router, prefix=settings.MONAI_LABEL_API_STR)
+    fastapi_app.include_router(ohif.router, prefix=settings.MONAI_LABEL_API_STR)
+    fastapi_app.include_router(dicomweb_proxy.router, prefix=settings.MONAI_LABEL_API_STR)
     _monailabel_routes(fastapi_app)
     fastapi_app.add_api_route("/", custom_swagger_ui_html, methods=["GET"], include_in_schema=False)
     fastapi_app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)

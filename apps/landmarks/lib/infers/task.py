@@ -20,6 +20,11 @@ one reader, so the app and the library agree on geometry) and answers with
     named segment per landmark, Slicer's "Submit Label" sends it back as it is, and OHIF can show
     nothing else. Written as the client's ``result_extension`` (``.nrrd`` from both plugins;
     ``.nii.gz`` otherwise), uncompressed when ``result_compress`` is false (OHIF's reader needs that).
+    OHIF's MONAI Label panel (known by the ``restore_label_idx`` option only its client sends) copies
+    the file's voxels into its own volume without reading the file's geometry, so for it the map is
+    drawn on the grid OHIF stacks the series on (:func:`lmk3d.io.dicom_export.viewer_grid`: the slice
+    order reversed when the image's voxel grid is left-handed), and unless the request gives
+    ``sphere_radius_mm`` the spheres are made visible at the image's scale (:func:`viewer_radius_mm`).
   - ``markups``: a Slicer ``.mrk.json`` point list (LPS); the stock Slicer plugin loads any ``.json``
     result with ``slicer.util.loadMarkups``, which gives named points the radiologist can drag.
     Landmarks not found are points still to be placed.
@@ -70,6 +75,7 @@ from lmk3d.detectors import Detector, Prediction, load_detector
 from lmk3d.detectors.base import CHECKPOINT_FILE
 from lmk3d.errors import LandmarkError
 from lmk3d.io import case_id, read_image
+from lmk3d.io.dicom_export import viewer_grid
 from lmk3d.io.image import Volume
 from lmk3d.io.label_map import DEFAULT_RADIUS_MM, label_values, write_label_map
 from lmk3d.io.markups import write_markups
@@ -81,6 +87,12 @@ logger = logging.getLogger(__name__)
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha")
 DEFAULT_LABEL_EXTENSION = ".nii.gz"
 MAX_RADIUS_MM = 50.0
+#: The option only OHIF's MONAI Label client sends (``false``): its requests get the viewer's grid.
+OHIF_CLIENT_KEY = "restore_label_idx"
+#: A marker for OHIF is this fraction of the image's largest extent in radius (a 256 mm head: 6.4 mm) ...
+VIEWER_MARKER_FRACTION = 0.025
+#: ... but at most this fraction of the distance to the nearest other landmark, so markers stay apart.
+VIEWER_MARKER_GAP_FRACTION = 0.45
 
 #: ``store(image_path, landmarks, algorithm_parameters) -> {UIDs, "latencies": {...}}``: stores an SR.
 SrStore = Callable[[str, LandmarkSet, Sequence[str]], dict[str, Any]]
@@ -223,13 +235,16 @@ class LandmarkInferTask(InferTask):
             output = output[0] if output else default
         if output not in LANDMARK_OUTPUTS:
             raise http_error(UNPROCESSABLE, f"landmark_output {output!r} is not one of {', '.join(LANDMARK_OUTPUTS)}")
-        try:
-            radius = float(request.get("sphere_radius_mm", DEFAULT_RADIUS_MM))
-        except (TypeError, ValueError):
-            radius = float("nan")
-        if not 0.0 < radius <= MAX_RADIUS_MM:
-            raise http_error(UNPROCESSABLE, f"sphere_radius_mm {request.get('sphere_radius_mm')!r} must be a "
-                                            f"number in (0, {MAX_RADIUS_MM:g}]")
+        viewer = OHIF_CLIENT_KEY in request
+        radius: float | None = None  # None: chosen for the viewer (viewer_radius_mm)
+        if "sphere_radius_mm" in request or not viewer:
+            try:
+                radius = float(request.get("sphere_radius_mm", DEFAULT_RADIUS_MM))
+            except (TypeError, ValueError):
+                radius = float("nan")
+            if not 0.0 < radius <= MAX_RADIUS_MM:
+                raise http_error(UNPROCESSABLE, f"sphere_radius_mm {request.get('sphere_radius_mm')!r} must be a "
+                                                f"number in (0, {MAX_RADIUS_MM:g}]")
         extension = str(request.get("result_extension") or DEFAULT_LABEL_EXTENSION).lower()
         if output == "label" and extension not in LABEL_EXTENSIONS:
             raise http_error(UNPROCESSABLE, f"result_extension {extension!r} cannot hold a label map; use one of "
@@ -242,7 +257,8 @@ class LandmarkInferTask(InferTask):
             raise http_error(UNPROCESSABLE, "store_sr needs a DICOMweb datastore (lmk3d serve --studies "
                                             "http://.../dicom-web); with a studies folder there is no DICOM series "
                                             "to reference: use `lmk3d predict --format sr` on the DICOM folder")
-        return {"store_sr": store_sr, "landmark_output": output, "radius_mm": radius, "extension": extension,
+        return {"store_sr": store_sr, "landmark_output": output, "radius_mm": radius, "viewer": viewer,
+                "extension": extension,
                 "dtype": dtype,
                 "compress": _flag(request.get("result_compress", True)),
                 "write": _flag(request.get("result_write_to_file", True))}
@@ -255,8 +271,13 @@ class LandmarkInferTask(InferTask):
         if output == "markups":
             write_markups(path, landmarks, name=f"{case} {self.name}")
             return path
-        write_label_map(path, landmarks, volume, options["radius_mm"], dtype=options["dtype"],
-                        compress=options["compress"])
+        reference = volume
+        if options["viewer"]:  # only the grid is used: a zero-stride array stands for the voxels
+            reference = Volume(np.broadcast_to(np.uint8(0), volume.shape), viewer_grid(volume.affine, volume.shape))
+        radius = options["radius_mm"]
+        if radius is None:
+            radius = viewer_radius_mm(landmarks, volume)
+        write_label_map(path, landmarks, reference, radius, dtype=options["dtype"], compress=options["compress"])
         return path
 
     def _result_json(self, landmarks: LandmarkSet, volume: Volume, output: str, latencies: dict[str, float],
@@ -279,6 +300,22 @@ class LandmarkInferTask(InferTask):
             "latencies": latencies,
             "checkpoint": {"path": str(self.checkpoint), "mtime_ns": signature[1] if signature else None},
         }
+
+
+def viewer_radius_mm(landmarks: LandmarkSet, volume: Volume) -> float:
+    """The sphere radius that shows ``landmarks`` as clearly visible markers on ``volume`` in a viewer.
+
+    :data:`VIEWER_MARKER_FRACTION` of the image's largest extent, capped at
+    :data:`VIEWER_MARKER_GAP_FRACTION` of the distance between the two nearest found landmarks (so
+    markers neither touch nor merge), never under the default radius nor over the largest accepted one.
+    """
+    extent = float(np.max(np.array(volume.shape) * volume.spacing_mm))
+    radius = VIEWER_MARKER_FRACTION * extent
+    found = landmarks.xyz_mm_ras[landmarks.found]
+    if len(found) > 1:
+        gaps = np.linalg.norm(found[:, None, :] - found[None, :, :], axis=-1)
+        radius = min(radius, VIEWER_MARKER_GAP_FRACTION * float(gaps[~np.eye(len(found), dtype=bool)].min()))
+    return float(np.clip(radius, DEFAULT_RADIUS_MM, MAX_RADIUS_MM))
 
 
 def _flag(value: Any) -> bool:
