@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from lmk3d import serve  # stdlib only: it starts monailabel as a subprocess, never imports it
+from lmk3d import calibrate, serve  # stdlib only: it starts monailabel as a subprocess, never imports it
 from lmk3d.errors import LandmarkError
 
 
@@ -478,6 +478,8 @@ def run_predict(args: argparse.Namespace) -> int:
 
                 doc = {**landmarks_to_json(pred.landmarks, volume.affine), "detector": model.name,
                        "stages": pred.stages_json()}
+                if pred.verdict is not None:  # the model's trust model judged the image (lmk3d.trust)
+                    doc["image_check"] = pred.verdict.to_json()
                 atomic_write_text(out / f"{c}.json", json.dumps(doc, indent=2))
             else:
                 write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
@@ -485,6 +487,9 @@ def run_predict(args: argparse.Namespace) -> int:
             stages = ", ".join(f"{k} {v:.2f} s" for k, v in pred.latencies.items())
             print(f"{c}: {int(pred.landmarks.found.sum())}/{len(pred.landmarks)} found (load {got.seconds:.2f} s, "
                   f"{stages})")
+            if pred.verdict is not None and not pred.verdict.in_distribution:
+                print(f"{c}: not this model's kind of image, no landmark reported: {pred.verdict.reason}",
+                      file=sys.stderr)
     seconds = time.perf_counter() - t_start
     write_table(out / table_name, table, with_scores=True)
     if truth:
@@ -593,6 +598,10 @@ COMMANDS: list[Command] = [
      serve.run_serve),
     ("models", "list, show or roll back the versions in a server's model registry (its workspace)", add_models,
      run_models),
+    ("calibrate", "fit a model's calibrated scores, not-found rule and image check on its validation cases",
+     calibrate.add_calibrate, calibrate.run_calibrate),
+    ("consensus", "build the consensus model of calibrated prior_guided, pin and cascade models",
+     calibrate.add_consensus, calibrate.run_consensus),
 ]
 
 

@@ -44,12 +44,18 @@ class LandmarkSet:
         xyz_mm_ras: ``(N, 3)`` float64 world positions (RAS mm); NaN where unknown.
         scores: ``(N,)`` float64 confidence in ``[0, 1]`` (1.0 for ground truth).
         found: ``(N,)`` bool; False = not annotated (truth) / not found (prediction).
+        radius_mm: ``(N,)`` float64, a radius that holds the truth with 90 % probability (NaN: not known;
+            set by a calibrated model, :mod:`lmk3d.trust`).
+        tolerance_mm: the distance a calibrated score refers to (the score is then the probability that
+            the error is within it); NaN when the scores are not calibrated.
     """
 
     names: tuple[str, ...]
     xyz_mm_ras: np.ndarray
     scores: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]  # filled in __post_init__
     found: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    radius_mm: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]
+    tolerance_mm: float = float("nan")
 
     def __post_init__(self) -> None:
         names = _check_names(self.names)
@@ -64,8 +70,13 @@ class LandmarkSet:
         if np.any(found & ~np.isfinite(xyz).all(axis=1)):
             bad = [names[i] for i in np.flatnonzero(found & ~np.isfinite(xyz).all(axis=1))]
             raise LandmarkFormatError(f"landmarks marked found without a finite position: {', '.join(bad)}")
-        for a in (xyz, scores, found):
+        radius = np.full(n, np.nan) if self.radius_mm is None else np.array(self.radius_mm, np.float64).reshape(-1)
+        if radius.shape != (n,):
+            raise LandmarkFormatError(f"{n} names but {radius.shape[0]} radii")
+        for a in (xyz, scores, found, radius):
             a.setflags(write=False)
+        object.__setattr__(self, "radius_mm", radius)
+        object.__setattr__(self, "tolerance_mm", float(self.tolerance_mm))
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "xyz_mm_ras", xyz)
         object.__setattr__(self, "scores", scores)
@@ -135,20 +146,26 @@ class LandmarkSet:
         """Same landmarks in another order; names this set lacks come out absent (not found)."""
         names = _check_names(list(names))
         n = len(names)
-        xyz, sc, fd = np.full((n, 3), np.nan), np.zeros(n), np.zeros(n, dtype=bool)
+        xyz, sc, fd, rad = np.full((n, 3), np.nan), np.zeros(n), np.zeros(n, dtype=bool), np.full(n, np.nan)
         for k, name in enumerate(names):
             if name in self.names:
                 i = self.names.index(name)
-                xyz[k], sc[k], fd[k] = self.xyz_mm_ras[i], self.scores[i], self.found[i]
-        return LandmarkSet(names, xyz, sc, fd)
+                xyz[k], sc[k], fd[k], rad[k] = self.xyz_mm_ras[i], self.scores[i], self.found[i], self.radius_mm[i]
+        return LandmarkSet(names, xyz, sc, fd, rad, self.tolerance_mm)
 
     def with_found(self, found: np.ndarray) -> LandmarkSet:
-        return LandmarkSet(self.names, self.xyz_mm_ras, self.scores, np.asarray(found, dtype=bool))
+        return LandmarkSet(self.names, self.xyz_mm_ras, self.scores, np.asarray(found, dtype=bool), self.radius_mm,
+                           self.tolerance_mm)
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the scores are probabilities of an error within :attr:`tolerance_mm`."""
+        return bool(np.isfinite(self.tolerance_mm))
 
     def transformed(self, matrix: np.ndarray) -> LandmarkSet:
         """Positions moved by a 4x4 world transform (RAS -> RAS)."""
         return LandmarkSet(self.names, geometry.apply_affine(matrix, self.xyz_mm_ras).reshape(-1, 3),
-                           self.scores, self.found)
+                           self.scores, self.found, self.radius_mm, self.tolerance_mm)
 
     def allclose(self, other: LandmarkSet, atol_mm: float = 1e-6) -> bool:
         """Same names, found flags and (found) positions within ``atol_mm``."""

@@ -129,6 +129,10 @@ def server(pacs: Pacs, uploaded: Uploaded, tmp_path_factory: pytest.TempPathFact
     root = tmp_path_factory.mktemp("pacs-server")
     models = root / "models"
     shutil.copytree(SHIPPED_MODEL, models / SHIPPED_MODEL.name)  # training publishes into it
+    # Without the model's trust files (lmk3d.trust): they rightly refuse the whole-head MPRAGE as not a
+    # hippocampus crop (tests/test_trust_shipped.py checks that); these tests are about the PACS path.
+    for name in ("trust.json", "presence.pt"):
+        (models / SHIPPED_MODEL.name / name).unlink(missing_ok=True)
     # The credentials come as LMK3D_PACS_USER/PASSWORD only: lmk3d serve maps them.
     yield _start(pacs, root, PORT, models, {}, request)
 

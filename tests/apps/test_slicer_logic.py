@@ -131,6 +131,15 @@ def test_not_found_points_come_first_then_the_lowest_score() -> None:
     assert np.all(got.scores == 1.0)  # a reviewed point is certain: no "score=" in its description
 
 
+def test_an_image_the_model_does_not_recognise_is_said_so() -> None:
+    result = {"landmarks": [_point("a", 0.0, None)], "score_meaning": "probability that ... within 3 mm",
+              "image_check": {"in_distribution": False, "score": 0.0, "reason": "the image looks like CT"}}
+    review = lr.ReviewSession.from_detection("case", "m", result)
+    assert review.image_warning == "The model does not recognise this image: the image looks like CT"
+    assert lr.ReviewSession.from_detection("case", "m", {"landmarks": [_point("a", 0.9, [1.0, 2, 3])]}
+                                           ).image_warning == ""
+
+
 def test_a_review_with_nothing_placed_is_not_sent() -> None:
     review = lr.ReviewSession.from_detection("case", "m", {"landmarks": [_point("a", 0.9, [1.0, 2.0, 3.0])]})
     review.mark_not_visible("a")
@@ -175,6 +184,10 @@ def test_detection_is_reviewed_lowest_score_first(server: Server, client: Any, t
         assert p.status == lr.PENDING and p.score == item["score"] and p.found == item["found"]
         assert p.detected_ras == (tuple(item["ras"]) if item["found"] else None)
         assert p.warning == (not item["found"] or item["score"] < lr.WARN_SCORE)
+    # the shipped model is calibrated: the server says what the score means and that the image is of its kind
+    assert review.image_check.get("in_distribution") is True and review.image_warning == ""
+    assert "within 3 mm" in review.score_meaning
+    assert all(p.radius_mm is not None and p.radius_mm > 0 for p in review.points if p.found)
     path = Path(client.download_image(STUDIES[0], str(tmp_path)))
     assert path.name == f"{STUDIES[0]}.nii.gz"
     assert path.read_bytes() == (server.studies / f"{STUDIES[0]}.nii.gz").read_bytes()

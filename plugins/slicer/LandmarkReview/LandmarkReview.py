@@ -159,6 +159,8 @@ class LandmarkReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.review = ReviewSession.from_detection(image, model, client.detect(model, image))
             self.showPoints()
             self.refresh()
+        if self.review is not None and self.review.image_warning:
+            slicer.util.warningDisplay(self.review.image_warning, windowTitle="Not this model's kind of image")
 
     # --- the points -----------------------------------------------------------------------------------------
     def showPoints(self) -> None:

@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # importing torch at module level would slow the CLI's start
     import torch
 
     from lmk3d.training.loop import Trainer
+    from lmk3d.trust import ImageVerdict, TrustModel
 
 __all__ = ["CHECKPOINT_FILE", "Detector", "Prediction", "Stage", "StageResult", "autocast", "default_device",
            "detector_class", "detector_names", "freeze_sequences", "load_detector", "mark_outside", "register"]
@@ -57,15 +58,24 @@ class StageResult:
 
 @dataclass
 class Prediction:
-    """``predict``'s full answer: the final landmarks plus every stage's result."""
+    """``predict``'s full answer: the final landmarks plus every stage's result.
+
+    With a trust model (:mod:`lmk3d.trust`), ``landmarks`` carry calibrated scores and radii, cut-off
+    landmarks are not found, ``raw`` keeps the detector's own answer and ``verdict`` says whether the image
+    is of the model's kind. Without one, ``raw`` is ``landmarks`` and ``verdict`` is None.
+    """
 
     landmarks: LandmarkSet
     stages: list[StageResult] = field(default_factory=list)
     prepare_seconds: float = 0.0
+    raw: LandmarkSet | None = None
+    verdict: ImageVerdict | None = None
+    trust_seconds: float = 0.0
 
     @property
     def latencies(self) -> dict[str, float]:
-        return {"prepare": self.prepare_seconds} | {s.name: s.seconds for s in self.stages}
+        trust = {"trust": self.trust_seconds} if self.verdict is not None else {}
+        return {"prepare": self.prepare_seconds} | {s.name: s.seconds for s in self.stages} | trust
 
     def stages_json(self) -> list[dict[str, Any]]:
         """Each stage's landmarks and latency, JSON-able (how the first guess was refined)."""
@@ -136,6 +146,8 @@ class Detector(abc.ABC):
         self.modality_fitted: str | None = None
         self.data_fingerprint: str | None = None
         self.training: dict[str, Any] = {}
+        #: calibrated scores, not-found and image verdict (:mod:`lmk3d.trust`), read from the model folder
+        self.trust: TrustModel | None = None
 
     @classmethod
     def resolve_config(cls, profile: str = "cpu", **overrides: Any) -> Any:
@@ -248,10 +260,23 @@ class Detector(abc.ABC):
         """Mixed precision on CUDA; float32 elsewhere (:func:`autocast`)."""
         return autocast(self.device)
 
-    def predict_all(self, image: Volume, prepared: PreparedImage | None = None) -> Prediction:
-        """Run every stage on one prepared image; keep each stage's landmarks and latency."""
+    def predict_all(self, image: Volume, prepared: PreparedImage | None = None, trust: bool = True) -> Prediction:
+        """Run every stage on one prepared image; keep each stage's landmarks and latency.
+
+        ``trust`` False gives the detector's own answer even when the model has a trust model.
+        """
         import torch
 
+        verdict = None
+        if trust and self.trust is not None:
+            # An image not of the model's kind is refused before any stage runs (lmk3d.trust).
+            from lmk3d.trust import check_image, refused
+
+            t0 = time.perf_counter()
+            verdict = check_image(self.trust, image)
+            if not verdict.in_distribution:
+                out = refused(self.trust, verdict)
+                return Prediction(out, [], 0.0, out, verdict, time.perf_counter() - t0)
         t0 = time.perf_counter()
         prep = prepared if prepared is not None else self.prepare(image)
         t_prep = time.perf_counter() - t0
@@ -266,7 +291,14 @@ class Detector(abc.ABC):
                 results.append(StageResult(stage.name, previous, time.perf_counter() - t0))
         if previous is None:
             raise RuntimeError(f"detector {self.name!r} has no stages")
-        return Prediction(mark_outside(previous, image), results, t_prep)
+        raw = mark_outside(previous, image)
+        if not trust or self.trust is None:
+            return Prediction(raw, results, t_prep, raw)
+        from lmk3d.trust import apply_trust
+
+        t0 = time.perf_counter()
+        trusted = apply_trust(self.trust, raw, results[0].landmarks if len(results) > 1 else None, image, verdict)
+        return Prediction(trusted.landmarks, results, t_prep, raw, trusted.verdict, time.perf_counter() - t0)
 
     def predict(self, image: Volume) -> LandmarkSet:
         return self.predict_all(image).landmarks
@@ -385,20 +417,25 @@ def mark_outside(landmarks: LandmarkSet, image: Volume) -> LandmarkSet:
 
 # --- registry --------------------------------------------------------------------------------------
 _REGISTRY: dict[str, Callable[[], type[Detector]]] = {}
+#: detectors built from trained models (``consensus``), not trained themselves: loadable, not in detector_names()
+_BUILT: set[str] = set()
 
 
-def register(name: str, loader: Callable[[], type[Detector]]) -> None:
+def register(name: str, loader: Callable[[], type[Detector]], trainable: bool = True) -> None:
     """Register a detector class lazily (``loader`` imports it), so the CLI starts fast."""
     _REGISTRY[name] = loader
+    if not trainable:
+        _BUILT.add(name)
 
 
 def detector_names() -> list[str]:
-    return list(_REGISTRY)
+    """The detectors that can be trained (``lmk3d train --detector``)."""
+    return [n for n in _REGISTRY if n not in _BUILT]
 
 
 def detector_class(name: str) -> type[Detector]:
     if name not in _REGISTRY:
-        raise LandmarkError(f"unknown detector {name!r}; choose one of {', '.join(_REGISTRY)}")
+        raise LandmarkError(f"unknown detector {name!r}; choose one of {', '.join(detector_names())}")
     return _REGISTRY[name]()
 
 
@@ -416,4 +453,11 @@ def load_detector(directory: str | os.PathLike[str], device: str | None = None) 
     """
     dev = device or default_device()
     payload = read_checkpoint(directory, dev)
-    return detector_class(payload["detector"]).from_checkpoint(payload, dev)
+    det = detector_class(payload["detector"]).from_checkpoint(payload, dev)
+    from lmk3d.trust import load_trust
+
+    det.trust = load_trust(directory)
+    if det.trust is not None and det.trust.landmark_names != det.landmark_names:
+        raise CheckpointError(f"{directory}: trust.json is for landmarks {', '.join(det.trust.landmark_names)}, "
+                              f"the checkpoint has {', '.join(det.landmark_names)}")
+    return det

@@ -33,6 +33,7 @@ LANDMARK_SUFFIXES = (".mrk.json", ".fcsv", ".json", ".csv")
 __all__ = [
     "LANDMARK_SUFFIXES", "IMAGE_SUFFIXES", "Volume", "case_id", "image_suffix", "landmark_suffix",
     "read_image", "write_image", "read_landmarks", "write_landmarks", "read_table", "write_table",
+    "label_map_sidecar",
 ]
 
 
@@ -97,6 +98,17 @@ def read_landmarks(
                               f"{', '.join(LANDMARK_SUFFIXES)} or a label map image ({', '.join(IMAGE_SUFFIXES)})")
 
 
+def label_map_sidecar(path: str | os.PathLike[str]) -> Path:
+    """The JSON written beside a sphere label map: ``case.nii.gz`` -> ``case.landmarks.json``.
+
+    It names the label values (``label`` per landmark) and carries what a label map cannot: scores,
+    found flags, and for calibrated predictions the 90 % radius and the tolerance (:mod:`lmk3d.trust`).
+    """
+    p = Path(path)
+    stem = p.name[: -len(image_suffix(p))] if image_suffix(p) else p.stem
+    return p.with_name(f"{stem}.landmarks.json")
+
+
 def write_landmarks(
     path: str | os.PathLike[str], landmarks: LandmarkSet, reference: Volume | None = None
 ) -> Path:
@@ -115,7 +127,9 @@ def write_landmarks(
     if suf in IMAGE_SUFFIXES:
         if reference is None:
             raise LandmarkFormatError(f"{p}: writing a sphere label map needs the reference image")
-        return write_label_map(p, landmarks, reference)
+        out = write_label_map(p, landmarks, reference)
+        write_json(label_map_sidecar(p), landmarks, reference.affine, label_values=True)
+        return out
     raise LandmarkFormatError(f"{p}: unknown landmark file type; use one of "
                               f"{', '.join(LANDMARK_SUFFIXES)} or a label map image ({', '.join(IMAGE_SUFFIXES)})")
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import warnings
@@ -159,6 +160,9 @@ _DCM_IMAGE_LIBRARY_GROUP = ("126200", "Image Library Group", "DCM")
 _DCM_DEVICE = ("121007", "Device", "DCM")
 _SCT_SOURCE = ("260753009", "Source", "SCT")
 _UCUM_NO_UNITS = ("1", "no units", "UCUM")
+_UCUM_MM = ("mm", "millimeter", "UCUM")
+_TOLERANCE = ("TOLERANCE", "Landmark error tolerance")
+_RADIUS90 = ("RADIUS_90", "Radius holding the true landmark with 90 % probability")
 # Procedure Reported (CID 100) by source modality.
 _PROCEDURES = {"CT": ("25045-6", "CT unspecified body region", "LN"),
                "MR": ("25056-3", "MRI unspecified body region", "LN")}
@@ -370,6 +374,14 @@ def build_sr(
         if np.isfinite(score):
             common["measurements"] = [
                 hd.sr.Measurement(name=_code(*_SCORE), value=score, unit=_code(*_UCUM_NO_UNITS))]
+            if landmarks.calibrated:  # what the score means, and the 90 % radius (lmk3d.trust)
+                common["measurements"].append(hd.sr.Measurement(name=_code(*_TOLERANCE),
+                                                                value=float(landmarks.tolerance_mm),
+                                                                unit=_code(*_UCUM_MM)))
+                if np.isfinite(landmarks.radius_mm[i]):
+                    common["measurements"].append(hd.sr.Measurement(name=_code(*_RADIUS90),
+                                                                    value=float(landmarks.radius_mm[i]),
+                                                                    unit=_code(*_UCUM_MM)))
         if landmarks.found[i]:
             point = hd.sr.ImageRegion3D(graphic_type=hd.sr.GraphicTypeValues3D.POINT,
                                         graphic_data=np.asarray(xyz_lps[i : i + 1], dtype=np.float64),
@@ -449,10 +461,14 @@ def _group_name(group: Any, where: str) -> str:
 
 
 def _score(group: Any) -> float:
+    return _measurement(group, _SCORE[0], 1.0)
+
+
+def _measurement(group: Any, value: str, default: float) -> float:
     for m in group.get_measurements():
-        if (m.name.value, m.name.scheme_designator) == (_SCORE[0], SCHEME):
+        if (m.name.value, m.name.scheme_designator) == (value, SCHEME):
             return float(m.value)
-    return 1.0
+    return default
 
 
 def _is_not_found(group: Any) -> bool:
@@ -507,6 +523,8 @@ def read_sr(source: str | os.PathLike[str] | Dataset, frame_of_reference_uid: st
     names: list[str] = []
     xyz: list[np.ndarray] = []
     scores: list[float] = []
+    radius: list[float] = []
+    tolerance = math.nan
     found: list[bool] = []
     frames: set[str] = set()
     for g in planar:
@@ -519,6 +537,8 @@ def read_sr(source: str | os.PathLike[str] | Dataset, frame_of_reference_uid: st
         names.append(name)
         xyz.append(np.asarray(roi.value, dtype=np.float64).reshape(3))
         scores.append(_score(g))
+        radius.append(_measurement(g, _RADIUS90[0], math.nan))
+        tolerance = _measurement(g, _TOLERANCE[0], tolerance)
         found.append(True)
     for g in other:  # type: ignore[assignment]  # TID 1501 groups: same accessors used below
         if not _is_not_found(g):
@@ -526,6 +546,8 @@ def read_sr(source: str | os.PathLike[str] | Dataset, frame_of_reference_uid: st
         names.append(_group_name(g, where))
         xyz.append(np.full(3, np.nan))
         scores.append(_score(g))
+        radius.append(math.nan)
+        tolerance = _measurement(g, _TOLERANCE[0], tolerance)
         found.append(False)
     if len(frames) > 1:
         raise LandmarkFormatError(f"{where}: points in {len(frames)} frames of reference ({', '.join(sorted(frames))})")
@@ -539,7 +561,7 @@ def read_sr(source: str | os.PathLike[str] | Dataset, frame_of_reference_uid: st
         raise LandmarkFormatError(f"{where}: several measurement groups for landmark(s) {', '.join(dups)}")
     lps = np.array(xyz).reshape(-1, 3)
     ras = lps * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS (NaN rows stay NaN)
-    out = LandmarkSet(tuple(names), ras, np.array(scores), np.array(found))
+    out = LandmarkSet(tuple(names), ras, np.array(scores), np.array(found), np.array(radius), tolerance)
     # highdicom returns TID 1410 and TID 1501 groups separately; give them back in document order.
     return out.reorder([n for n in _document_order(ds) if n in out.names])
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from lmk3d.errors import LandmarkFormatError
 from lmk3d.io.atomic import atomic_write_text
+from lmk3d.io.markups import point_description
 from lmk3d.landmarks import LandmarkSet
 
 _COLUMNS = ["id", "x", "y", "z", "ow", "ox", "oy", "oz", "vis", "sel", "lock", "label", "desc", "associatedNodeID"]
@@ -99,7 +100,7 @@ def write_fcsv(path: str | os.PathLike[str], landmarks: LandmarkSet) -> Path:
     for i, name in enumerate(landmarks.names):
         found = bool(landmarks.found[i])
         pos = landmarks.xyz_mm_ras[i] if np.all(np.isfinite(landmarks.xyz_mm_ras[i])) else np.zeros(3)
-        desc = f"score={landmarks.scores[i]:.3f}" + ("" if found else "; not found")
+        desc = point_description(landmarks, i)
         w.writerow([f"vtkMRMLMarkupsFiducialNode_{i + 1}", *(repr(float(v)) for v in pos), 0, 0, 0, 1,
                     int(found), 1, 0, name, desc, ""])
     return atomic_write_text(path, buf.getvalue())

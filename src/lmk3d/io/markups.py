@@ -26,6 +26,25 @@ SCHEMA_URL = (
     "markups-schema-v1.0.3.json#"
 )
 _SCORE_RE = re.compile(r"score\s*=\s*([0-9.eE+-]+)")
+_RADIUS_RE = re.compile(r"radius90\s*=\s*([0-9.eE+]+)\s*mm")
+_TOLERANCE_RE = re.compile(r"p error <=\s*([0-9.eE+]+)\s*mm")
+
+
+#: a calibrated point scored below this (probability of an error within the tolerance) is one to check
+REVIEW_BELOW = 0.5
+WARNING_COLOR = (1.0, 0.5, 0.0)
+CONFIDENT_COLOR = (0.2, 0.8, 0.3)
+_REVIEW_COLOURS = {"color": list(CONFIDENT_COLOR), "selectedColor": list(WARNING_COLOR)}
+
+
+def point_description(landmarks: LandmarkSet, i: int) -> str:
+    """``score=0.930`` (+ what a calibrated score means and the 90 % radius; + ``not found``)."""
+    desc = f"score={landmarks.scores[i]:.3f}"
+    if landmarks.calibrated:
+        desc += f" (p error <= {landmarks.tolerance_mm:g} mm)"
+        if np.isfinite(landmarks.radius_mm[i]):
+            desc += f"; radius90={landmarks.radius_mm[i]:.1f} mm"
+    return desc + ("" if landmarks.found[i] else "; not found")
 
 
 def markups_dict(landmarks: LandmarkSet, name: str = "landmarks", coordinate_system: str = "LPS") -> dict[str, Any]:
@@ -34,10 +53,14 @@ def markups_dict(landmarks: LandmarkSet, name: str = "landmarks", coordinate_sys
         raise LandmarkFormatError(f"unknown coordinate system {coordinate_system!r}; use LPS or RAS")
     xyz = landmarks.xyz_mm_lps if coordinate_system == "LPS" else landmarks.xyz_mm_ras
     points = []
+    calibrated = landmarks.calibrated
     for i, label in enumerate(landmarks.names):
         found = bool(landmarks.found[i])
         pos = xyz[i] if np.all(np.isfinite(xyz[i])) else np.zeros(3)
-        desc = f"score={landmarks.scores[i]:.3f}" + ("" if found else "; not found")
+        desc = point_description(landmarks, i)
+        # Calibrated points to check (low score, not found) are selected: Slicer draws them in the warning
+        # colour (``selectedColor``) and leaves them free to move; confident ones are green and locked.
+        check = not calibrated or not found or float(landmarks.scores[i]) < REVIEW_BELOW
         points.append({
             "id": str(i + 1),
             "label": label,
@@ -45,8 +68,8 @@ def markups_dict(landmarks: LandmarkSet, name: str = "landmarks", coordinate_sys
             "associatedNodeID": "",
             "position": [float(v) for v in pos],
             "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0, -0.0, 0.0, 0.0, 1.0],
-            "selected": True,
-            "locked": False,
+            "selected": check,
+            "locked": not check,
             "visibility": True,
             "positionStatus": "defined" if found else "undefined",
         })
@@ -64,7 +87,8 @@ def markups_dict(landmarks: LandmarkSet, name: str = "landmarks", coordinate_sys
             "controlPoints": points,
             "measurements": [],
             "display": {"visibility": True, "glyphType": "Sphere3D", "glyphScale": 3.0,
-                        "textScale": 3.0, "pointLabelsVisibility": True},
+                        "textScale": 3.0, "pointLabelsVisibility": True,
+                        **(_REVIEW_COLOURS if calibrated else {})},
         }],
     }
 
@@ -88,6 +112,8 @@ def parse_markups(doc: Any, source: str = "<markups>") -> LandmarkSet:
     names: list[str] = []
     xyz: list[list[float]] = []
     scores: list[float] = []
+    radius: list[float] = []
+    tolerance = math.nan
     found: list[bool] = []
     for m_index, m in enumerate(fiducials):
         cs = m.get("coordinateSystem", "LPS")
@@ -126,8 +152,14 @@ def parse_markups(doc: Any, source: str = "<markups>") -> LandmarkSet:
                 raise LandmarkFormatError(f"{where} ({label}): position {pos!r} is not 3 finite numbers")
             if cs == "LPS":
                 p = [-p[0], -p[1], p[2]]
-            match = _SCORE_RE.search(str(cp.get("description", "")))
+            desc = str(cp.get("description", ""))
+            match = _SCORE_RE.search(desc)
             score = float(match.group(1)) if match else 1.0
+            r = _RADIUS_RE.search(desc)
+            radius.append(float(r.group(1)) if r else math.nan)
+            tol = _TOLERANCE_RE.search(desc)
+            if tol:
+                tolerance = float(tol.group(1))
             names.append(label)
             xyz.append(p)
             scores.append(min(max(score, 0.0), 1.0))
@@ -135,7 +167,7 @@ def parse_markups(doc: Any, source: str = "<markups>") -> LandmarkSet:
     if not names:
         return LandmarkSet((), np.zeros((0, 3)))
     try:
-        return LandmarkSet(tuple(names), np.array(xyz), np.array(scores), np.array(found))
+        return LandmarkSet(tuple(names), np.array(xyz), np.array(scores), np.array(found), np.array(radius), tolerance)
     except LandmarkFormatError as e:
         raise LandmarkFormatError(f"{source}: {e}") from None
 

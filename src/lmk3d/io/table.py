@@ -31,7 +31,10 @@ from lmk3d.io.atomic import atomic_write_text
 from lmk3d.landmarks import LandmarkSet
 
 REQUIRED_COLUMNS = ("case", "name", "x_ras", "y_ras", "z_ras")
-OPTIONAL_COLUMNS = ("score", "found")
+OPTIONAL_COLUMNS = ("score", "found", "radius_mm", "tolerance_mm")
+#: written only for calibrated predictions (:mod:`lmk3d.trust`): ``score`` is then the probability that the
+#: error is within ``tolerance_mm``, ``radius_mm`` a radius holding the truth with 90 % probability
+CALIBRATED_COLUMNS = ("radius_mm", "tolerance_mm")
 _TRUE = {"1", "true", "yes", "y", "t"}
 _FALSE = {"0", "false", "no", "n", "f"}
 
@@ -69,7 +72,7 @@ def parse_table(text: str, p: str = "<table>") -> dict[str, LandmarkSet]:
     if unknown:
         raise LandmarkFormatError(f"{p}: unknown column(s) {', '.join(unknown)}; a landmark table has "
                                   f"{','.join(REQUIRED_COLUMNS)}[,{','.join(OPTIONAL_COLUMNS)}]")
-    rows: dict[str, list[tuple[str, list[float], float, bool]]] = {}
+    rows: dict[str, list[tuple[str, list[float], float, bool, float, float]]] = {}
     for line, raw in enumerate(reader, start=2):
         row = {k.strip(): (v or "").strip() for k, v in raw.items() if k is not None}
         if None in raw:
@@ -95,14 +98,24 @@ def parse_table(text: str, p: str = "<table>") -> dict[str, LandmarkSet]:
             raise LandmarkFormatError(f"{where}: score {row['score']!r} is not a number") from None
         if not 0.0 <= score <= 1.0:
             raise LandmarkFormatError(f"{where}: score {score} outside [0, 1]")
+        extra = []
+        for col in CALIBRATED_COLUMNS:
+            try:
+                v = float(row[col]) if row.get(col) else math.nan
+            except ValueError:
+                raise LandmarkFormatError(f"{where}: {col} {row[col]!r} is not a number") from None
+            if v < 0 or math.isinf(v):
+                raise LandmarkFormatError(f"{where}: {col} {v} is not a distance in mm >= 0")
+            extra.append(v)
         case_rows = rows.setdefault(case, [])
         if any(r[0] == name for r in case_rows):
             raise LandmarkFormatError(f"{where}: duplicate landmark {name!r} for case {case!r}")
-        case_rows.append((name, xyz, score, found))
+        case_rows.append((name, xyz, score, found, extra[0], extra[1]))
     out: dict[str, LandmarkSet] = {}
     for case, rs in rows.items():
         out[case] = LandmarkSet(tuple(r[0] for r in rs), np.array([r[1] for r in rs]),
-                                np.array([r[2] for r in rs]), np.array([r[3] for r in rs], dtype=bool))
+                                np.array([r[2] for r in rs]), np.array([r[3] for r in rs], dtype=bool),
+                                np.array([r[4] for r in rs]), next((r[5] for r in rs if math.isfinite(r[5])), math.nan))
     return out
 
 
@@ -110,7 +123,9 @@ def table_text(sets: Mapping[str, LandmarkSet], with_scores: bool = True) -> str
     """CSV text of a landmark table. Without scores, not-found landmarks are left out (truth style)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(REQUIRED_COLUMNS + (OPTIONAL_COLUMNS if with_scores else ()))
+    calibrated = with_scores and any(s.calibrated for s in sets.values())
+    optional = (OPTIONAL_COLUMNS if calibrated else ("score", "found")) if with_scores else ()
+    w.writerow(REQUIRED_COLUMNS + optional)
     for case, s in sets.items():
         for i, name in enumerate(s.names):
             found = bool(s.found[i])
@@ -118,7 +133,10 @@ def table_text(sets: Mapping[str, LandmarkSet], with_scores: bool = True) -> str
                 continue
             xyz = s.xyz_mm_ras[i]
             coords = [f"{v:.4f}" for v in xyz] if np.all(np.isfinite(xyz)) else ["", "", ""]
-            extra = [f"{s.scores[i]:.4f}", int(found)] if with_scores else []
+            extra: list[Any] = [f"{s.scores[i]:.4f}", int(found)] if with_scores else []
+            if calibrated:
+                r, tol = s.radius_mm[i], s.tolerance_mm
+                extra += [f"{r:.3f}" if np.isfinite(r) else "", f"{tol:g}" if np.isfinite(tol) else ""]
             w.writerow([case, name, *coords, *extra])
     return buf.getvalue()
 
@@ -142,17 +160,24 @@ def landmarks_to_json(s: LandmarkSet, affine: np.ndarray | None = None) -> dict[
             "score": float(s.scores[i]),
             "found": bool(s.found[i]),
         }
+        if s.calibrated:
+            item["radius_mm"] = float(s.radius_mm[i]) if np.isfinite(s.radius_mm[i]) else None
         if ijk is not None:
             item["ijk"] = [float(v) for v in ijk[i]] if fin else None
         items.append(item)
-    return {"coordinate_system": "RAS", "units": "mm", "landmarks": items}
+    doc: dict[str, Any] = {"coordinate_system": "RAS", "units": "mm", "landmarks": items}
+    if s.calibrated:
+        doc["tolerance_mm"] = s.tolerance_mm
+        doc["score_meaning"] = (f"probability that the landmark is within {s.tolerance_mm:g} mm of the truth; "
+                                "radius_mm holds the truth with 90 % probability")
+    return doc
 
 
 def landmarks_from_json(doc: Any, source: str = "<json>") -> LandmarkSet:
     """Inverse of :func:`landmarks_to_json` (``ras`` is used; ``lps`` only when ``ras`` is absent)."""
     if not isinstance(doc, dict) or not isinstance(doc.get("landmarks"), list):
         raise LandmarkFormatError(f"{source}: expected an object with a 'landmarks' list")
-    names, xyz, scores, found = [], [], [], []
+    names, xyz, scores, found, radius = [], [], [], [], []
     for k, item in enumerate(doc["landmarks"]):
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             raise LandmarkFormatError(f"{source}: landmark {k} has no 'name'")
@@ -175,14 +200,24 @@ def landmarks_from_json(doc: Any, source: str = "<json>") -> LandmarkSet:
         xyz.append(p)
         scores.append(float(item.get("score", 1.0)))
         found.append(is_found)
+        r = item.get("radius_mm")
+        radius.append(float(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else math.nan)
+    tol = doc.get("tolerance_mm")
     try:
-        return LandmarkSet(tuple(names), np.array(xyz).reshape(-1, 3), np.array(scores), np.array(found, dtype=bool))
+        return LandmarkSet(tuple(names), np.array(xyz).reshape(-1, 3), np.array(scores), np.array(found, dtype=bool),
+                           np.array(radius), float(tol) if isinstance(tol, (int, float)) else math.nan)
     except LandmarkFormatError as e:
         raise LandmarkFormatError(f"{source}: {e}") from None
 
 
-def write_json(path: str | os.PathLike[str], s: LandmarkSet, affine: np.ndarray | None = None) -> Path:
-    return atomic_write_text(path, json.dumps(landmarks_to_json(s, affine), indent=2))
+def write_json(path: str | os.PathLike[str], s: LandmarkSet, affine: np.ndarray | None = None,
+               label_values: bool = False) -> Path:
+    """Write one case as JSON; ``label_values`` adds each landmark's value in a sphere label map (``k + 1``)."""
+    doc = landmarks_to_json(s, affine)
+    if label_values:
+        for k, item in enumerate(doc["landmarks"]):
+            item["label"] = k + 1
+    return atomic_write_text(path, json.dumps(doc, indent=2))
 
 
 def _load_json(path: str | os.PathLike[str]) -> Any:

@@ -7,10 +7,15 @@ one reader, so the app and the library agree on geometry) and answers with
   continuous voxel indices of the input image; positions ``null`` where unknown), ``label_names``
   ``{name: 1..N}``, ``centroids`` in the convention of MONAI Label's vertebra pipeline (a list of
   ``{"label_<value>": [i, j, k]}``, integer voxel indices of the input image, found landmarks only),
-  ``latencies`` in seconds (``load``, then each detector stage by name, ``write``, ``total``), the
+  ``latencies`` in seconds (``load``, then each detector stage by name, ``trust``, ``write``, ``total``), the
   ``checkpoint`` that answered, and ``stages``: each detector stage's own landmarks, in order
   (``[{name, seconds, landmarks: [{name, xyz_mm_ras, score, found}]}]``, from
-  ``Prediction.stages_json``), which shows how the first guess was refined. A client that only wants
+  ``Prediction.stages_json``), which shows how the first guess was refined. With a model that has a trust
+  model (:mod:`lmk3d.trust`), each landmark's ``score`` is the probability that it lies within
+  ``tolerance_mm`` of the truth, ``radius_mm`` holds the truth with 90 % probability, a cut-off landmark is
+  not found, ``image_check`` = ``{in_distribution, score, reason, distance}`` says whether the image is of
+  the model's kind (when not, no landmark is found and the reason says why), and ``raw_scores`` keeps the
+  detector's own scores. A client that only wants
   the JSON can send ``result_write_to_file: false`` (MONAI Label's own option name): MONAI Label gives
   the task no way to see ``output=json``, so otherwise the result file is made and then thrown away;
 - a result file chosen by the option ``landmark_output``:
@@ -221,6 +226,12 @@ class LandmarkInferTask(InferTask):
         latencies["total"] = round(time.perf_counter() - t0, 4)
         result = self._result_json(landmarks, volume, options["landmark_output"], latencies, signature)
         result["stages"] = jsonable(prediction.stages_json())
+        result["image_check"] = (prediction.verdict.to_json() if prediction.verdict is not None else
+                                 {"in_distribution": None, "score": None,
+                                  "reason": "not checked: this model has no trust model (trust.json)"})
+        if prediction.raw is not None and prediction.raw is not landmarks:
+            result["raw_scores"] = {n: round(float(s), 4) for n, s in zip(prediction.raw.names, prediction.raw.scores,
+                                                                          strict=True)}
         if sr is not None:
             result["sr"] = sr
         logger.info("model %r on %s: %d of %d landmarks found; latencies %s", self.name, case_id(image),
@@ -283,7 +294,8 @@ class LandmarkInferTask(InferTask):
     def _result_json(self, landmarks: LandmarkSet, volume: Volume, output: str, latencies: dict[str, float],
                      signature: FileSignature | None) -> dict[str, Any]:
         values = label_values(landmarks.names)
-        items = landmarks_to_json(landmarks, volume.affine)["landmarks"]
+        doc = landmarks_to_json(landmarks, volume.affine)
+        items = doc["landmarks"]
         for item in items:
             item["label"] = values[item["name"]]
         centroids = []
@@ -297,6 +309,7 @@ class LandmarkInferTask(InferTask):
             "label_names": values,
             "centroids": centroids,
             "landmark_output": output,
+            **{k: doc[k] for k in ("tolerance_mm", "score_meaning") if k in doc},
             "latencies": latencies,
             "checkpoint": {"path": str(self.checkpoint), "mtime_ns": signature[1] if signature else None},
         }

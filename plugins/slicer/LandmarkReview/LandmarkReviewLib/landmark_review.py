@@ -267,6 +267,8 @@ class ReviewPoint:
     detected_ras: Xyz | None
     ras: Xyz | None = None
     status: str = PENDING
+    #: a radius (mm) holding the truth with 90 % probability, when the model is calibrated (lmk3d.trust)
+    radius_mm: float | None = None
 
     @property
     def warning(self) -> bool:
@@ -290,7 +292,8 @@ class ReviewPoint:
 
     def score_text(self) -> str:
         """The detection, as Slicer shows it in the point's description (lmk3d's ``score=`` form)."""
-        return f"score={self.score:.3f}" + ("" if self.found else "; not found")
+        radius = f"; radius90={self.radius_mm:.1f} mm" if self.radius_mm is not None and self.found else ""
+        return f"score={self.score:.3f}{radius}" + ("" if self.found else "; not found")
 
     def review_text(self) -> str:
         """The decision, as the submitted label's description holds it.
@@ -321,6 +324,10 @@ class ReviewSession:
             raise ValueError(f"landmark names repeat: {names}")
         self.image = image
         self.model = model
+        #: the server's verdict on the image (``{in_distribution, score, reason}``), when it sent one
+        self.image_check: dict[str, Any] = {}
+        #: what a calibrated score means (e.g. "probability that the landmark is within 3 mm ..."), or ""
+        self.score_meaning = ""
         self._by_name = {p.name: p for p in points}
         self._model_order = list(points)
         #: Review order: not-found points first (they need placing), then the lowest score first; ties
@@ -338,8 +345,21 @@ class ReviewSession:
             ras = item.get("ras")
             found = bool(item.get("found", ras is not None)) and ras is not None
             xyz = _xyz(ras, f"landmark {item.get('name')!r}") if found else None
-            points.append(ReviewPoint(str(item["name"]), k, float(item.get("score", 0.0)), found, xyz, xyz))
-        return cls(image, model, points)
+            radius = item.get("radius_mm")
+            points.append(ReviewPoint(str(item["name"]), k, float(item.get("score", 0.0)), found, xyz, xyz,
+                                      radius_mm=float(radius) if isinstance(radius, (int, float)) else None))
+        session = cls(image, model, points)
+        check = result.get("image_check")
+        session.image_check = dict(check) if isinstance(check, Mapping) else {}
+        session.score_meaning = str(result.get("score_meaning") or "")
+        return session
+
+    @property
+    def image_warning(self) -> str:
+        """Why the model does not trust this image at all ("" when it does, or when the server did not say)."""
+        if self.image_check.get("in_distribution") is False:
+            return f"The model does not recognise this image: {self.image_check.get('reason', 'no reason given')}"
+        return ""
 
     # --- looking up -----------------------------------------------------------------------------------------
     def point(self, name: str) -> ReviewPoint:

@@ -1,0 +1,246 @@
+"""How far a model's trust can be trusted: calibrated scores, radii, not found, image check, on unseen cases.
+
+For each model folder (with ``trust.json`` from ``lmk3d calibrate``) it reads the model's own split
+(``split.json``) and reports, on the **test** cases only (never used by training or calibration):
+
+- normal images: AUROC of ``1 - score`` for errors over 3 mm and over 4 mm (a point not found counts as
+  an error with score 0), expected calibration error of the score (10 bins; outcome = within the
+  tolerance), coverage of the 90 % radius (found points), the review burden (share of points checked
+  lowest score first to catch 95 % of the errors over 3 mm), and the same AUROC/burden for the
+  detector's raw scores;
+- cut variants (each landmark in turn left 2-8 mm beyond a crop plane of the nearest face; seed 777,
+  not the calibration's seed): share of cut-off landmarks reported not found, share of the landmarks
+  still inside reported found;
+- the image check: share of test images flagged, and for images of other kinds (whole-head MPRAGE DICOM,
+  the MNI template, a spine T2, abdominal CT as NIfTI and DICOM, abdominal MR, 20 random crops of the
+  MPRAGE and of the template the size of a typical test image, seed 5): share flagged and the largest landmark score given. None of these
+  kinds was used to fit anything (the threshold comes from the calibration cases alone).
+
+Run (1 thread): ``.venv/bin/python benchmarks/trust_eval.py models/cascade-hippocampus ... --out
+runs/trust_eval.json``; prints one table per block (markdown), the numbers go to docs/trust.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+OTHER_KINDS = {
+    "MPRAGE whole head (DICOM)": DATA / "dicom" / "mr_brain_sagittal_mprage",
+    "MNI template (AFIDs)": DATA / "afids_mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "spine T2": DATA / "spine_t2" / "t2.nii.gz",
+    "abdominal CT (NIfTI)": DATA / "ct_abdomen_examples" / "example_ct.nii.gz",
+    "abdominal CT (DICOM)": DATA / "ct_abdomen_examples" / "example_ct_dicom",
+    "abdominal MR (NIfTI)": DATA / "ct_abdomen_examples" / "example_mr_sm.nii.gz",
+}
+CROP_SOURCES = ("MPRAGE whole head (DICOM)", "MNI template (AFIDs)")
+
+
+def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dict[str, object]:
+    import torch
+
+    from lmk3d import review
+    from lmk3d.data import load_dataset, read_split
+    from lmk3d.detectors import load_detector
+    from lmk3d.io.image import read_image
+    from lmk3d.trust.cuts import crop, cut_outside
+
+    torch.set_num_threads(1)
+    det = load_detector(model_dir, "cpu")
+    if det.trust is None:
+        raise SystemExit(f"{model_dir}: no trust.json; run lmk3d calibrate first")
+    tol = det.trust.tolerance_mm
+    split = read_split(model_dir)
+    data = json.loads((model_dir / "split.json").read_text())["data"]
+    ds = load_dataset(ROOT / data if not Path(data).is_absolute() else data)
+    test = list(ds.subset(split.test))
+    rng = np.random.default_rng(cut_seed)
+    normal = {"score": [], "raw": [], "err": [], "found": [], "raw_found": [], "radius": []}
+    flagged = 0
+    cut_out_nf, cut_in_f, raw_out_nf, raw_in_f = [], [], [], []
+    t0 = time.perf_counter()
+    for s in test:
+        vol = s.load_image()
+        truth = s.landmarks
+        assert truth is not None
+        p = det.predict_all(vol)
+        flagged += not p.verdict.in_distribution
+        lm, raw = p.landmarks, p.raw
+        err = np.linalg.norm(raw.xyz_mm_ras - truth.xyz_mm_ras, axis=1)
+        normal["score"].append(lm.scores)
+        normal["raw"].append(raw.scores)
+        normal["err"].append(err)
+        normal["found"].append(lm.found)
+        normal["raw_found"].append(raw.found)
+        normal["radius"].append(lm.radius_mm)
+        for t in range(len(truth)):
+            cut = cut_outside(vol, truth.xyz_mm_ras, t, float(rng.uniform(2.0, 8.0)))
+            if cut is None:
+                continue
+            pc = det.predict_all(cut.volume)
+            inside = cut.volume.contains_ras(truth.xyz_mm_ras, margin=0.5)
+            cut_out_nf += list(~pc.landmarks.found[~inside])
+            cut_in_f += list(pc.landmarks.found[inside])
+            raw_out_nf += list(~pc.raw.found[~inside])
+            raw_in_f += list(pc.raw.found[inside])
+    seconds = time.perf_counter() - t0
+    sc, raw_sc, err, fnd, raw_fnd, rad = (np.concatenate(normal[k]) for k in
+                                          ("score", "raw", "err", "found", "raw_found", "radius"))
+    err_f = np.where(fnd, err, np.inf)
+    raw_err = np.where(raw_fnd, err, np.inf)
+    out: dict[str, object] = {"model": model_dir.name, "detector": det.name, "tolerance_mm": tol,
+                              "test_cases": len(test), "points": int(len(sc)), "cut_seed": cut_seed}
+
+    def block(score: np.ndarray, e: np.ndarray, f: np.ndarray) -> dict[str, float]:
+        s0 = np.where(f, score, 0.0)
+        curve = review.review_curve(np.where(f, score, np.nan), e > tol, f)
+        return {"errors_over_3mm": int(np.sum(e > 3.0)), "errors_over_4mm": int(np.sum(e > 4.0)),
+                "auroc_3mm": review.auroc(1 - s0, e > 3.0), "auroc_4mm": review.auroc(1 - s0, e > 4.0),
+                "ece": review.ece(s0, e <= tol), "review_burden": review.review_burden(curve)}
+
+    out["calibrated"] = block(sc, err_f, fnd)
+    out["calibrated"]["radius90_coverage"] = float(np.mean(err[fnd] <= rad[fnd])) if fnd.any() else float("nan")
+    out["calibrated"]["normal_found"] = float(np.mean(fnd))
+    out["calibrated"]["mre_found_mm"] = float(np.mean(err[fnd]))
+    out["raw"] = block(raw_sc, raw_err, raw_fnd)
+    out["raw"]["mre_mm"] = float(np.mean(err[raw_fnd])) if raw_fnd.any() else float("nan")
+    out["raw"]["found"] = float(np.mean(raw_fnd))
+    out["cut"] = {"cut_off": len(cut_out_nf), "inside": len(cut_in_f),
+                  "cut_off_not_found": float(np.mean(cut_out_nf)), "inside_found": float(np.mean(cut_in_f)),
+                  "raw_cut_off_not_found": float(np.mean(raw_out_nf)), "raw_inside_found": float(np.mean(raw_in_f))}
+    out["image_check_test_flagged"] = flagged / len(test)
+    kinds = {}
+    crop_rng = np.random.default_rng(5)
+    typical = np.median([np.asarray(s.load_image().shape) * s.load_image().spacing_mm for s in test[:10]], axis=0)
+    for kind, path in OTHER_KINDS.items():
+        if not path.exists():
+            continue
+        vol = read_image(path)
+        p = det.predict_all(vol)
+        kinds[kind] = {"flagged": float(not p.verdict.in_distribution), "n": 1,
+                       "max_score": float(np.max(p.landmarks.scores)), "found": int(p.landmarks.found.sum()),
+                       "reason": p.verdict.reason}
+        if kind in CROP_SOURCES:
+            size = np.maximum((typical / vol.spacing_mm).astype(int), 8)
+            fl, mx, fd = [], [], 0
+            for _ in range(crops):
+                lo = [int(crop_rng.integers(0, max(vol.shape[a] - size[a], 1))) for a in range(3)]
+                c = crop(vol, lo, [min(lo[a] + size[a], vol.shape[a]) for a in range(3)])
+                pc = det.predict_all(c)
+                fl.append(not pc.verdict.in_distribution)
+                mx.append(float(np.max(pc.landmarks.scores)))
+                fd += int(pc.landmarks.found.sum())
+            kinds[f"{kind}: random crops the size of a test image"] = {"flagged": float(np.mean(fl)), "n": crops,
+                                                               "max_score": float(np.max(mx)), "found": fd,
+                                                               "reason": ""}
+    out["other_kinds"] = kinds
+    out["seconds"] = round(seconds, 1)
+    return out
+
+
+def _f(v: object, fmt: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
+
+
+def print_tables(results: list[dict[str, object]]) -> None:
+    print("\n| model | scores | errors >3 / >4 mm | AUROC >3 mm | AUROC >4 mm | ECE | 90 % radius coverage | "
+          "review burden (95 % of >3 mm) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        for kind in ("calibrated", "raw"):
+            b = r[kind]  # type: ignore[index]
+            print(f"| {r['model']} | {kind} | {b['errors_over_3mm']} / {b['errors_over_4mm']} | {_f(b['auroc_3mm'])} | "
+                  f"{_f(b['auroc_4mm'])} | {_f(b['ece'])} | {_f(b.get('radius90_coverage'))} | "
+                  f"{_f(b['review_burden'], '.1%')} |")
+    print("\n| model | cut-off landmarks | not found (trust) | not found (detector alone) | still inside | "
+          "found (trust) | found (detector alone) | test images flagged |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        c = r["cut"]  # type: ignore[index]
+        print(f"| {r['model']} | {c['cut_off']} | {_f(c['cut_off_not_found'], '.1%')} | "
+              f"{_f(c['raw_cut_off_not_found'], '.1%')} | {c['inside']} | {_f(c['inside_found'], '.1%')} | "
+              f"{_f(c['raw_inside_found'], '.1%')} | {_f(r['image_check_test_flagged'], '.1%')} |")
+    print("\n| model | image | images | flagged | landmarks found | largest score |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for kind, k in r["other_kinds"].items():  # type: ignore[attr-defined]
+            print(f"| {r['model']} | {kind} | {k['n']} | {_f(k['flagged'], '.0%')} | {k['found']} | "
+                  f"{_f(k['max_score'], '.2f')} |")
+
+
+def card_section(r: dict[str, object], model_dir: Path) -> str:
+    """The model card's "Trust" section: how it was fitted (trust.json) and what it gave on the test split."""
+    trust = json.loads((model_dir / "trust.json").read_text())
+    rep = trust["report"]
+    rule = rep["not_found_rule"]
+    c, raw, cut = r["calibrated"], r["raw"], r["cut"]  # type: ignore[index]
+    kinds = r["other_kinds"]  # type: ignore[index]
+    flagged = sum(k["flagged"] * k["n"] for k in kinds.values())  # type: ignore[union-attr]
+    total = sum(k["n"] for k in kinds.values())  # type: ignore[union-attr]
+    whole = [k for k in kinds if "crops" not in k]
+    return "\n".join([
+        "## Trust (calibrated scores, not found, image check)",
+        "",
+        f"`trust.json` and `presence.pt` (docs/trust.md), fitted by `{rep.get('command', 'lmk3d calibrate')}` on the "
+        f"{len(rep['calibration_cases'])} validation cases and their cut variants ({rep['calibration_points']} "
+        f"calibration points; the presence network trained on the {rep['training_cases']} training cases). "
+        f"Tolerance {trust['tolerance_mm']:g} mm; 90 % radius = {trust['q90']:.2f} x the point's error scale; "
+        f"not found: presence < {rule['presence_threshold']}, closer than {rule['face_mm']} mm to a face"
+        + (f", or placed beyond a face by the shape model by > {rule['shape_outside_mm']} mm"
+           if rule.get("shape_outside_mm") is not None else "") + "; image check threshold "
+        f"{trust['image']['threshold']:.2f}. Test split ({r['test_cases']} cases, split seed 0, never used to fit; "
+        f"`benchmarks/trust_eval.py`, cut seed {r['cut_seed']}):",
+        "",
+        "| | AUROC >3 mm | AUROC >4 mm | ECE | 90 % radius coverage | review burden (95 % of >3 mm) |",
+        "|---|---|---|---|---|---|",
+        f"| calibrated score | {_f(c['auroc_3mm'])} | {_f(c['auroc_4mm'])} | {_f(c['ece'])} | "
+        f"{_f(c['radius90_coverage'], '.1%')} | {_f(c['review_burden'], '.1%')} |",
+        f"| detector's raw score | {_f(raw['auroc_3mm'])} | {_f(raw['auroc_4mm'])} | {_f(raw['ece'])} | - | "
+        f"{_f(raw['review_burden'], '.1%')} |",
+        "",
+        f"Errors over 3 / 4 mm on the test split: {c['errors_over_3mm']} / {c['errors_over_4mm']} of {r['points']} "
+        f"points. Cut off by a crop plane 2-8 mm beyond them: {_f(cut['cut_off_not_found'], '.1%')} of "
+        f"{cut['cut_off']} reported not found (the detector alone: {_f(cut['raw_cut_off_not_found'], '.1%')}); of the "
+        f"{cut['inside']} still inside, {_f(cut['inside_found'], '.1%')} found (alone: "
+        f"{_f(cut['raw_inside_found'], '.1%')}). Image check: {_f(r['image_check_test_flagged'], '.1%')} of the test "
+        f"images flagged; {flagged:.0f} of {total} images of other kinds flagged ({', '.join(whole)}, and random "
+        "crops of the MPRAGE and the template the size of a training image; none used to fit).",
+        ""])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="+", type=Path)
+    ap.add_argument("--cut-seed", type=int, default=777)
+    ap.add_argument("--crops", type=int, default=20)
+    ap.add_argument("--out", type=Path, help="JSON with every number")
+    ap.add_argument("--cards", action="store_true", help="also print each model card's Trust section")
+    ap.add_argument("--from-json", type=Path, help="print the tables of an earlier --out file instead of measuring")
+    args = ap.parse_args(argv)
+    results = []
+    if args.from_json:
+        by_name = {r["model"]: r for r in json.loads(args.from_json.read_text())}
+        results = [by_name[m.name] for m in args.models]
+    for m in args.models if not args.from_json else []:
+        r = evaluate_model(m, args.cut_seed, args.crops)
+        results.append(r)
+        print(f"{m}: done in {r['seconds']} s", file=sys.stderr, flush=True)
+    print_tables(results)
+    if args.cards:
+        for m, r in zip(args.models, results, strict=True):
+            print(f"\n<!-- {m} -->\n{card_section(r, m)}")
+    if args.out and not args.from_json:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

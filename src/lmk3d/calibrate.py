@@ -1,0 +1,126 @@
+"""``lmk3d calibrate``: fit a model's trust model (:mod:`lmk3d.trust`) on its own split (stdlib imports only).
+
+The model folder's ``split.json`` names the cases: ``train`` gives the shape model, the image model's
+training images and the presence network's training; ``val`` (cases that trained nothing) gives the
+calibration. The test cases are never read. ``trust.json`` and ``presence.pt`` are written into the
+model folder (or ``--out``), atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from lmk3d.errors import LandmarkError
+
+__all__ = ["add_calibrate", "add_consensus", "run_calibrate", "run_consensus"]
+
+
+def add_calibrate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="trained model folder (checkpoint.pt and split.json)")
+    p.add_argument("--data", help="the dataset it was trained on (default: the data named in split.json)")
+    p.add_argument("--out", help="folder for trust.json and presence.pt (default: the model folder)")
+    p.add_argument("--tolerance-mm", type=float, default=3.0, metavar="MM",
+                   help="a score is the probability that the error is within MM (default 3)")
+    p.add_argument("--presence-epochs", type=int, default=30, metavar="N",
+                   help="epochs of the presence network (0: no network; cut-off landmarks then only by geometry)")
+    p.add_argument("--presence", metavar="DIR", help="reuse the presence network (presence.pt) in DIR, e.g. another "
+                   "detector's model folder on the same data, instead of training one")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
+    p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from lmk3d.data import load_dataset, read_split
+    from lmk3d.detectors import load_detector
+    from lmk3d.trust import save_trust
+    from lmk3d.trust.fit import fit_trust
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    if not (math.isfinite(args.tolerance_mm) and args.tolerance_mm > 0):
+        raise LandmarkError(f"--tolerance-mm {args.tolerance_mm}: give a distance in mm > 0")
+    if args.presence_epochs < 0:
+        raise LandmarkError(f"--presence-epochs {args.presence_epochs}: give 0 (no network) or more")
+    model_dir = Path(args.model)
+    split = read_split(model_dir)
+    data = args.data or json.loads((model_dir / "split.json").read_text()).get("data")
+    if not data:
+        raise LandmarkError(f"{model_dir}: split.json names no dataset; give --data")
+    ds = load_dataset(data)
+    train = list(ds.subset(split.train))
+    val = list(ds.subset(split.val))
+    if len(val) < 5:
+        raise LandmarkError(f"{model_dir}: {len(val)} validation case(s); calibration needs at least 5")
+    det = load_detector(model_dir, args.device)
+    det.trust = None  # calibrate the detector's own answer
+
+    def predict(volume):  # type: ignore[no-untyped-def]
+        p = det.predict_all(volume, trust=False)
+        return p.raw, (p.stages[0].landmarks if len(p.stages) > 1 else None)
+
+    presence = None
+    if args.presence:
+        presence = PresenceModel.load(args.presence)
+        if presence is None:
+            raise LandmarkError(f"--presence {args.presence}: no presence.pt there")
+        if presence.landmark_names != det.landmark_names:
+            raise LandmarkError(f"--presence {args.presence}: its landmarks ({', '.join(presence.landmark_names)}) "
+                                f"are not the model's ({', '.join(det.landmark_names)})")
+    elif args.presence_epochs > 0:
+        presence = PresenceModel(det.landmark_names, PresenceConfig(epochs=args.presence_epochs, seed=args.seed,
+                                                                    box_mm=_box_mm(train)))
+    t0 = time.monotonic()
+    trust = fit_trust(predict, train, val, det.modality_fitted, args.tolerance_mm, args.seed, presence,
+                      log=lambda line: print(line, flush=True), names=det.landmark_names)
+    trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
+                               f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
+                               + (f" --presence {args.presence}" if args.presence else ""))
+    trust.report["seconds"] = round(time.monotonic() - t0, 1)
+    out = Path(args.out) if args.out else model_dir
+    out.mkdir(parents=True, exist_ok=True)
+    path = save_trust(out, trust)
+    rule = trust.report["not_found_rule"]
+    print(f"calibrated {det.name} on {len(val)} validation cases ({trust.report['calibration_points']} points): "
+          f"90 % radius = {trust.q90:.2f} x scale; not found below face {rule['face_mm']} mm, presence < "
+          f"{rule['presence_threshold']}; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
+          f" -> {path}")
+    return 0
+
+
+def _box_mm(train: list) -> float:  # type: ignore[type-arg]
+    """The presence box: 1.1 x the largest training field of view (to 8 mm), so every training image fits."""
+    import numpy as np
+
+    extent = 0.0
+    for s in train[:50]:
+        v = s.load_image()
+        extent = max(extent, float(np.max(np.asarray(v.shape) * v.spacing_mm)))
+    return float(np.ceil(1.1 * extent / 8.0) * 8.0)
+
+
+def add_consensus(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--members", nargs="+", required=True, metavar="DIR",
+                   help="calibrated model folders, one per detector (prior_guided, pin, cascade), same data and split")
+    p.add_argument("--out", required=True, help="folder for the consensus model (checkpoint.pt, split.json)")
+
+
+def run_consensus(args: argparse.Namespace) -> int:
+    import shutil
+
+    from lmk3d.data import read_split
+    from lmk3d.detectors.consensus import build_consensus
+
+    splits = {(s.train, s.val, s.test) for s in (read_split(m) for m in args.members)}
+    if len(splits) != 1:
+        raise LandmarkError("consensus: the members' split.json files name different train/val/test cases; "
+                            "the members must share one split")
+    det = build_consensus(args.members)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    det.save(out)
+    shutil.copyfile(Path(args.members[0]) / "split.json", out / "split.json")
+    print(f"consensus of {', '.join(det.config.members)} -> {out}; next: lmk3d calibrate --model {out}")
+    return 0

@@ -1,0 +1,233 @@
+"""``consensus``: the three detectors together, weighted by their calibrated scores.
+
+Each member (``prior_guided``, ``pin``, ``cascade``, trained on the same data and split) predicts, and its
+own trust model (:mod:`lmk3d.trust`, fitted on the validation cases) turns its raw score into ``p``, the
+probability that its point is within the tolerance. Per landmark, the consensus position is the weighted
+geometric median of the members' points (weights ``p``), refined as the weighted mean of the members
+within ``inlier_mm`` of it; a member far from the others cannot drag the answer. The members'
+disagreement (weighted RMS distance of the inliers to the consensus, ``spread``) lowers the raw score:
+``raw = mean_p(inliers) * exp(-(spread / inlier_mm)^2 / 2) * inlier share``. The consensus has its own
+trust model, fitted like any detector's by ``lmk3d calibrate``, so its reported score and radius are
+calibrated too, with the members' disagreement in them.
+
+It is built, not trained (:func:`build_consensus`, ``lmk3d consensus``): its checkpoint holds the members'
+checkpoints and their trust models (without their image checks and presence networks: the consensus
+checks the image once, with its own).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmk3d.checkpoint import FORMAT, CheckpointError, read_checkpoint, write_checkpoint
+from lmk3d.data.samples import Sample
+from lmk3d.detectors.base import Detector, Prediction, Stage, StageResult, detector_class, mark_outside
+from lmk3d.errors import LandmarkError
+from lmk3d.io.image import Volume
+from lmk3d.landmarks import LandmarkSet
+from lmk3d.preprocessing import PreparedImage
+
+__all__ = ["ConsensusConfig", "ConsensusDetector", "build_consensus", "combine"]
+
+MEMBERS = ("prior_guided", "pin", "cascade")
+
+
+@dataclass(frozen=True)
+class ConsensusConfig:
+    """Attributes:
+    members: the member detectors' slugs, in the order they run.
+    inlier_mm: a member farther than this from the weighted median is left out of the mean.
+    """
+
+    members: tuple[str, ...] = MEMBERS
+    inlier_mm: float = 4.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "members", tuple(self.members))
+
+
+def _weighted_median(points: np.ndarray, weights: np.ndarray, iterations: int = 50) -> np.ndarray:
+    """Weighted geometric median of ``(M, 3)`` points (Weiszfeld's iteration from the weighted mean)."""
+    x = np.average(points, axis=0, weights=weights)
+    for _ in range(iterations):
+        d = np.maximum(np.linalg.norm(points - x, axis=1), 1e-6)
+        w = weights / d
+        nxt = (w[:, None] * points).sum(0) / w.sum()
+        if np.linalg.norm(nxt - x) < 1e-6:
+            return nxt
+        x = nxt
+    return x
+
+
+def combine(members: Sequence[LandmarkSet], inlier_mm: float) -> tuple[LandmarkSet, np.ndarray]:
+    """The consensus of members' calibrated landmarks: ``(landmarks with raw scores, (N,) spread in mm)``."""
+    names = members[0].names
+    n = len(names)
+    xyz = np.full((n, 3), np.nan)
+    score = np.zeros(n)
+    spread = np.full(n, np.nan)
+    for k in range(n):
+        ok = [m for m in members if m.found[k]]
+        if not ok:
+            continue
+        pts = np.stack([m.xyz_mm_ras[k] for m in ok])
+        p = np.array([float(m.scores[k]) for m in ok])
+        w = p + 1e-3
+        median = _weighted_median(pts, w)
+        inl = np.linalg.norm(pts - median, axis=1) <= inlier_mm
+        if not inl.any():
+            inl = np.linalg.norm(pts - median, axis=1) <= np.linalg.norm(pts - median, axis=1).min() + 1e-9
+        xyz[k] = np.average(pts[inl], axis=0, weights=w[inl])
+        spread[k] = float(np.sqrt(np.average(np.sum((pts[inl] - xyz[k]) ** 2, axis=1), weights=w[inl])))
+        share = inl.sum() / len(members)
+        score[k] = float(np.average(p[inl], weights=w[inl])) * np.exp(-0.5 * (spread[k] / inlier_mm) ** 2) * share
+    found = np.isfinite(xyz).all(axis=1)
+    return LandmarkSet(names, xyz, np.clip(score, 0.0, 1.0), found), spread
+
+
+class _Members(Stage):
+    """Placeholder stage list entry: the members run through :meth:`ConsensusDetector.predict_all`."""
+
+    name = "combine"
+
+    def __call__(self, image: PreparedImage, previous: LandmarkSet | None) -> LandmarkSet:
+        raise LandmarkError("consensus runs its members on the image itself: call predict_all")
+
+
+class ConsensusDetector(Detector):
+    """See the module docstring."""
+
+    name = "consensus"
+    config_class = ConsensusConfig
+    profiles = {"cpu": ConsensusConfig(), "paper": ConsensusConfig(), "tiny": ConsensusConfig()}
+
+    def __init__(self, landmark_names: Sequence[str], config: ConsensusConfig, profile: str = "custom",
+                 device: str | None = None) -> None:
+        super().__init__(landmark_names, config, profile, device)
+        self.members: dict[str, Detector] = {}
+        self._stage = _Members()
+
+    def stages(self) -> list[Stage]:
+        return [self._stage]
+
+    def fit_with(self, trainer: Any, train: Sequence[Sample], val: Sequence[Sample], **options: Any
+                 ) -> dict[str, Any]:
+        raise LandmarkError("consensus is built from trained members, not trained: train prior_guided, pin and "
+                            "cascade, calibrate each (lmk3d calibrate), then lmk3d consensus --members DIR DIR DIR")
+
+    def predict_all(self, image: Volume, prepared: PreparedImage | None = None, trust: bool = True) -> Prediction:
+        """Every member's calibrated answer, their consensus, then the consensus's own trust model."""
+        if not self.members:
+            raise LandmarkError("consensus has no members (build it with lmk3d consensus)")
+        verdict = None
+        if trust and self.trust is not None:  # an image not of the model's kind: no member runs
+            from lmk3d.trust import check_image, refused
+
+            t = time.perf_counter()
+            verdict = check_image(self.trust, image)
+            if not verdict.in_distribution:
+                out = refused(self.trust, verdict)
+                return Prediction(out, [], 0.0, out, verdict, time.perf_counter() - t)
+        results: list[StageResult] = []
+        answers = []
+        for slug in self.config.members:
+            t = time.perf_counter()
+            p = self.members[slug].predict_all(image)
+            answers.append(p.landmarks.reorder(self.landmark_names))
+            results.append(StageResult(slug, p.landmarks, time.perf_counter() - t))
+        t = time.perf_counter()
+        combined, _ = combine(answers, self.config.inlier_mm)
+        results.append(StageResult("combine", combined, time.perf_counter() - t))
+        raw = mark_outside(combined, image)
+        if not trust or self.trust is None:
+            return Prediction(raw, results, 0.0, raw)
+        from lmk3d.trust import apply_trust
+
+        t = time.perf_counter()
+        trusted = apply_trust(self.trust, raw, results[0].landmarks, image, verdict)
+        return Prediction(trusted.landmarks, results, 0.0, raw, trusted.verdict, time.perf_counter() - t)
+
+    def save(self, directory: Any) -> Path:
+        payload = {
+            "detector": self.name, "profile": self.profile, "config": self.config_dict(),
+            "landmark_names": list(self.landmark_names), "stages": {}, "fitted": self.fitted_state(),
+            "data_fingerprint": self.data_fingerprint, "training": self.training,
+            "members": {slug: _member_payload(det) for slug, det in self.members.items()},
+        }
+        return write_checkpoint(directory, payload)
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict[str, Any], device: str | None = None) -> Detector:
+        from lmk3d.trust import TrustModel
+
+        cfg = ConsensusConfig(**payload["config"])
+        det = cls(payload["landmark_names"], cfg, payload.get("profile", "custom"), device)
+        det.load_fitted_state(dict(payload.get("fitted", {})))
+        det.data_fingerprint = payload.get("data_fingerprint")
+        det.training = dict(payload.get("training") or {})
+        members = payload.get("members")
+        if not isinstance(members, dict) or set(members) != set(cfg.members):
+            raise CheckpointError(f"consensus: the checkpoint's members {sorted(members or {})} are not "
+                                  f"{list(cfg.members)}")
+        for slug in cfg.members:
+            doc = dict(members[slug])
+            trust_doc = doc.pop("trust", None)
+            member = detector_class(doc["detector"]).from_checkpoint(doc, device)
+            if trust_doc is None:
+                raise CheckpointError(f"consensus: member {slug!r} has no trust model (its weights need p)")
+            member.trust = TrustModel.from_json(trust_doc)
+            det.members[slug] = member
+        return det
+
+
+def _member_payload(det: Detector) -> dict[str, Any]:
+    """A member's checkpoint payload plus its trust model without image check or presence network."""
+    if det.trust is None:
+        raise LandmarkError(f"member {det.name!r} has no trust model: run lmk3d calibrate on it first")
+    trust = det.trust.to_json()
+    trust["image"] = None
+    return {
+        "detector": det.name, "profile": det.profile, "config": det.config_dict(), "format": FORMAT,
+        "landmark_names": list(det.landmark_names), "stages": {s.name: s.state() for s in det.stages()},
+        "fitted": det.fitted_state(), "data_fingerprint": det.data_fingerprint, "training": det.training,
+        "trust": trust,
+    }
+
+
+def build_consensus(member_dirs: Sequence[str | Path], device: str = "cpu") -> ConsensusDetector:
+    """A consensus of trained, calibrated member model folders (same landmarks; one per member detector)."""
+    from lmk3d.detectors import load_detector
+
+    dets = [load_detector(d, device) for d in member_dirs]
+    slugs = [d.name for d in dets]
+    if sorted(slugs) != sorted(set(slugs)) or not dets:
+        raise LandmarkError(f"consensus: give one model folder per detector, got detectors {slugs}")
+    names = dets[0].landmark_names
+    for d, path in zip(dets, member_dirs, strict=True):
+        if d.landmark_names != names:
+            raise LandmarkError(f"consensus: {path} has landmarks {', '.join(d.landmark_names)}, not "
+                                f"{', '.join(names)}")
+        if d.trust is None:
+            raise LandmarkError(f"consensus: {path} has no trust.json; run lmk3d calibrate --model {path} first")
+        d.trust.image = None  # the consensus checks the image once, with its own trust model
+        d.trust.presence = None
+    fingerprints = {d.data_fingerprint for d in dets}
+    if len(fingerprints) > 1:
+        raise LandmarkError("consensus: the members were trained on different data (data fingerprints differ)")
+    det = ConsensusDetector(names, ConsensusConfig(members=tuple(slugs)), "cpu", device)
+    det.members = dict(zip(slugs, dets, strict=True))
+    det.data_fingerprint = dets[0].data_fingerprint
+    det.modality_fitted = dets[0].modality_fitted
+    det.training = {"members": {d.name: str(p) for d, p in zip(dets, member_dirs, strict=True)}}
+    return det
+
+
+def read_members(directory: str | Path) -> list[str]:
+    """The member slugs of a consensus checkpoint (for model cards)."""
+    return list(read_checkpoint(directory)["config"]["members"])

@@ -1,0 +1,194 @@
+"""Fitting a :class:`~lmk3d.trust.TrustModel` on a trained detector's calibration cases.
+
+:func:`fit_trust` runs the detector on every calibration case and on cut variants of it (each landmark
+in turn left 2-8 mm beyond a crop plane, :func:`lmk3d.trust.cuts.cut_outside`), then fits the error
+scale, the normalised-error distribution, the not-found thresholds and the image model as the
+:mod:`lmk3d.trust` docstring describes. The calibration cases must be cases that trained nothing (the
+model's validation split); the test split is never read here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lmk3d.data.samples import Sample
+from lmk3d.errors import LandmarkError
+from lmk3d.io.image import Volume
+from lmk3d.landmarks import LandmarkSet
+from lmk3d.trust import COVERAGE, ImageModel, ShapeModel, TrustModel, cut_rule, design_matrix, point_features
+from lmk3d.trust.cuts import cut_outside
+from lmk3d.trust.presence import PresenceModel
+
+__all__ = ["Record", "fit_from_records", "fit_trust", "records_for"]
+
+FACE_GRID = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
+SHAPE_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, math.inf)
+PRESENCE_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2))
+
+
+@dataclass
+class Record:
+    """One prediction on one (possibly cut) calibration image, with its truth."""
+
+    case: str
+    kind: str  # "normal" or "cut"
+    final: LandmarkSet
+    first: LandmarkSet | None
+    volume: Volume
+    truth: LandmarkSet
+    truth_inside: np.ndarray  # (N,) the true landmark lies inside this image's field of view
+    presence: np.ndarray | None = None  # (N,) the presence network's probabilities, if it has one
+
+
+def records_for(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]], samples: Sequence[Sample],
+                seed: int = 0, outside_mm: tuple[float, float] = (2.0, 8.0),
+                presence: PresenceModel | None = None, names: Sequence[str] | None = None) -> list[Record]:
+    """Run ``predict`` (-> final and first-stage landmarks) on each sample and its cut variants.
+
+    ``names``: the model's landmarks (each sample's truth is taken in that order; default: as it is).
+    """
+    rng = np.random.default_rng(seed)
+    out: list[Record] = []
+    for s in samples:
+        if s.landmarks is None:
+            continue
+        vol = s.load_image()
+        truth = s.landmarks if names is None else s.landmarks.reorder(names)
+        variants = [("normal", vol)]
+        for t in range(len(truth)):
+            if not truth.found[t]:
+                continue
+            cut = cut_outside(vol, truth.xyz_mm_ras, t, float(rng.uniform(*outside_mm)))
+            if cut is not None:
+                variants.append(("cut", cut.volume))
+        for kind, v in variants:
+            final, first = predict(v)
+            inside = v.contains_ras(np.nan_to_num(truth.xyz_mm_ras), margin=0.5) & truth.found
+            probs = presence.probabilities(v) if presence is not None else None
+            out.append(Record(s.case, kind, final, first, v, truth, inside, probs))
+    return out
+
+
+def _errors(r: Record) -> np.ndarray:
+    t = r.truth.reorder(r.final.names)
+    err = np.linalg.norm(r.final.xyz_mm_ras - t.xyz_mm_ras, axis=1)
+    return np.where(r.final.found & t.found & r.truth_inside, err, np.nan)
+
+
+def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image: ImageModel | None,
+                     tolerance_mm: float = 3.0) -> TrustModel:
+    """The error scale, its distribution, the not-found thresholds, from the calibration records."""
+    if not records:
+        raise LandmarkError("trust: no calibration cases")
+    names = tuple(records[0].final.names)
+    n = len(names)
+    feats = [point_features(r.final, r.first, shape, r.volume) for r in records]
+    errors = np.concatenate([_errors(r) for r in records])
+    x = np.concatenate([design_matrix(f, n) for f in feats])
+    ok = np.isfinite(errors)
+    if ok.sum() < 2 * x.shape[1]:
+        raise LandmarkError(f"trust: {int(ok.sum())} calibration points are too few to fit {x.shape[1]} weights")
+    y = np.log(errors[ok] + 0.5)
+    # a little ridge keeps the weights finite when a feature never varies (one-stage detectors: d_stage 0)
+    a = x[ok]
+    weights = np.linalg.solve(a.T @ a + 1e-3 * np.eye(a.shape[1]), a.T @ y)
+    scale = np.exp(x @ weights)
+    u = np.sort(errors[ok] / scale[ok])
+    k = min(len(u), math.ceil(COVERAGE * (len(u) + 1))) - 1
+    q90 = float(u[k])
+    face_mm, shape_out, presence_thr, rule = _not_found_thresholds(records, feats)
+    trust = TrustModel(names, float(tolerance_mm), weights, u, q90, face_mm, shape_out, shape, image, {},
+                       presence_thr)
+    trust.report = {"calibration_cases": sorted({r.case for r in records}),
+                    "calibration_points": int(ok.sum()), "normal_images": sum(r.kind == "normal" for r in records),
+                    "cut_images": sum(r.kind == "cut" for r in records), "not_found_rule": rule}
+    return trust
+
+
+def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, np.ndarray]]
+                          ) -> tuple[float, float, float, dict[str, Any]]:
+    """The thresholds that maximise the smaller of two shares on the calibration cut images: cut-off
+    landmarks reported not found, and landmarks still inside reported found (the two targets weigh alike).
+
+    Ties go to the first in grid order: the smallest face distance, then the smallest shape margin, then the
+    lowest presence threshold.
+    """
+    face = np.concatenate([f["face_mm"] for f in feats])
+    shape_face = np.concatenate([f["shape_face_mm"] for f in feats])
+    has_presence = all(r.presence is not None for r in records)
+    presence = np.concatenate([r.presence for r in records]) if has_presence else None  # type: ignore[misc]
+    inside = np.concatenate([r.truth_inside for r in records])
+    outside = np.concatenate([~r.truth_inside & r.truth.reorder(r.final.names).found for r in records])
+    found = np.concatenate([r.final.found for r in records])
+    best: tuple[float, float, float, float, float] | None = None
+    for fm in FACE_GRID:
+        for so in SHAPE_GRID:
+            for pt in PRESENCE_GRID if presence is not None else (0.0,):
+                cut = cut_rule(face, shape_face, presence, fm, so, pt)
+                keep = float(np.mean((found & ~cut)[inside])) if inside.any() else 1.0
+                catch = float(np.mean((~found | cut)[outside])) if outside.any() else 1.0
+                if best is None or min(catch, keep) > min(best[3], best[4]) + 1e-12:
+                    best = (float(fm), float(so), float(pt), catch, keep)
+    assert best is not None
+    fm, so, pt, catch, keep = best
+    raw_catch = float(np.mean(~found[outside])) if outside.any() else float("nan")
+    raw_keep = float(np.mean(found[inside])) if inside.any() else float("nan")
+    return fm, so, pt, {"face_mm": fm, "shape_outside_mm": so if math.isfinite(so) else None,
+                        "presence_threshold": pt, "rule": "maximise min(cut-off not found, inside found)",
+                        "calibration_cut_off_not_found": catch, "calibration_inside_found": keep,
+                        "detector_alone_cut_off_not_found": raw_catch, "detector_alone_inside_found": raw_keep,
+                        "calibration_cut_off_landmarks": int(outside.sum()),
+                        "calibration_inside_landmarks": int(inside.sum())}
+
+
+def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]], train: Sequence[Sample],
+              calibration: Sequence[Sample], modality: str | None, tolerance_mm: float = 3.0, seed: int = 0,
+              presence: PresenceModel | None = None, log: Callable[[str], None] | None = None,
+              names: Sequence[str] | None = None) -> TrustModel:
+    """Fit everything on a trained detector (``predict``) with its training and calibration cases.
+
+    ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
+    when ``presence`` is given untrained, the presence network's training; ``calibration`` (cases that
+    trained nothing) gives the rest. A presence network whose ``fitted`` flag is set is used as it is.
+    ``names``: the model's landmarks, in its order (a case may annotate fewer or list them in another order).
+    """
+    say = log or (lambda _: None)
+    labelled = [s for s in train if s.landmarks is not None]
+    if names is None:
+        names = labelled[0].landmarks.names if labelled and labelled[0].landmarks is not None else ()
+    truths = [s.landmarks.reorder(names) for s in labelled if s.landmarks is not None]
+    shape = ShapeModel.fit([np.where(t.found[:, None], t.xyz_mm_ras, np.nan) for t in truths])
+    vols_train = [s.load_image() for s in labelled]
+    if presence is not None and not presence.fitted:
+        full = [(v, t.xyz_mm_ras) for v, t in zip(vols_train, truths, strict=True) if t.found.all()]
+        say(f"presence network: training on {len(full)} cases with every landmark")
+        presence.fit([v for v, _ in full], [x for _, x in full], log=say)
+    say(f"calibration: {len(calibration)} cases and their cut variants")
+    records = records_for(predict, calibration, seed, presence=presence, names=names)
+    # The image check's reference: the calibration images *and their cut variants* (a cut image is still of
+    # the model's kind: its landmarks inside must stay found).
+    # Its training thumbnails: every training image and one cut variant of each (a random landmark 2-8 mm out).
+    rng = np.random.default_rng(seed + 1)
+    cuts = []
+    for v, lm in zip(vols_train, truths, strict=True):
+        if not lm.found.any():
+            continue
+        t = int(rng.choice(np.flatnonzero(lm.found)))
+        cut = cut_outside(v, lm.xyz_mm_ras, t, float(rng.uniform(2.0, 8.0)))
+        if cut is not None:
+            cuts.append(cut.volume)
+    say(f"image model: {len(vols_train)} training images + {len(cuts)} cut variants, {len(records)} calibration "
+        "images (with cut variants)")
+    image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality)
+    trust = fit_from_records(records, shape, image, tolerance_mm)
+    trust.presence = presence
+    trust.report["seed"] = seed
+    trust.report["training_cases"] = len(labelled)
+    if presence is not None:
+        trust.report["presence_training"] = presence.report
+    return trust

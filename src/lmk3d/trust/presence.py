@@ -1,0 +1,200 @@
+"""Is each landmark inside the field of view? A small network that looks at the whole image.
+
+The detectors were trained on images that hold every landmark, so when a crop plane cuts one off they
+still place it somewhere inside (often on another structure, not on the border). The presence network
+answers the question they were never asked: it sees the image resampled on a world-aligned box larger
+than any training image (two channels: intensities scaled by their 1st and 99th percentiles, and the
+field-of-view mask, 0 outside the image), and gives each landmark the probability that it lies inside.
+
+It is trained on the training cases with crop planes drawn near each landmark (inside or beyond it by up
+to ``cut_mm``), so it learns where the anatomy it needs is truncated; it never sees a validation or test
+case. Its weights are saved beside the trust model (``presence.pt``, read weights-only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmk3d.io.image import Volume
+from lmk3d.trust.cuts import crop
+
+__all__ = ["PRESENCE_FILE", "PresenceConfig", "PresenceModel", "presence_input"]
+
+PRESENCE_FILE = "presence.pt"
+
+
+@dataclass(frozen=True)
+class PresenceConfig:
+    """The box the network sees (``size`` voxels of ``box_mm / size`` mm, centred on the image) and training."""
+
+    box_mm: float = 64.0
+    size: int = 40
+    channels: int = 8
+    epochs: int = 40
+    variants_per_case: int = 4
+    batch_size: int = 32
+    lr: float = 2e-3
+    cut_mm: float = 8.0
+    seed: int = 0
+
+
+def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
+    """``(2, size, size, size)`` float32: scaled intensities and the field-of-view mask on a RAS box.
+
+    The box is aligned with the world axes (R, A, S) and centred on the centre of the image's field of
+    view, so the same anatomy lands in the same place whatever the image's voxel order.
+    """
+    from scipy import ndimage
+
+    a = np.asarray(volume.array, dtype=np.float32)
+    lo, hi = np.percentile(a, [1.0, 99.0])
+    a = np.clip((a - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
+    centre_ijk = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
+    centre = volume.ijk_to_ras(centre_ijk).reshape(3)
+    step = box_mm / size
+    ax = (np.arange(size) - (size - 1) / 2.0) * step
+    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3) + centre
+    ijk = volume.ras_to_ijk(grid).reshape(-1, 3).T
+    img = ndimage.map_coordinates(a, ijk, order=1, mode="constant", cval=0.0)
+    shape = np.asarray(volume.shape, dtype=np.float64)[:, None]
+    mask = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=0).astype(np.float32)
+    return np.stack([img.reshape((size,) * 3), mask.reshape((size,) * 3)]).astype(np.float32)
+
+
+def _network(n_landmarks: int, config: PresenceConfig) -> Any:
+    import torch
+    from torch import nn
+
+    c = config.channels
+    final = config.size // 8
+    return nn.Sequential(
+        nn.Conv3d(2, c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(2 * c, 4 * c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Flatten(), nn.Linear(4 * c * final ** 3, n_landmarks),
+    ).to(torch.device("cpu"))
+
+
+def _random_cut(volume: Volume, xyz: np.ndarray, rng: np.random.Generator, cut_mm: float) -> Volume:
+    """A crop of one face plane drawn within ``cut_mm`` of a random landmark (either side of it).
+
+    Half the time the plane is the face nearest the landmark (the cut that can leave it outside), else
+    any face.
+    """
+    from lmk3d.trust.cuts import distance_to_faces_mm
+
+    k = int(rng.integers(len(xyz)))
+    if rng.random() < 0.5:
+        axis, side = divmod(int(np.argmin(distance_to_faces_mm(volume, xyz[k:k + 1])[0])), 2)
+        high = bool(side)
+    else:
+        axis = int(rng.integers(3))
+        high = bool(rng.integers(2))
+    ijk = volume.ras_to_ijk(xyz[k]).reshape(3)
+    spacing = float(volume.spacing_mm[axis])
+    offset = rng.uniform(-cut_mm, cut_mm) / spacing
+    lo, hi = [0, 0, 0], list(volume.shape)
+    if high:
+        hi[axis] = int(np.clip(round(ijk[axis] + offset), 4, volume.shape[axis]))
+    else:
+        lo[axis] = int(np.clip(round(ijk[axis] + offset), 0, volume.shape[axis] - 4))
+    return crop(volume, lo, hi)
+
+
+class PresenceModel:
+    """The presence network with its config (see the module docstring)."""
+
+    def __init__(self, landmark_names: Sequence[str], config: PresenceConfig | None = None) -> None:
+        self.landmark_names = tuple(landmark_names)
+        self.config = config or PresenceConfig()
+        self.net = _network(len(self.landmark_names), self.config)
+        #: True once trained or loaded
+        self.fitted = False
+        #: how it was trained (epochs, cases, final loss), saved with the weights
+        self.report: dict[str, Any] = {}
+
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        """``(N,)`` probability that each landmark lies inside ``volume``'s field of view."""
+        import torch
+
+        x = torch.from_numpy(presence_input(volume, self.config.box_mm, self.config.size))[None]
+        self.net.eval()
+        with torch.no_grad():
+            return torch.sigmoid(self.net(x))[0].double().numpy()
+
+    def fit(self, volumes: Sequence[Volume], truths: Sequence[np.ndarray], log: Any = None) -> dict[str, Any]:
+        """Train on training images and their ``(N, 3)`` true positions (all found), with random crop planes."""
+        import torch
+
+        c = self.config
+        rng = np.random.default_rng(c.seed)
+        torch.manual_seed(c.seed)
+        opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
+        history = []
+        for epoch in range(c.epochs):
+            xs, ys = [], []
+            for v, t in zip(volumes, truths, strict=True):
+                for j in range(c.variants_per_case):
+                    cut = v if j == 0 and rng.random() < 0.5 else _random_cut(v, t, rng, c.cut_mm)
+                    x = presence_input(cut, c.box_mm, c.size)
+                    x[0] *= rng.uniform(0.85, 1.15)  # contrast jitter: the scaling by percentiles is not exact
+                    xs.append(x)
+                    ys.append(cut.contains_ras(t, margin=0.5).astype(np.float32))
+            order = rng.permutation(len(xs))
+            self.net.train()
+            losses = []
+            for i in range(0, len(order), c.batch_size):
+                idx = order[i:i + c.batch_size]
+                xb = torch.from_numpy(np.stack([xs[j] for j in idx]))
+                yb = torch.from_numpy(np.stack([ys[j] for j in idx]))
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.net(xb), yb)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            for g in opt.param_groups:  # cosine decay over the epoch budget
+                g["lr"] = c.lr * 0.5 * (1 + np.cos(np.pi * (epoch + 1) / c.epochs))
+            history.append(float(np.mean(losses)))
+            if log is not None:
+                log(f"presence epoch {epoch + 1}/{c.epochs}: loss {history[-1]:.4f}")
+        self.net.eval()
+        self.fitted = True
+        self.report = {"epochs": c.epochs, "training_cases": len(volumes), "seed": c.seed,
+                       "final_loss": history[-1] if history else None, "config": dataclasses.asdict(c)}
+        return {"epochs": c.epochs, "loss": history, "training_cases": len(volumes)}
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        import io
+
+        import torch
+
+        from lmk3d.io.atomic import atomic_write_bytes
+
+        buf = io.BytesIO()
+        torch.save({"landmark_names": list(self.landmark_names), "config": dataclasses.asdict(self.config),
+                    "state_dict": self.net.state_dict(), "report": json.dumps(self.report)}, buf)
+        return atomic_write_bytes(Path(directory) / PRESENCE_FILE, buf.getvalue())
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str]) -> PresenceModel | None:
+        """The ``presence.pt`` in ``directory`` (read weights-only), or None when there is none."""
+        import torch
+
+        path = Path(directory) / PRESENCE_FILE
+        if not path.is_file():
+            return None
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+        model = cls(doc["landmark_names"], PresenceConfig(**doc["config"]))
+        model.net.load_state_dict(doc["state_dict"])
+        model.net.eval()
+        model.fitted = True
+        model.report = json.loads(doc.get("report") or "{}")
+        return model

@@ -1,0 +1,212 @@
+"""The trust layer's parts on synthetic data: crops (nibabel as the oracle), the shape model, the image
+check, the not-found rule, calibrated outputs and their round trip through every writer."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from lmk3d.io.image import Volume
+from lmk3d.io.markups import markups_dict, parse_markups
+from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, table_text
+from lmk3d.landmarks import LandmarkSet
+from lmk3d.trust import (OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust)
+from lmk3d.trust.cuts import crop, cut_outside, distance_to_faces_mm
+
+OBLIQUE = np.array([[0.0, -0.9, 0.3, 40.0], [1.1, 0.0, 0.1, -20.0], [0.05, 0.35, -1.4, 7.0], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("affine", [np.diag([1.0, 1.0, 1.0, 1.0]), np.diag([-0.8, 1.2, 2.5, 1.0]), OBLIQUE])
+def test_crop_keeps_world_positions_like_nibabel(affine: np.ndarray) -> None:
+    rng = np.random.default_rng(0)
+    arr = rng.normal(size=(20, 18, 16)).astype(np.float32)
+    vol = Volume(arr, affine)
+    c = crop(vol, (3, 0, 5), (17, 18, 12))
+    oracle = nib.Nifti1Image(arr, affine).slicer[3:17, 0:18, 5:12]
+    np.testing.assert_allclose(c.affine, oracle.affine, atol=1e-12)
+    np.testing.assert_array_equal(c.array, np.asarray(oracle.dataobj))
+    with pytest.raises(Exception, match="not inside"):
+        crop(vol, (0, 0, 0), (21, 18, 16))
+
+
+def test_cut_outside_leaves_the_target_beyond_the_nearest_face() -> None:
+    vol = Volume(np.random.default_rng(9).normal(size=(30, 40, 20)).astype(np.float32), OBLIQUE)
+    ijk = np.array([[4.0, 20.0, 10.0], [15.0, 20.0, 10.0], [25.0, 33.0, 12.0]])
+    xyz = vol.ijk_to_ras(ijk)
+    for target, gone in ((0, 3.0), (2, 6.0)):
+        cut = cut_outside(vol, xyz, target, gone)
+        assert cut is not None
+        d = distance_to_faces_mm(cut.volume, xyz)
+        assert d[target].min() < 0  # outside
+        assert cut.outside_mm == pytest.approx(gone, abs=float(max(vol.spacing_mm)))
+        inside = cut.volume.contains_ras(xyz, margin=0.5)
+        assert not inside[target] and inside[1]
+        # a point that stayed lands on the same voxel value: world geometry is unchanged
+        i, j, k = np.rint(cut.volume.ras_to_ijk(xyz[1])).astype(int).reshape(3)
+        assert cut.volume.array[i, j, k] == vol.array[15, 20, 10]
+
+
+def _shapes(n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    base = np.array([[0.0, 0, 0], [10, 0, 0], [0, 20, 0], [5, 5, 15]])
+    return [base * rng.uniform(0.9, 1.1) + rng.normal(0, 0.3, base.shape) + rng.uniform(-50, 50, 3)
+            for _ in range(n)]
+
+
+def test_shape_model_puts_each_landmark_where_the_others_say() -> None:
+    rng = np.random.default_rng(1)
+    model = ShapeModel.fit(_shapes(60, rng))
+    assert model is not None
+    probe = _shapes(1, rng)[0]
+    err = np.linalg.norm(model.expected(probe) - probe, axis=1)
+    assert err.max() < 3.0
+    moved = probe.copy()
+    moved[3] += [0, 0, 30]
+    assert np.linalg.norm(model.expected(moved)[3] - probe[3]) < 6.0  # the others still say where it belongs
+    assert ShapeModel.fit(_shapes(5, rng)) is None  # too few cases
+
+
+def _blob(rng: np.random.Generator, shape: tuple[int, int, int] = (36, 48, 34), offset: float = 0.0) -> Volume:
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    centre = np.array(shape) / 2 + rng.normal(0, 1.5, 3) + offset
+    a = 200.0 * np.exp(-np.sum((grid - centre) ** 2, -1) / (2 * 8.0 ** 2)) + rng.normal(0, 5, shape) + 50
+    return Volume(a.astype(np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+
+
+def test_image_check_flags_other_kinds_and_passes_its_own() -> None:
+    rng = np.random.default_rng(2)
+    model = ImageModel.fit([_blob(rng) for _ in range(30)], [_blob(rng) for _ in range(10)], "MR")
+    own = [model.verdict(_blob(rng)) for _ in range(10)]
+    assert sum(v.in_distribution for v in own) >= 9
+    assert all(0.0 <= v.score <= 1.0 for v in own)
+    stripes = Volume((np.indices((36, 48, 34)).sum(0) % 6 * 40.0).astype(np.float32), np.eye(4))
+    for other, why in ((stripes, "unlike"),
+                       (Volume(np.full((36, 48, 34), -1000.0, np.float32), np.eye(4)), "CT"),
+                       (_blob(rng, (200, 220, 180)), "field of view"),
+                       (Volume(_blob(rng).array, np.diag([4.0, 4.0, 4.0, 1.0])), "spacing")):
+        v = model.verdict(other)
+        assert not v.in_distribution and why in v.reason, v
+    doc = json.loads(json.dumps(model.to_json()))
+    again = ImageModel.from_json(doc)
+    x = _blob(rng)
+    assert again.verdict(x).to_json() == model.verdict(x).to_json()
+
+
+def _trust(shape: ShapeModel | None, image: ImageModel | None) -> TrustModel:
+    names = ("a", "b", "c", "d")
+    # scale = exp(0.2 * intercept + 1.0 * -log raw): a lower raw score means a larger expected error
+    weights = np.array([0.2, 0.2, 0.2, 0.2, 1.0, 0.0, 0.0])
+    normalised = np.sort(np.random.default_rng(3).gamma(2.0, 0.5, 200))
+    return TrustModel(names, 3.0, weights, normalised, float(np.quantile(normalised, 0.9)), 1.0, math.inf, shape,
+                      image, {}, 0.0)
+
+
+def test_apply_trust_calibrates_cuts_and_refuses_other_kinds() -> None:
+    rng = np.random.default_rng(4)
+    vols = [_blob(rng) for _ in range(30)]
+    image = ImageModel.fit(vols, [_blob(rng) for _ in range(10)], "MR")
+    trust = _trust(None, image)
+    vol = _blob(rng)
+    xyz = vol.ijk_to_ras(np.array([[18.0, 24, 17], [10, 10, 10], [25, 30, 20], [0.2, 24, 17]]))
+    raw = LandmarkSet(("a", "b", "c", "d"), xyz, np.array([0.95, 0.5, 0.1, 0.9]))
+    out = apply_trust(trust, raw, None, vol)
+    lm = out.landmarks
+    assert out.verdict.in_distribution
+    assert lm.calibrated and lm.tolerance_mm == 3.0
+    assert lm.scores[0] > lm.scores[1] > lm.scores[2]  # the calibrated score keeps the raw ranking here
+    assert np.all((lm.scores >= 0) & (lm.scores <= 1))
+    assert lm.radius_mm[0] < lm.radius_mm[1] < lm.radius_mm[2]
+    # the fourth point sits on the border (0.7 mm from the face < 1.0 mm): cut off, no position pretended
+    assert not lm.found[3] and np.isnan(lm.xyz_mm_ras[3]).all() and lm.scores[3] == 0 and out.cut_off[3]
+    np.testing.assert_array_equal(lm.xyz_mm_ras[:3], xyz[:3])
+    stripes = Volume((np.indices((36, 48, 34)).sum(0) % 6 * 40.0).astype(np.float32), np.eye(4))
+    other = apply_trust(trust, raw, None, stripes)
+    assert not other.verdict.in_distribution
+    assert not other.landmarks.found.any() and other.landmarks.scores.max() <= OOD_SCORE_CAP
+
+
+def test_trust_model_round_trips_through_json(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    trust = _trust(ShapeModel.fit(_shapes(40, rng)), ImageModel.fit([_blob(rng) for _ in range(12)],
+                                                                     [_blob(rng) for _ in range(5)], "MR"))
+    save_trust(tmp_path, trust)
+    again = load_trust(tmp_path)
+    assert again is not None and again.to_json() == json.loads(json.dumps(trust.to_json()))
+    assert load_trust(tmp_path / "nothing") is None
+    (tmp_path / "trust.json").write_text("{not json")
+    with pytest.raises(Exception, match="cannot read the trust model"):
+        load_trust(tmp_path)
+
+
+def _calibrated() -> LandmarkSet:
+    return LandmarkSet(("AC", "PC", "X"), np.array([[1.0, 2, 3], [4, 5, 6], [np.nan] * 3]),
+                       np.array([0.93, 0.31, 0.0]), np.array([True, True, False]), np.array([2.1, 6.4, np.nan]), 3.0)
+
+
+def test_calibrated_scores_and_radii_survive_every_writer(tmp_path) -> None:
+    s = _calibrated()
+    back = parse_table(table_text({"c1": s}))["c1"]
+    for other in (back, landmarks_from_json(json.loads(json.dumps(landmarks_to_json(s)))),
+                  parse_markups(markups_dict(s))):
+        assert other.tolerance_mm == 3.0
+        np.testing.assert_allclose(other.radius_mm, s.radius_mm, atol=0.05)
+        np.testing.assert_allclose(other.scores, s.scores, atol=1e-3)
+        np.testing.assert_array_equal(other.found, s.found)
+    doc = markups_dict(s)["markups"][0]
+    pts = doc["controlPoints"]
+    assert "p error <= 3 mm" in pts[0]["description"] and "radius90=2.1 mm" in pts[0]["description"]
+    # confident point: locked, drawn in the confident colour; low score / not found: selected (warning), free
+    assert pts[0]["locked"] and not pts[0]["selected"]
+    assert not pts[1]["locked"] and pts[1]["selected"] and pts[2]["selected"]
+    assert doc["display"]["selectedColor"] != doc["display"]["color"]
+    assert "score_meaning" in landmarks_to_json(s)
+    # an uncalibrated set writes what it always wrote
+    plain = LandmarkSet(("AC",), np.array([[1.0, 2, 3]]), np.array([0.5]))
+    assert table_text({"c": plain}).splitlines()[0] == "case,name,x_ras,y_ras,z_ras,score,found"
+    assert "radius_mm" not in landmarks_to_json(plain)["landmarks"][0]
+    assert markups_dict(plain)["markups"][0]["controlPoints"][0]["locked"] is False
+
+
+def test_consensus_follows_the_agreeing_members_and_scores_their_disagreement() -> None:
+    from lmk3d.detectors.consensus import combine
+
+    names = ("a", "b")
+    truth = np.array([[0.0, 0, 0], [10, 10, 10]])
+    m1 = LandmarkSet(names, truth + [[0.5, 0, 0], [0, 0.5, 0]], np.array([0.9, 0.9]))
+    m2 = LandmarkSet(names, truth + [[-0.5, 0, 0], [0, -0.5, 0]], np.array([0.8, 0.8]))
+    # the third member is far off on landmark a (it must not drag the answer) and not found on b
+    m3 = LandmarkSet(names, np.array([[20.0, 0, 0], [np.nan] * 3]), np.array([0.95, 0.0]),
+                     np.array([True, False]))
+    out, spread = combine([m1, m2, m3], inlier_mm=4.0)
+    assert np.linalg.norm(out.xyz_mm_ras[0] - truth[0]) < 0.5
+    assert np.linalg.norm(out.xyz_mm_ras[1] - truth[1]) < 0.5
+    assert out.found.all() and spread[0] < 1.0
+    # two members in agreement score higher than the same two plus a dissenter (the inlier share drops)
+    agree, _ = combine([m1, m2], inlier_mm=4.0)
+    assert agree.scores[0] > out.scores[0]
+    far = LandmarkSet(names, truth + [[3.0, 0, 0], [0, 3.0, 0]], np.array([0.8, 0.8]))  # m2, moved
+    wide, wide_spread = combine([m1, far], inlier_mm=4.0)
+    assert wide_spread[0] > spread[0] and wide.scores[0] < agree.scores[0]
+    none, _ = combine([LandmarkSet.empty(names), LandmarkSet.empty(names)], inlier_mm=4.0)
+    assert not none.found.any()
+
+
+def test_a_label_map_gets_a_sidecar_with_what_it_cannot_hold(tmp_path) -> None:
+    from lmk3d.io import label_map_sidecar, read_landmarks, write_landmarks
+    from lmk3d.io.table import read_json
+
+    ref = Volume(np.zeros((20, 20, 20), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))
+    s = LandmarkSet(("AC", "PC", "X"), np.array([[5.0, 5, 5], [12, 12, 12], [np.nan] * 3]),
+                    np.array([0.93, 0.31, 0.0]), np.array([True, True, False]), np.array([2.1, 6.4, np.nan]), 3.0)
+    path = write_landmarks(tmp_path / "case1.nii.gz", s, reference=ref)
+    side = label_map_sidecar(path)
+    assert side.name == "case1.landmarks.json"
+    doc = json.loads(side.read_text())
+    assert [i["label"] for i in doc["landmarks"]] == [1, 2, 3] and doc["tolerance_mm"] == 3.0
+    again = read_json(side)
+    np.testing.assert_allclose(again.radius_mm, s.radius_mm)
+    back = read_landmarks(path, names=list(s.names))
+    np.testing.assert_allclose(back.xyz_mm_ras[:2], s.xyz_mm_ras[:2], atol=0.5)

@@ -1,0 +1,94 @@
+"""The shipped hippocampus models' trust on real images they never saw (the test split).
+
+These fail if a landmark cut off by the field of view is called found, if an image of another kind gets
+confident points, or if ordinary test images are turned away. The full figures (every test case, every
+kind) come from ``benchmarks/trust_eval.py`` and are in docs/trust.md; here a fixed subset keeps the
+run short. Margins: the thresholds below sit well under the measured rates (docs/trust.md).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lmk3d.data import load_dataset, read_split
+from lmk3d.detectors import load_detector
+from lmk3d.io.image import read_image
+from lmk3d.trust import OOD_SCORE_CAP
+from lmk3d.trust.cuts import cut_outside
+from tests.conftest import DATA, ROOT
+
+MODELS = [m for m in ("cascade-hippocampus", "consensus-hippocampus") if (ROOT / "models" / m / "trust.json").is_file()]
+OTHER_KINDS = {
+    "whole-head MPRAGE (DICOM)": DATA / "dicom" / "mr_brain_sagittal_mprage",
+    "MNI template": DATA / "afids_mni152" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+    "spine T2": DATA / "spine_t2" / "t2.nii.gz",
+    "abdominal CT": DATA / "ct_abdomen_examples" / "example_ct.nii.gz",
+}
+
+
+@pytest.fixture(scope="module", params=MODELS)
+def model(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    return load_detector(ROOT / "models" / request.param, "cpu")
+
+
+@pytest.fixture(scope="module")
+def test_cases():  # type: ignore[no-untyped-def]
+    split = read_split(ROOT / "models" / "cascade-hippocampus")
+    ds = load_dataset(DATA / "hippocampus")
+    return list(ds.subset(split.test))[:8]
+
+
+def test_the_shipped_models_carry_a_trust_model() -> None:
+    assert "cascade-hippocampus" in MODELS, "models/cascade-hippocampus/trust.json is missing (lmk3d calibrate)"
+    doc = json.loads((ROOT / "models" / "cascade-hippocampus" / "trust.json").read_text())
+    split = read_split(ROOT / "models" / "cascade-hippocampus")
+    # calibrated on the validation cases only: never a test case
+    assert set(doc["report"]["calibration_cases"]) == set(split.val)
+
+
+def test_cut_off_landmarks_are_not_found_and_the_others_stay(model, test_cases) -> None:  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(777)
+    outside_not_found, inside_found = [], []
+    for s in test_cases:
+        vol = s.load_image()
+        for t in range(len(s.landmarks)):
+            cut = cut_outside(vol, s.landmarks.xyz_mm_ras, t, float(rng.uniform(3.0, 8.0)))
+            if cut is None:
+                continue
+            pred = model.predict_all(cut.volume)
+            inside = cut.volume.contains_ras(s.landmarks.xyz_mm_ras, margin=0.5)
+            lm = pred.landmarks
+            outside_not_found += list(~lm.found[~inside])
+            inside_found += list(lm.found[inside])
+            # a landmark reported not found keeps its name and pretends no position
+            assert lm.names == s.landmarks.names
+            assert np.isnan(lm.xyz_mm_ras[~lm.found]).all() and (lm.scores[~lm.found] == 0).all()
+    assert len(outside_not_found) >= 30
+    assert np.mean(outside_not_found) >= 0.85, f"cut-off landmarks called found: {np.mean(outside_not_found):.2f}"
+    assert np.mean(inside_found) >= 0.85, f"landmarks inside lost: {np.mean(inside_found):.2f}"
+
+
+def test_ordinary_test_images_are_in_distribution_with_calibrated_points(model, test_cases) -> None:  # type: ignore[no-untyped-def]
+    verdicts, found = [], []
+    for s in test_cases:
+        pred = model.predict_all(s.load_image())
+        verdicts.append(pred.verdict.in_distribution)
+        found += list(pred.landmarks.found)
+        lm = pred.landmarks
+        assert lm.calibrated and lm.tolerance_mm == 3.0
+        assert np.all(np.isfinite(lm.radius_mm[lm.found])) and np.all(lm.radius_mm[lm.found] > 0)
+        np.testing.assert_array_equal(lm.xyz_mm_ras[lm.found], pred.raw.xyz_mm_ras[lm.found])
+    assert sum(verdicts) >= len(verdicts) - 1
+    assert np.mean(found) >= 0.9
+
+
+@pytest.mark.parametrize("kind", list(OTHER_KINDS))
+def test_images_of_other_kinds_get_no_confident_point(model, kind: str) -> None:  # type: ignore[no-untyped-def]
+    pred = model.predict_all(read_image(OTHER_KINDS[kind]))
+    assert not pred.verdict.in_distribution, pred.verdict
+    assert pred.verdict.reason
+    assert not pred.landmarks.found.any()
+    assert pred.landmarks.scores.max() <= OOD_SCORE_CAP
