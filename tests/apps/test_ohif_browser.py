@@ -33,7 +33,7 @@ import pytest
 from lmk3d.io import Volume, read_image, read_landmarks, write_image
 from lmk3d.io.dicom_export import SeriesIds, series_from_volume
 from lmk3d.io.dicom_sr import read_sr
-from lmk3d.serve import start_server, wait_until_ready
+from lmk3d.serve import start_server, wait_until_ready, workspace_conf
 from tests.apps.ohif_driver import Ohif, describe, ohif, why_no_browser
 from tests.apps.server_fixture import HIPPOCAMPUS, Server, copy_model, launch, multipart, ready, stop
 from tests.conftest import oblique_affine
@@ -175,7 +175,9 @@ def pacs_server(pacs: Pacs, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                TMPDIR=str(root))
     log = root / "server.log"
     with log.open("wb") as out:  # from the thread in the PACS's namespace: so is the server
+        # Its own workspace: the default one is keyed by the PACS address, which other tests' servers share.
         process = start_server(pacs.url, port=PACS_SERVER_PORT, models_dir=models, env=env, stdout=out,
+                               conf=[workspace_conf(root / "workspace")],
                                stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     server = Server(f"http://127.0.0.1:{PACS_SERVER_PORT}", PACS_SERVER_PORT, process, root, root, models, root, log)
     try:

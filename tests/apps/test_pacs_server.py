@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from lmk3d.io.dicom_sr import read_sr
-from lmk3d.serve import start_server, wait_until_ready
+from lmk3d.serve import start_server, wait_until_ready, workspace_conf
 from tests.conftest import DATA, ROOT
 from tests.test_dicom_sr import MR_SERIES, TOL_MM, read_series
 from tests.test_pacs import Pacs, Uploaded, _script, pacs, uploaded  # noqa: F401  (module fixtures)
@@ -112,7 +112,9 @@ def _start(pacs: Pacs, root: Path, port: int, models: Path, env_changes: dict[st
                 "MONAI_LABEL_SESSION_PATH": str(root / "sessions")}, **env_changes)
     log = root / "server.log"
     with log.open("wb") as out:  # started from the thread that is in the PACS's namespace: so is the server
+        # Its own workspace: the default one is keyed by the PACS address, which other tests' servers share.
         process = start_server(pacs.url, port=port, models_dir=models, env=env, stdout=out,
+                               conf=[workspace_conf(root / f"workspace-{port}")],
                                stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     request.addfinalizer(lambda: _stop(process))
     server = Server(f"http://127.0.0.1:{port}", process, log, models)
