@@ -7,7 +7,10 @@ per request; training per case) and passed to the stages. Nothing is cached on t
 * **Orientation.** The voxels are viewed with their axes pointing to R, A and S (flips undone, the
   storage order kept; a Fortran-ordered NIfTI array is taken as its C-ordered transpose). Only the
   view changes, never the world positions: sampling happens in world space through the affine.
-  The box filter's blocks then start at the same anatomical side whatever the storage order.
+  The box filter's blocks then start at the same anatomical side whatever the storage order. The
+  flips are not copied: the tensor keeps the stored voxels (no copy of a 512 x 512 x 300 CT) and
+  records which axes run backwards; the box filter counts its blocks from the R/A/S end of those
+  axes and only its (small) output is flipped.
 * **Modality.** One rule (:func:`guess_modality`): CT when the image holds air, i.e. its 1st
   percentile is below ``CT_AIR_THRESHOLD_HU`` (-500 HU: air is about -1000 HU, soft tissue above
   -100, and MR intensities are never that negative). A model fixes the modality when it is trained
@@ -21,12 +24,13 @@ per request; training per case) and passed to the stages. Nothing is cached on t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+import torch.nn.functional as F
 
 from lmk3d import geometry
 from lmk3d.errors import LandmarkError
@@ -89,6 +93,67 @@ def canonical_view(array: np.ndarray, affine: np.ndarray, flip_axes: bool = True
     return a, aff
 
 
+def axis_flips(affine: np.ndarray) -> tuple[bool, bool, bool]:
+    """Which array axes of ``affine`` run against R, A or S (the axes :func:`canonical_view` flips)."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(np.asarray(affine, dtype=np.float64))
+    return (bool(ornt[0, 1] < 0), bool(ornt[1, 1] < 0), bool(ornt[2, 1] < 0))
+
+
+def flip_index(flipped: Sequence[bool], size: Sequence[int]) -> np.ndarray:
+    """``(4, 4)`` index map between a box of ``size`` voxels and the same box with the ``flipped`` axes
+    reversed (its own inverse): ``affine @ flip_index(...)`` is the affine of the reversed box."""
+    m = np.eye(4)
+    for axis, f in enumerate(flipped):
+        if f:
+            m[axis, axis], m[axis, 3] = -1.0, float(size[axis] - 1)
+    return m
+
+
+def _pool_segments(view: torch.Tensor, kernel: Sequence[int], lead: Sequence[int]) -> torch.Tensor:
+    """``avg_pool3d`` of ``view`` whose blocks along axis ``a`` start after a partial block of ``lead[a]`` voxels."""
+    segments = [[(0, r, r), (r, int(view.shape[2 + a]), k)] if r else [(0, int(view.shape[2 + a]), k)]
+                for a, (k, r) in enumerate(zip(kernel, lead, strict=True))]
+
+    def pool(a: tuple[int, int, int], b: tuple[int, int, int], c: tuple[int, int, int]) -> torch.Tensor:
+        k = (a[2], b[2], c[2])
+        return F.avg_pool3d(view[:, :, a[0]:a[1], b[0]:b[1], c[0]:c[1]], kernel_size=k, stride=k, ceil_mode=True,
+                            count_include_pad=False)
+
+    def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    return join([join([join([pool(a, b, c) for c in segments[2]], 4) for b in segments[1]], 3) for a in segments[0]], 2)
+
+
+def pool_from_end(view: torch.Tensor, factors: Sequence[int], flipped: Sequence[bool]) -> torch.Tensor:
+    """Box filter of a ``(1, C, I, J, K)`` view whose ``flipped`` axes run backwards, returned unflipped.
+
+    Along a flipped axis of ``n`` voxels the blocks of ``f`` are counted from its end (where the unflipped
+    view starts), so the leading ``r = n % f`` voxels form the partial block that the unflipped view has
+    last. The result is the block means of the flipped copy (``avg_pool3d`` with ``ceil_mode``, partial
+    blocks averaged over their voxels), without making that copy: ``avg_pool3d`` would copy a view cut
+    past the first ``r`` voxels (it is not contiguous), so the view is filtered in two passes, sub-blocks
+    of ``gcd(r, f)`` voxels (they tile both kinds of block) straight from it, then their means on the much
+    smaller result. The means differ from one pass over the flipped copy in the last bits.
+
+    Example:
+        >>> x = torch.arange(5.0).reshape(1, 1, 5, 1, 1)  # stored backwards: the unflipped view is 4 3 2 1 0
+        >>> pool_from_end(x, (2, 1, 1), (True, False, False)).flatten().tolist()
+        [3.5, 1.5, 0.0]
+    """
+    sizes = [int(n) for n in view.shape[2:]]
+    lead = [n % int(f) if flip else 0 for n, f, flip in zip(sizes, factors, flipped, strict=True)]
+    first = [math.gcd(r, int(f)) if r else int(f) for r, f in zip(lead, factors, strict=True)]
+    out = F.avg_pool3d(view, kernel_size=first, stride=first, ceil_mode=True, count_include_pad=False)
+    if any(lead):
+        second = [int(f) // k for f, k in zip(factors, first, strict=True)]
+        out = _pool_segments(out, second, [r // k for r, k in zip(lead, first, strict=True)])
+    dims = [2 + axis for axis in range(3) if flipped[axis]]
+    return out.flip(dims) if dims else out
+
+
 def grid_corners(g: Grid) -> np.ndarray:
     """World positions ``(8, 3)`` of a grid's corner voxel centres (the grid is their convex hull)."""
     n = np.asarray(g.shape, dtype=np.float64) - 1.0
@@ -135,14 +200,19 @@ class PreparedImage:
     """One image ready for every stage: raw voxels on the device, in the canonical view, and its maps.
 
     Attributes:
-        tensor: ``(1, 1, I, J, K)`` raw intensities (canonical view).
-        affine: ``(4, 4)`` ijk -> world RAS mm of ``tensor``.
+        tensor: ``(1, 1, I, J, K)`` raw intensities: the canonical view, except that the axes marked in
+            ``flipped`` run backwards (as stored: undoing them would copy the whole image).
+        affine: ``(4, 4)`` ijk -> world RAS mm of the canonical view.
         shape: ``(I, J, K)``.
         modality: ``"CT"`` or ``"MR"``.
         intensity: the intensity map fitted on the whole image.
         background: the image's darkest raw value (what lies outside the field of view).
         source_affine, source_shape: the image as it was given (fields of view, working frames).
         reduced: box-filtered copies by integer factors, made on demand and kept.
+        flipped: per axis, whether ``tensor`` holds it reversed (canonical index ``i`` is ``I - 1 - i``).
+
+    Read the voxels through :meth:`box` (or :meth:`sample`, :meth:`at_spacing`, :meth:`normalised`), which
+    hand back a tensor together with its own affine.
     """
 
     tensor: torch.Tensor
@@ -154,6 +224,7 @@ class PreparedImage:
     source_affine: np.ndarray
     source_shape: tuple[int, int, int]
     reduced: dict[tuple[int, ...], tuple[torch.Tensor, np.ndarray]] = field(default_factory=dict)
+    flipped: tuple[bool, bool, bool] = (False, False, False)
 
     @classmethod
     def from_volume(cls, volume: Volume, modality: str, device: str | torch.device = "cpu",
@@ -164,11 +235,14 @@ class PreparedImage:
         """
         if modality not in MODALITIES:
             raise LandmarkError(f"modality must be resolved to CT or MR before preprocessing, got {modality!r}")
-        array, affine = canonical_view(volume.array, volume.affine, flip_axes)
-        t = image_tensor(array, device)
+        array, affine = canonical_view(volume.array, volume.affine, flip_axes=False)  # C-ordered, as stored
         shape = (int(array.shape[0]), int(array.shape[1]), int(array.shape[2]))
-        return cls(t, affine, shape, modality, fit_intensity(volume.array, modality), float(t.amin()),
-                   np.asarray(volume.affine, dtype=np.float64), tuple(int(s) for s in volume.shape))  # type: ignore[arg-type]
+        flipped = axis_flips(affine) if flip_axes else (False, False, False)
+        canonical_affine = canonical_view(volume.array, volume.affine, flip_axes)[1]  # views: nothing copied
+        t = image_tensor(array, device)  # no copy of a float32 image on the CPU
+        return cls(t, canonical_affine, shape, modality, fit_intensity(volume.array, modality), float(t.amin()),
+                   np.asarray(volume.affine, dtype=np.float64), tuple(int(s) for s in volume.shape),  # type: ignore[arg-type]
+                   flipped=flipped)
 
     @property
     def device(self) -> torch.device:
@@ -186,11 +260,35 @@ class PreparedImage:
         """The box filter's integer factors per array axis for sampling at ``spacing_mm``."""
         return tuple(max(1, int(np.floor(spacing_mm / s + 1e-6))) for s in self.spacing_mm)
 
+    def box(self, lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+        """The canonical index box ``[lo, hi)`` box-filtered for ``spacing_mm``, and its ijk -> world affine.
+
+        The blocks start at ``lo`` (callers align it to :meth:`factors`). Where every factor is 1 the
+        result is a view of ``tensor`` (with the stored axis directions; its affine says so), else a
+        filtered copy in the canonical view.
+        """
+        lo, hi = np.asarray(lo, dtype=int), np.asarray(hi, dtype=int)
+        n, flips = np.asarray(self.shape), np.asarray(self.flipped)
+        view = crop(self.tensor, np.where(flips, n - hi, lo), np.where(flips, n - lo, hi))
+        affine = self.affine @ index_shift(lo)
+        if not flips.any():
+            return antialias(view, affine, float(spacing_mm))
+        size = hi - lo
+        factors = [min(f, int(m)) for f, m in zip(self.factors(spacing_mm), size, strict=True)]
+        if all(f == 1 for f in factors):
+            return view, affine @ flip_index(self.flipped, size)
+        if not view.is_contiguous():
+            # A crop, which avg_pool3d copies anyway: copied flipped, it is filtered as it always was.
+            return antialias(view.flip([2 + a for a in range(3) if self.flipped[a]]), affine, float(spacing_mm))
+        scale = np.diag([*factors, 1.0]).astype(np.float64)
+        scale[:3, 3] = (np.asarray(factors) - 1) / 2.0  # as :func:`lmk3d.transforms.grid.antialias`
+        return pool_from_end(view, factors, self.flipped), affine @ scale
+
     def at_spacing(self, spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
         """The whole image box-filtered for ``spacing_mm`` (kept for reuse) and its affine."""
         key = self.factors(spacing_mm)
         if key not in self.reduced:
-            self.reduced[key] = antialias(self.tensor, self.affine, float(spacing_mm))
+            self.reduced[key] = self.box(np.zeros(3, dtype=int), np.asarray(self.shape), float(spacing_mm))
         return self.reduced[key]
 
     def sample(self, grids: Sequence[Grid], spacing_mm: float) -> torch.Tensor:
@@ -207,11 +305,12 @@ class PreparedImage:
         else:
             f = np.asarray(key)
             lo, hi = index_box(corners, self.affine, self.shape, 2 * f + 2, f)
-            src, a = antialias(crop(self.tensor, lo, hi), self.affine @ index_shift(lo), float(spacing_mm))
+            src, a = self.box(lo, hi, float(spacing_mm))
         lo, hi = index_box(corners, a, tuple(src.shape[2:]), np.ones(3, dtype=int), np.ones(3, dtype=int))
         out = self.intensity(sample(crop(src, lo, hi), a @ index_shift(lo), grids, padding_value=self.background))
-        # MONAI returns a MetaTensor, whose per-operation bookkeeping doubles the networks' CPU time.
-        return out.as_tensor() if isinstance(out, MetaTensor) else out
+        # MONAI returns a MetaTensor, whose per-operation bookkeeping doubles the networks' CPU time (a
+        # plain tensor is asked for by type, so that importing this module does not import MONAI).
+        return out if type(out) is torch.Tensor else out.as_subclass(torch.Tensor)
 
     def cropped(self, spacing_mm: float, lo_ras: np.ndarray, hi_ras: np.ndarray) -> PreparedImage:
         """A copy holding only the box ``[lo, hi]`` (world RAS mm) of the image reduced for ``spacing_mm``.
@@ -221,8 +320,13 @@ class PreparedImage:
         t, a = self.at_spacing(spacing_mm)
         lo, hi = index_box(box_corners(lo_ras, hi_ras), a, tuple(t.shape[2:]), np.ones(3, dtype=int),
                            np.ones(3, dtype=int))
-        part = crop(t, lo, hi).clone()
+        part = crop(t, lo, hi)
         out_affine = a @ index_shift(lo)
+        flips = axis_flips(out_affine) if any(self.flipped) else (False, False, False)
+        dims = [2 + axis for axis in range(3) if flips[axis]]
+        # A copy in the canonical view (a view of the stored voxels may run backwards).
+        part = part.flip(dims) if dims else part.clone()
+        out_affine = out_affine @ flip_index(flips, part.shape[2:])
         return PreparedImage(part, out_affine, (int(part.shape[2]), int(part.shape[3]), int(part.shape[4])),
                              self.modality, self.intensity, self.background, self.source_affine, self.source_shape,
                              {(1, 1, 1): (part, out_affine)})
@@ -241,16 +345,15 @@ class PreparedImage:
         Returns:
             ``(1, 1, I', J', K')`` contiguous tensor, its ijk -> world affine, the mapped background.
         """
-        src, affine = self.tensor, self.affine
+        size = np.asarray(self.shape)
+        lo, hi = np.zeros(3, dtype=int), size
         if roi_ras is not None:
-            ijk = geometry.ras_to_ijk(box_corners(*roi_ras), affine)
-            size = np.asarray(self.shape)
+            ijk = geometry.ras_to_ijk(box_corners(*roi_ras), self.affine)
             factor = np.asarray(self.factors(spacing_mm))
             lo = np.clip(np.floor(ijk.min(axis=0)).astype(int) - 1, 0, size - 1) // factor * factor
             hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, lo + 2, size)
-            src, affine = crop(src, lo, hi), affine @ index_shift(lo)
-        t, aff = antialias(src, affine, spacing_mm)
-        if t is src:
+        t, aff = self.box(lo, hi, spacing_mm)
+        if t.untyped_storage().data_ptr() == self.tensor.untyped_storage().data_ptr():
             t = t.clone()  # a view of the prepared image, which the in-place steps must not touch
         # The map ([lo, hi] -> [0, 1], clipped for CT) in place: its out-of-place MONAI form costs
         # several passes over a full-resolution CT.
@@ -263,4 +366,5 @@ class PreparedImage:
         return t.contiguous(), aff, pad
 
 
-__all__ = ["CT_AIR_THRESHOLD_HU", "PreparedImage", "canonical_view", "guess_modality", "resolve_modality"]
+__all__ = ["CT_AIR_THRESHOLD_HU", "PreparedImage", "axis_flips", "canonical_view", "flip_index", "guess_modality",
+           "pool_from_end", "resolve_modality"]

@@ -3,11 +3,20 @@
 NIfTI goes through nibabel (its sform/qform rules); NRRD, MetaImage and DICOM (a single file or a
 folder holding one series) go through SimpleITK, whose LPS geometry is converted to the RAS affine.
 The array is in nibabel order ``(I, J, K)``; see :mod:`lmk3d.geometry` for the conventions.
+
+Reading a NIfTI file as float32 (the default) streams its voxels: nibabel reads the header (geometry,
+type, offset, scaling) and the data are decompressed a block at a time, each block scaled and cast
+into the output as nibabel would (:func:`nibabel.volumeutils.apply_read_scaling`, then the cast) and
+checked for NaN or infinity. The whole image is then held once, as float32, instead of as the stored
+array, its float32 copy and the check's masks (docs/benchmarks.md, "Where the time goes").
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,7 +85,24 @@ def case_id(path: str | os.PathLike[str]) -> str:
     return p.name[: -len(suf)] if suf else p.name
 
 
-def _as_volume(data: np.ndarray, affine: np.ndarray, path: str, dtype: np.dtype | None) -> Volume:
+#: bytes of the file read (and decompressed) at a time: their voxels stay in the cache while converted
+STREAM_BLOCK_BYTES = 1 << 18
+
+
+def _all_finite(data: np.ndarray) -> bool:
+    """Whether every voxel is finite, without a temporary array the size of the image.
+
+    NaN and infinity propagate through a sum; accumulated in float64, a float32 image cannot overflow
+    it, and a float64 image whose sum overflows is counted voxel by voxel.
+    """
+    if np.isfinite(np.sum(data, dtype=np.float64)):
+        return True
+    return not np.count_nonzero(~np.isfinite(data))
+
+
+def _as_volume(data: np.ndarray, affine: np.ndarray, path: str, dtype: np.dtype | None,
+               checked: bool = False) -> Volume:
+    """Check and wrap voxels; ``checked``: the reader already found every voxel finite."""
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -87,10 +113,9 @@ def _as_volume(data: np.ndarray, affine: np.ndarray, path: str, dtype: np.dtype 
         raise ImageReadError(f"{path}: voxel type {data.dtype} is not a real scalar")
     if dtype is not None:
         data = data.astype(dtype, copy=False)
-    if np.issubdtype(data.dtype, np.floating):
+    if not checked and np.issubdtype(data.dtype, np.floating) and not _all_finite(data):
         n_bad = int(np.count_nonzero(~np.isfinite(data)))
-        if n_bad:
-            raise ImageReadError(f"{path}: {n_bad} voxels are NaN or infinite")
+        raise ImageReadError(f"{path}: {n_bad} voxels are NaN or infinite")
     try:
         affine = geometry.check_affine(affine)
     except ValueError as e:
@@ -98,15 +123,111 @@ def _as_volume(data: np.ndarray, affine: np.ndarray, path: str, dtype: np.dtype 
     return Volume(data, affine, path)
 
 
+def _stored_blocks(path: str, offset: int, n_bytes: int) -> Iterator[bytes]:
+    """The ``n_bytes`` bytes from ``offset`` of a NIfTI file's (decompressed) stream, block by block.
+
+    A gzip stream is decompressed with zlib (member after member), ``STREAM_BLOCK_BYTES`` of the file at
+    a time, and followed to the end of the member holding the last voxel, so that its CRC and length are
+    checked (zlib raises on a mismatch).
+
+    Raises:
+        ImageReadError: the file ends before the voxel data (or the gzip member holding them) does.
+    """
+    gz = path.lower().endswith(".gz")
+    with open(path, "rb") as f:
+        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS) if gz else None
+        skip, left, data = offset, n_bytes, b""
+        while left > 0:
+            if inflate is None:
+                block = f.read(min(STREAM_BLOCK_BYTES, skip + left))
+                if not block:
+                    break
+            else:
+                if inflate.eof:  # the data go on in the next gzip member
+                    data, inflate = inflate.unused_data, zlib.decompressobj(16 + zlib.MAX_WBITS)
+                if not data:
+                    data = f.read(STREAM_BLOCK_BYTES)
+                    if not data:
+                        break
+                block, data = inflate.decompress(data), b""
+            if skip:
+                used = min(skip, len(block))
+                block, skip = block[used:], skip - used
+            if block:
+                block = block[:left]
+                left -= len(block)
+                yield block
+        while left == 0 and inflate is not None and not inflate.eof:  # on to the member's CRC and length
+            data = f.read(STREAM_BLOCK_BYTES)
+            if not data:
+                raise ImageReadError(f"{path}: cannot read NIfTI image (the gzip stream ends before its end "
+                                     "marker: truncated)")
+            inflate.decompress(data)
+    if left > 0:
+        raise ImageReadError(f"{path}: cannot read NIfTI image (the file ends {left} bytes before its voxel data "
+                             "do: truncated)")
+
+
+def _stream_nifti(path: str, proxy: Any, dtype: np.dtype) -> np.ndarray:
+    """The voxels of a NIfTI ``proxy`` as ``dtype``, decompressed and converted a block at a time.
+
+    The same values as ``np.asarray(proxy, dtype=dtype)``: the scale factors are prepared as nibabel
+    prepares them and applied with nibabel's function, element by element, then cast.
+    """
+    from nibabel.volumeutils import apply_read_scaling
+
+    stored = np.dtype(proxy.dtype)
+    shape = tuple(int(n) for n in proxy.shape)
+    slope, inter = np.asanyarray(proxy.slope), np.asanyarray(proxy.inter)
+    if np.can_cast(slope, dtype):
+        slope = slope.astype(dtype)
+    if np.can_cast(inter, dtype):
+        inter = inter.astype(dtype)
+    n = int(np.prod(shape))
+    # An anonymous memory map rather than np.empty: numpy asks for transparent huge pages for large
+    # arrays, and where the kernel compacts memory to find them (the default "defrag=madvise") the first
+    # touch of the image costs several times more than with plain pages (docs/benchmarks.md). The image
+    # is written once, in order, so huge pages would bring little. The array keeps the map alive.
+    buffer = mmap.mmap(-1, max(n * dtype.itemsize, 1), flags=mmap.MAP_PRIVATE)  # copy-on-write, as malloc's
+    flat = np.frombuffer(buffer, dtype=dtype, count=n)  # NIfTI stores the first axis fastest
+    out = flat.reshape(shape, order="F")
+    size = stored.itemsize
+    pos, carry, n_bad = 0, b"", 0
+    for block in _stored_blocks(path, int(proxy.offset), flat.size * size):
+        if carry:
+            block, carry = carry + block, b""
+        cut = len(block) - len(block) % size
+        if cut < len(block):
+            block, carry = block[:cut], block[cut:]
+        values = apply_read_scaling(np.frombuffer(block, dtype=stored), slope, inter)
+        part = flat[pos:pos + values.size]
+        # nibabel's two casts (to the promoted type, then to ``dtype``), so very large integers round alike
+        via = np.promote_types(values.dtype, dtype)
+        np.copyto(part, values if via == part.dtype else values.astype(via), casting="unsafe")
+        # Integers (unscaled) are finite in any float type; anything else is checked.
+        if values.dtype.kind not in "iu" and not np.isfinite(part).all():
+            n_bad += int(np.count_nonzero(~np.isfinite(part)))
+        pos += values.size
+    if n_bad:
+        raise ImageReadError(f"{path}: {n_bad} voxels are NaN or infinite")
+    return out
+
+
 def _read_nifti(path: str, dtype: np.dtype | None) -> Volume:
     import nibabel as nib
 
     try:
         img: Any = nib.load(path)
+        proxy = img.dataobj
+        if (dtype is not None and np.issubdtype(dtype, np.floating) and nib.is_proxy(proxy)
+                and getattr(proxy, "order", "F") == "F" and np.dtype(proxy.dtype).kind in "iuf"):
+            return _as_volume(_stream_nifti(path, proxy, dtype), np.asarray(img.affine), path, dtype, checked=True)
         if dtype is not None:
-            data = np.asarray(img.dataobj, dtype=dtype)
+            data = np.asarray(proxy, dtype=dtype)
         else:
-            data = np.asanyarray(img.dataobj)
+            data = np.asanyarray(proxy)
+    except ImageReadError:
+        raise
     except Exception as e:  # nibabel raises many types for truncated/corrupt files
         raise ImageReadError(f"{path}: cannot read NIfTI image ({type(e).__name__}: {e})") from None
     return _as_volume(data, np.asarray(img.affine), path, dtype)

@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from lmk3d import geometry
 from lmk3d.errors import LandmarkFormatError
@@ -125,6 +124,8 @@ def landmarks_from_label_map(
     order = list(mapping)
     n = len(order)
     xyz, found = np.full((n, 3), np.nan), np.zeros(n, dtype=bool)
+    from scipy import ndimage  # here: the reader of images and landmarks starts without SciPy
+
     objects = ndimage.find_objects(arr)
     shape = np.array(arr.shape)
     for k, name in enumerate(order):

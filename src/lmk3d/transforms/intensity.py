@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import ScaleIntensityRange
 
 CT_WINDOW_HU: tuple[float, float] = (-1000.0, 2000.0)
 MR_PERCENTILES: tuple[float, float] = (0.5, 99.5)
@@ -25,6 +24,8 @@ class IntensityMap:
     clip: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from monai.transforms import ScaleIntensityRange  # here: importing MONAI takes seconds
+
         out = ScaleIntensityRange(a_min=self.lo, a_max=self.hi, b_min=0.0, b_max=1.0, clip=self.clip)(x)
         return torch.as_tensor(out)
 

@@ -191,8 +191,9 @@ class DisplacementStage(Stage):
     def refine(self, image: PreparedImage, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Stage 2 around ``(N, 3)`` centres: the clamped displacement ``(N, 3)`` and the raw length ``(N,)``.
 
-        Every patch (``N`` landmarks times the lattice's ``K`` points) is sampled in one call and goes
-        through the networks in one forward pass.
+        Every patch (``N`` landmarks times the lattice's ``K`` points) is sampled, one call per landmark;
+        the networks see them in one forward pass on a GPU, one lattice point's ``N`` patches per pass on
+        the CPU.
         """
         self.cnn.eval()
         a = float(self.config.refine_lattice_mm)
@@ -200,10 +201,14 @@ class DisplacementStage(Stage):
                                                                               indexing="ij"), -1).reshape(-1, 3)
         starts = centres[None] + offsets[:, None, :]  # (K, N, 3): one patch per landmark and lattice point
         n = len(self.landmark_names)
-        grids = self.patch_grids(starts.reshape(-1, 3))
         with torch.no_grad():
-            patches = image.sample(grids, self.config.pixdim)[:, 0]
-            raw = self.displacements(patches.reshape(len(offsets), n, *patches.shape[1:]))
+            # A landmark's K patches lie close together: sampled in one call, they read a small box of the image.
+            patches = torch.stack([image.sample(self.patch_grids(starts[:, i]), self.config.pixdim)[:, 0]
+                                   for i in range(n)], dim=1)  # (K, N, D, H, W)
+            # On the CPU one lattice point at a time: the activations (N networks' feature maps) stay small
+            # and in the cache, where all K at once would write and read hundreds of MB per layer.
+            step = len(offsets) if patches.device.type == "cuda" else 1
+            raw = torch.cat([self.displacements(patches[k:k + step]) for k in range(0, len(offsets), step)])
         raw_np = raw.detach().cpu().double().numpy()
         # Each lattice point's estimate is clamped to the range around its own patch centre; their mean,
         # taken from S0, is clamped again, so the result never leaves the ball of radius r_n around S0.
