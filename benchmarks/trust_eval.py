@@ -13,8 +13,9 @@ For each model folder (with ``trust.json`` from ``lmk3d calibrate``) it reads th
   still inside reported found;
 - the image check: share of test images flagged, and for images of other kinds (whole-head MPRAGE DICOM,
   the MNI template, a spine T2, abdominal CT as NIfTI and DICOM, abdominal MR, 20 random crops of the
-  MPRAGE and of the template the size of a typical test image, seed 5): share flagged and the largest landmark score given. None of these
-  kinds was used to fit anything (the threshold comes from the calibration cases alone).
+  MPRAGE and of the template the size of a typical test image, seed 5): share flagged and the largest
+  landmark score given. None of these kinds was used to fit anything (the threshold comes from the
+  calibration cases alone).
 
 Run (1 thread): ``.venv/bin/python benchmarks/trust_eval.py models/cascade-hippocampus ... --out
 runs/trust_eval.json``; prints one table per block (markdown), the numbers go to docs/trust.md.

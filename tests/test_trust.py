@@ -14,7 +14,7 @@ from lmk3d.io.image import Volume
 from lmk3d.io.markups import markups_dict, parse_markups
 from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, table_text
 from lmk3d.landmarks import LandmarkSet
-from lmk3d.trust import (OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust)
+from lmk3d.trust import OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust
 from lmk3d.trust.cuts import crop, cut_outside, distance_to_faces_mm
 
 OBLIQUE = np.array([[0.0, -0.9, 0.3, 40.0], [1.1, 0.0, 0.1, -20.0], [0.05, 0.35, -1.4, 7.0], [0, 0, 0, 1]])
@@ -210,3 +210,20 @@ def test_a_label_map_gets_a_sidecar_with_what_it_cannot_hold(tmp_path) -> None:
     np.testing.assert_allclose(again.radius_mm, s.radius_mm)
     back = read_landmarks(path, names=list(s.names))
     np.testing.assert_allclose(back.xyz_mm_ras[:2], s.xyz_mm_ras[:2], atol=0.5)
+
+
+def test_shared_percentiles_are_the_images_own() -> None:
+    """The trust checks share one image's percentiles; another array (a crop, a copy) gets its own."""
+    from lmk3d.trust.intensity import percentiles_1_99, scaled
+
+    rng = np.random.default_rng(3)
+    a = rng.normal(0, 300, (40, 30, 20)).astype(np.int16)
+    assert percentiles_1_99(a) == tuple(np.percentile(a.astype(np.float32), [1.0, 99.0]))
+    b = a[5:, :, ::-1]  # a view: other values, another array object
+    assert percentiles_1_99(b) == tuple(np.percentile(b.astype(np.float32), [1.0, 99.0]))
+    c = a.copy()
+    c[c > 0] = 0  # same shape and dtype, other values
+    assert percentiles_1_99(c) == tuple(np.percentile(c.astype(np.float32), [1.0, 99.0]))
+    lo, hi = percentiles_1_99(c)
+    x = c.astype(np.float32)
+    np.testing.assert_array_equal(scaled(x, lo, hi), np.clip((x - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))

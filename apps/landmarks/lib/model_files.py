@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from lmk3d.registry import RegistryError, gate
 
 from lib.configs import LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
@@ -38,6 +37,7 @@ from lmk3d.detectors import load_detector
 from lmk3d.io import read_image
 from lmk3d.io.image import Volume
 from lmk3d.publish import STAGING_PREFIX
+from lmk3d.registry import RegistryError, gate
 
 __all__ = ["probe_volume", "replace_checkpoint", "rollback"]
 

@@ -193,11 +193,12 @@ def image_descriptor(volume: Volume) -> np.ndarray:
     from scipy import ndimage
 
     from lmk3d.preprocessing import canonical_view
+    from lmk3d.trust.intensity import percentiles_1_99, scaled
 
     a, _ = canonical_view(np.asarray(volume.array, dtype=np.float32), volume.affine)
     a = np.asarray(a, dtype=np.float32)
-    lo, hi = np.percentile(a, [1.0, 99.0])
-    a = np.clip((a - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
+    lo, hi = percentiles_1_99(volume.array)  # the same values in any voxel order
+    a = scaled(a, lo, hi)
     zoom = [THUMB / s for s in a.shape]
     t = ndimage.zoom(a, zoom, order=1, grid_mode=True, mode="nearest")
     t = t[:THUMB, :THUMB, :THUMB]

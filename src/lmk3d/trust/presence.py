@@ -54,9 +54,9 @@ def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
     """
     from scipy import ndimage
 
-    a = np.asarray(volume.array, dtype=np.float32)
-    lo, hi = np.percentile(a, [1.0, 99.0])
-    a = np.clip((a - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0)
+    from lmk3d.trust.intensity import percentiles_1_99, scaled
+
+    a = scaled(np.asarray(volume.array, dtype=np.float32), *percentiles_1_99(volume.array))
     centre_ijk = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
     centre = volume.ijk_to_ras(centre_ijk).reshape(3)
     step = box_mm / size
