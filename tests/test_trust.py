@@ -227,3 +227,36 @@ def test_shared_percentiles_are_the_images_own() -> None:
     lo, hi = percentiles_1_99(c)
     x = c.astype(np.float32)
     np.testing.assert_array_equal(scaled(x, lo, hi), np.clip((x - lo) / max(float(hi - lo), 1e-6), 0.0, 1.0))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ct_air_ties", "few_values", "constant", "flipped_fortran", "nan"])
+def test_band_selection_gives_numpys_percentiles(kind: str) -> None:
+    """Large images take the 1st and 99th percentiles by band selection: exactly ``np.percentile``'s."""
+    from lmk3d.trust import intensity
+
+    rng = np.random.default_rng(11)
+    shape = (128, 128, 72)  # above SELECT_MIN_VOXELS
+    a: np.ndarray
+    if kind == "normal":
+        a = rng.normal(0, 300, shape).astype(np.float32)
+    elif kind == "ct_air_ties":  # 40 % of voxels exactly -1024: the 1st percentile sits inside the ties
+        a = np.where(rng.random(shape) < 0.4, -1024, rng.normal(40, 200, shape)).astype(np.int16)
+    elif kind == "few_values":
+        a = rng.integers(0, 3, shape).astype(np.uint8)
+    elif kind == "constant":
+        a = np.full(shape, 7.5, dtype=np.float32)
+    elif kind == "flipped_fortran":
+        a = np.asfortranarray(rng.gamma(2, 50, shape).astype(np.float32))[::-1, :, ::-1]
+    else:
+        a = rng.normal(0, 1, shape).astype(np.float32)
+        a[3, 4, 5] = np.nan
+    assert a.size >= intensity.SELECT_MIN_VOXELS
+    expected = np.percentile(np.asarray(a, dtype=np.float32), [1.0, 99.0])
+    got = intensity.percentiles_1_99(a)
+    np.testing.assert_array_equal(np.asarray(got), expected)
+    selected = intensity._select(np.asarray(a, dtype=np.float32).ravel(order="K"), intensity.QUANTILES)
+    if kind == "nan":
+        assert selected is None  # NaN: np.percentile answers
+    else:
+        assert selected is not None, "the band selection fell back: this test would not check it"
+        np.testing.assert_array_equal(np.asarray(selected), expected)
