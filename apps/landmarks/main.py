@@ -68,7 +68,7 @@ from lib.infers import LandmarkInferTask, make_infer_task
 from lib.label_names import LabelNames
 from lib.model_files import replace_checkpoint, rollback
 from lib.request_check import install_request_check
-from lib.scores import ScoreCache
+from lib.scores import SCORES_FILE, ScoreCache
 from lib.trainers import LandmarkTrainTask
 from lib.trainers.task import is_training_child, reset_stale_status
 from monailabel.config import settings
@@ -112,7 +112,6 @@ class LandmarksApp(MONAILabelApp):
         if self.landmark_output not in (None, *LANDMARK_OUTPUTS):
             raise LandmarkError(f"--conf landmark_output {self.landmark_output!r}: choose one of "
                                 f"{', '.join(LANDMARK_OUTPUTS)}")
-        self.scores = ScoreCache()
         self._model_lock = threading.Lock()
         self.configs: dict[str, LandmarkModelConfig] = discover_configs()
         self.models: dict[str, LoadedModel] = {}
@@ -128,6 +127,7 @@ class LandmarksApp(MONAILabelApp):
             raise LandmarkError(f"--conf workspace {workspace}: inside the models folder {self.models_dir}, which "
                                 "holds the shipped models and is never written; choose a folder elsewhere")
         self.registry = Registry(workspace)
+        self.scores = ScoreCache(workspace / SCORES_FILE)  # least_confident ranks by known scores after a restart
         logger.info("model registry (every trained version): %s", self.registry.root)
         for name, cfg in self.configs.items():
             self._clean_after_kill(self.registry.root / name)

@@ -49,6 +49,24 @@ def wait_for(condition: Callable[[], Any], timeout_s: float, what: str, every_s:
         time.sleep(every_s)
 
 
+def test_the_score_cache_survives_a_restart_and_drops_stale_or_unreadable_entries(app_lib: SimpleNamespace,
+                                                                                   tmp_path: Path) -> None:
+    image, checkpoint, saved = tmp_path / "a.nii.gz", tmp_path / "checkpoint.pt", tmp_path / "ws" / "scores.json"
+    image.write_bytes(b"image")
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "ws").mkdir()
+    sig = app_lib.scores.file_signature
+    app_lib.scores.ScoreCache(saved).put("m", str(image), sig(checkpoint), np.array([0.25, 0.5]))
+    again = app_lib.scores.ScoreCache(saved)  # a new server on the same workspace
+    np.testing.assert_array_equal(again.get("m", str(image), sig(checkpoint)), [0.25, 0.5])
+    assert again.get("other", str(image), sig(checkpoint)) is None
+    image.write_bytes(b"another image")  # the file changed: the saved scores are not its
+    assert app_lib.scores.ScoreCache(saved).latest("m", str(image)) is None
+    saved.write_text("{not json")
+    assert app_lib.scores.ScoreCache(saved).latest("m", str(image)) is None  # starts empty, keeps running
+    assert (tmp_path / "ws" / "scores.json.unreadable").read_text() == "{not json"
+
+
 # --- in process: the scorer and the ranking ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app_lib() -> Iterator[SimpleNamespace]:
@@ -380,4 +398,26 @@ def test_the_request_path_runs_no_model_and_uses_the_scores_inferences_recorded(
     inferred = float(np.mean([lm["score"] for lm in reply.json()["landmarks"]]))
     answer = least_confident(quiet_server)
     assert (answer["id"], answer["basis"], answer["scored"]) == (cases[1], "scores", 1)
+    assert answer["confidence"] == pytest.approx(inferred, abs=1e-6)
+
+
+@pytest.mark.server
+@pytest.mark.filterwarnings("ignore:'cgi' is deprecated:DeprecationWarning")
+def test_after_a_restart_least_confident_answers_from_the_scores_known_before(tmp_path: Path) -> None:
+    cases = CASES[:2]
+    first = ready(start_server(tmp_path / "first", cases, env={"LMK3D_BACKGROUND_SCORES": "off"}))
+    try:
+        reply = infer_json(first, cases[1])
+        assert reply.status == 200, reply
+        inferred = float(np.mean([lm["score"] for lm in reply.json()["landmarks"]]))
+    finally:
+        stop(first.process)
+    # the same studies and models (so the same workspace), the scorer still off: only the saved scores can rank
+    second = ready(launch(tmp_path / "second", first.studies, models=first.models,
+                          env={"LMK3D_BACKGROUND_SCORES": "off"}))
+    try:
+        answer = least_confident(second)
+    finally:
+        stop(second.process)
+    assert (answer["id"], answer["basis"], answer["scored"]) == (cases[1], "scores", 1), answer
     assert answer["confidence"] == pytest.approx(inferred, abs=1e-6)

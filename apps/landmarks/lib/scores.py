@@ -5,10 +5,18 @@ with, so retraining or replacing an image invalidates it without anyone having t
 also tells the background scorer (:mod:`lib.background`) when interactive inferences run: an
 inference that records its scores (``put``), or runs inside :meth:`ScoreCache.inferring`, counts as
 activity, and the scorer waits for a quiet moment before each image.
+
+Given a file (the registry's workspace holds ``scores.json``), the cache outlives the server: every
+``put`` rewrites the file (temporary file, then rename) and a new server starts from it, so
+``least_confident`` ranks by known scores from its first call after a restart. An entry read back is
+used only while the image and checkpoint signatures still match; an unreadable file is set aside
+with a warning and the cache starts empty.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import threading
@@ -19,7 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmk3d.io.atomic import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
 FileSignature = tuple[int, int, int]  # (inode, mtime in ns, size)
+SCORES_FILE = "scores.json"
 
 
 def file_signature(path: str | os.PathLike[str]) -> FileSignature | None:
@@ -41,11 +54,16 @@ class _Entry:
 class ScoreCache:
     """``(model, image path) -> per-landmark scores (N,)`` of the model's latest prediction."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        """``path``: the file that keeps the entries across restarts (None: memory only)."""
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._in_flight = 0
         self._last_activity = -math.inf  # time.monotonic() of the last interactive inference's start or end
+        self.path = None if path is None else os.fspath(path)
+        if self.path is not None:
+            self._entries = _read(self.path)
 
     def get(self, model: str, image_path: str, checkpoint: FileSignature | None) -> np.ndarray | None:
         """The scores computed with ``checkpoint`` on the image file as it is now; None if there are none."""
@@ -70,8 +88,24 @@ class ScoreCache:
         with self._lock:
             if interactive:
                 self._last_activity = time.monotonic()
-            if sig is not None:
-                self._entries[(model, os.path.realpath(image_path))] = _Entry(sig, checkpoint, np.array(scores))
+            if sig is None:
+                return
+            self._entries[(model, os.path.realpath(image_path))] = _Entry(sig, checkpoint, np.array(scores))
+        self._save()
+
+    def _save(self) -> None:
+        """Write every entry to :attr:`path` (atomically; one writer at a time, the newest state wins)."""
+        if self.path is None:
+            return
+        with self._write_lock:
+            with self._lock:
+                rows = [{"model": m, "image": path, "image_signature": list(e.image),
+                         "checkpoint_signature": None if e.checkpoint is None else list(e.checkpoint),
+                         "scores": [float(s) for s in e.scores]} for (m, path), e in sorted(self._entries.items())]
+            try:
+                atomic_write_text(self.path, json.dumps({"format": 1, "entries": rows}))
+            except OSError as e:  # the cache still works in memory
+                logger.warning("cannot save the score cache to %s: %s", self.path, e)
 
     # --- activity: when the background scorer may run ----------------------------------------------
     @contextmanager
@@ -93,3 +127,42 @@ class ScoreCache:
             if self._in_flight:
                 return 0.0
             return time.monotonic() - self._last_activity
+
+
+def _signature(value: object) -> FileSignature:
+    if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, int) for v in value)):
+        raise ValueError(f"not a file signature: {value!r}")
+    return (value[0], value[1], value[2])
+
+
+def _read(path: str) -> dict[tuple[str, str], _Entry]:
+    """The entries saved in ``path``; none if it does not exist, and none (file set aside) if unreadable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        return _set_aside(path, e)
+    try:
+        entries: dict[tuple[str, str], _Entry] = {}
+        for row in doc["entries"]:
+            ck = row["checkpoint_signature"]
+            scores = np.asarray(row["scores"], dtype=np.float64)
+            if scores.ndim != 1:
+                raise ValueError("scores must be a list of numbers")
+            entries[(str(row["model"]), str(row["image"]))] = _Entry(
+                _signature(row["image_signature"]), None if ck is None else _signature(ck), scores)
+        return entries
+    except (KeyError, TypeError, ValueError) as e:
+        return _set_aside(path, e)
+
+
+def _set_aside(path: str, error: Exception) -> dict[tuple[str, str], _Entry]:
+    aside = f"{path}.unreadable"
+    logger.warning("score cache %s is unreadable (%s): moved to %s, starting empty", path, error, aside)
+    try:
+        os.replace(path, aside)
+    except OSError:
+        pass
+    return {}
