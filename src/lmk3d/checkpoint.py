@@ -44,13 +44,19 @@ class CheckpointError(LandmarkError):
 
 
 def versions() -> dict[str, str]:
-    """The versions that made a checkpoint (recorded, not enforced)."""
-    import monai
+    """The versions that made a checkpoint (recorded, not enforced). MONAI's comes from its package
+    metadata: importing it takes seconds and the networks no longer need it."""
+    from importlib import metadata
+
     import torch
 
     from lmk3d import __version__
 
-    return {"lmk3d": __version__, "torch": str(torch.__version__), "monai": str(monai.__version__)}
+    try:
+        monai_version = metadata.version("monai")
+    except metadata.PackageNotFoundError:
+        monai_version = "not installed"
+    return {"lmk3d": __version__, "torch": str(torch.__version__), "monai": monai_version}
 
 
 def data_fingerprint(cases: Sequence[tuple[str, Any]]) -> str:

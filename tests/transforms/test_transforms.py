@@ -154,3 +154,21 @@ def test_intensity_maps():
     assert mr.lo == pytest.approx(4.995) and mr.hi == pytest.approx(994.005)
     with pytest.raises(ValueError, match="unknown modality 'PET'"):
         fit_intensity(np.zeros(3), "PET")
+
+
+@pytest.mark.parametrize(("lo", "hi", "clip"), [(-1000.0, 2000.0, True), (4.995, 994.005, False),
+                                                 (0.1234567, 0.7654321, False), (3.0, 3.0, False)])
+def test_intensity_map_is_monai_scale_intensity_range_bit_for_bit(lo, hi, clip):
+    """The map replaced MONAI's ScaleIntensityRange (the oracle; the shipped models were trained on its output)."""
+    import warnings
+
+    from monai.transforms import ScaleIntensityRange
+
+    from lmk3d.transforms.intensity import IntensityMap
+
+    x = torch.randn(3, 17, 19, 23, generator=torch.Generator().manual_seed(0)) * 1500.0 + 400.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns when lo == hi
+        expected = torch.as_tensor(ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=clip)(x))
+    got = IntensityMap(lo, hi, clip)(x)
+    assert got.dtype == expected.dtype and torch.equal(got, expected.as_subclass(torch.Tensor))

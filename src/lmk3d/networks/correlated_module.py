@@ -37,11 +37,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
-from monai.networks.layers import Conv
-from monai.networks.nets.basic_unet import TwoConv
 from torch import nn
 
+from lmk3d.networks.blocks import Convolution, TwoConv, conv_type
 from lmk3d.networks.patch_unet import ACT, NORM, PatchDecoder, PatchEncoder, group_cat
 from lmk3d.transforms.heatmap import decode_peaks, gaussian_heatmaps
 
@@ -73,7 +71,7 @@ class AxisAttention(nn.Module):
     def __init__(self, spatial_dims: int, channels: int, axis: int, reduction: int = 4, kernel_size: int = 1) -> None:
         super().__init__()
         self.dims = _in_slice_dims(spatial_dims, axis)
-        conv = Conv[Conv.CONV, spatial_dims]
+        conv = conv_type(spatial_dims)
         hidden = max(1, channels // reduction)
         self.mlp = nn.Sequential(conv(channels, hidden, kernel_size=1), nn.ReLU(inplace=True),
                                  conv(hidden, channels, kernel_size=1))

@@ -23,8 +23,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import nn
+
+from lmk3d.networks.blocks import Convolution
 
 
 class GroupedLinear(nn.Module):
@@ -61,7 +62,7 @@ class DisplacementCNN(nn.Module):
         channels: features of the four convolutional layers (per network).
         hidden: units of the first fully connected layer (per network).
         num_networks: independent networks (one per landmark).
-        norm: MONAI norm after each convolution (``"BATCH"``, ``"INSTANCE"``) or None (the paper's plain ReLU);
+        norm: norm after each convolution (``"BATCH"``, ``"INSTANCE"``) or None (the paper's plain ReLU);
             per-channel norms keep the networks independent.
     """
 

@@ -22,8 +22,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
 from torch import nn
+
+from lmk3d.networks.blocks import Convolution
 
 
 def _crop(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -51,7 +52,7 @@ class HeatmapUNet(nn.Module):
         in_channels: image channels (1).
         out_channels: heatmap channels, ``N + 1`` for ``N`` landmarks and the background.
         channels: features per level, coarsest last; ``len(channels) - 1`` poolings.
-        norm: MONAI norm name per convolution (``"INSTANCE"``, ``"BATCH"``) or None (the paper's plain ReLU).
+        norm: norm name per convolution (``"INSTANCE"``, ``"BATCH"``) or None (the paper's plain ReLU).
         num_side_outputs: deep-supervision heads (the paper: 3), at most ``len(channels) - 1``.
         out_bias: initial bias of each output channel (all heads), e.g. the targets' mean: 0 for the
             landmark channels and 1 for the background. Starting there saves the many steps a bias

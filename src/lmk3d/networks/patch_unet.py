@@ -9,7 +9,7 @@ contract's batching of per-landmark patches; on a CPU it also keeps small batche
 oneDNN convolution path). Channel ``g`` of the input is landmark ``g``'s patch; channel ``g`` of the
 output is its heatmap.
 
-Built from MONAI's :class:`~monai.networks.blocks.Convolution` blocks (instance normalisation is per
+Built from :class:`lmk3d.networks.blocks.Convolution` blocks (MONAI's layout) (instance normalisation is per
 channel, hence per group); the encoder and decoder are separate modules so the correlated-landmark
 module (:mod:`lmk3d.networks.correlated_module`) reuses them. Odd sizes work: the up path pads to
 the skip connection's size.
@@ -27,9 +27,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution
-from monai.networks.layers import Conv, Pool
 from torch import nn
+
+from lmk3d.networks.blocks import Convolution, conv_transpose_type, conv_type, max_pool_type
 
 ACT: tuple = ("LeakyReLU", {"negative_slope": 0.1, "inplace": True})
 NORM: tuple = ("instance", {"affine": True})
@@ -76,7 +76,7 @@ class PatchEncoder(nn.Module):
             raise ValueError(f"groups (independent networks) must be at least 1, got {groups}")
         self.channels = tuple(int(c) for c in channels)
         self.groups = groups
-        self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2)
+        self.pool = max_pool_type(spatial_dims)(kernel_size=2)
         ins = (in_channels, *self.channels[:-1])
         self.levels = nn.ModuleList(
             _two_conv(spatial_dims, a, b, groups) for a, b in zip(ins, self.channels, strict=True)
@@ -114,11 +114,11 @@ class PatchDecoder(nn.Module):
         self.groups = groups
         deep = [bottleneck_channels or ch[-1], *ch[-2:0:-1]]
         skips = ch[-2::-1]
-        up = Conv[Conv.CONVTRANS, spatial_dims]
+        up = conv_transpose_type(spatial_dims)
         self.ups = nn.ModuleList(up(groups * d, groups * s, kernel_size=2, stride=2, groups=groups)
                                  for d, s in zip(deep, skips, strict=True))
         self.convs = nn.ModuleList(_two_conv(spatial_dims, 2 * s, s, groups) for s in skips)
-        self.head = Conv[Conv.CONV, spatial_dims](groups * ch[0], groups * out_channels, kernel_size=1, groups=groups)
+        self.head = conv_type(spatial_dims)(groups * ch[0], groups * out_channels, kernel_size=1, groups=groups)
 
     def forward(self, feats: Sequence[torch.Tensor], bottleneck: torch.Tensor | None = None) -> torch.Tensor:
         """Args:

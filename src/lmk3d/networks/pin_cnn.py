@@ -20,9 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.blocks import Convolution
-from monai.networks.nets import FullyConnectedNet
 from torch import nn
+
+from lmk3d.networks.blocks import Convolution, FullyConnectedNet
 
 
 class PinCNN(nn.Module):

@@ -5,8 +5,8 @@ landmark coordinates normalised to the input grid (``-1`` and ``1`` are the cent
 last voxels along each axis, as in ``grid_sample`` with ``align_corners=True``). Regressing all
 landmarks jointly from the whole image keeps their structural relationships.
 
-The backbone is MONAI's :class:`monai.networks.nets.ResNet` with basic blocks; ``layers=(3, 4, 6, 3)``
-and ``channels=(64, 128, 256, 512)`` is ResNet-34.
+The backbone is a ResNet of basic blocks (:class:`lmk3d.networks.blocks.ResNet`, MONAI's layout);
+``layers=(3, 4, 6, 3)`` and ``channels=(64, 128, 256, 512)`` is ResNet-34.
 
 Example:
     >>> import torch
@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.networks.nets import ResNet
 from torch import nn
+
+from lmk3d.networks.blocks import ResNet
 
 RESNET34_LAYERS: tuple[int, int, int, int] = (3, 4, 6, 3)
 RESNET34_CHANNELS: tuple[int, int, int, int] = (64, 128, 256, 512)
@@ -39,7 +40,7 @@ class ResNetRegressor(nn.Module):
         channels: widths of the four stages (ResNet-34: ``(64, 128, 256, 512)``).
         conv1_t_size: kernel size of the stem convolution.
         conv1_t_stride: stride of the stem convolution.
-        norm: MONAI normalisation name (``"batch"``, ``"instance"``...).
+        norm: the stem's normalisation name (``"batch"``, ``"instance"``...).
     """
 
     def __init__(
@@ -62,7 +63,6 @@ class ResNetRegressor(nn.Module):
         self.spatial_dims = spatial_dims
         self.out_channels = out_channels
         self.backbone = ResNet(
-            block="basic",
             layers=list(layers),
             block_inplanes=list(channels),
             spatial_dims=spatial_dims,
@@ -79,10 +79,7 @@ class ResNetRegressor(nn.Module):
     @property
     def fc(self) -> nn.Linear:
         """The final fully connected layer (``spatial_dims * out_channels`` outputs)."""
-        fc = self.backbone.fc
-        if fc is None:  # MONAI builds it when feed_forward=True, as here
-            raise RuntimeError("MONAI ResNet was built without its fully connected layer")
-        return fc
+        return self.backbone.fc
 
     def set_mean_position(self, mean_normalised: torch.Tensor) -> None:
         """Set the output bias to a mean position, so the untrained network predicts the mean shape.

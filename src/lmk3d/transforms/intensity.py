@@ -1,4 +1,4 @@
-"""Intensity normalisation by modality (CT: a HU window; MR: percentiles), with MONAI transforms.
+"""Intensity normalisation by modality (CT: a HU window; MR: percentiles).
 
 The normalisation is fitted once per image (on a subsample, so large CT stays cheap) and then
 applied to every grid sampled from it: the coarse volume and the fine patches see the same mapping.
@@ -24,10 +24,14 @@ class IntensityMap:
     clip: bool
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from monai.transforms import ScaleIntensityRange  # here: importing MONAI takes seconds
-
-        out = ScaleIntensityRange(a_min=self.lo, a_max=self.hi, b_min=0.0, b_max=1.0, clip=self.clip)(x)
-        return torch.as_tensor(out)
+        """``x`` mapped, with the arithmetic of MONAI's ``ScaleIntensityRange(lo, hi, 0, 1, clip)`` step for
+        step (the shipped models were trained on its output; importing MONAI takes seconds).
+        ``lo == hi`` only shifts."""
+        x = torch.as_tensor(x)
+        if self.hi - self.lo == 0.0:
+            return x - self.lo + 0.0
+        out = (x - self.lo) / (self.hi - self.lo) * (1.0 - 0.0) + 0.0
+        return out.clamp(0.0, 1.0) if self.clip else out
 
 
 def fit_intensity(array: np.ndarray, modality: str) -> IntensityMap:
