@@ -210,7 +210,8 @@ class LandmarksApp(MONAILabelApp):
 
     def init_trainers(self) -> dict[str, TrainTask]:
         # A served model is fine-tuned from its checkpoint; a declared one is trained from its labels.
-        trainers: dict[str, TrainTask] = {name: self._train_task(self.models[name]) for name in self._infers}
+        trainers: dict[str, TrainTask] = {name: self._train_task(self.models[name]) for name in self._infers
+                                          if self.models[name].config.detector in detector_names()}
         trainers.update((name, self._train_task(model)) for name, model in self.untrained.items())
         return trainers
 
@@ -504,6 +505,10 @@ class LandmarksApp(MONAILabelApp):
             return
         model = request.get("model")
         task = self._trainers.get(model) if isinstance(model, str) else None
+        if task is None and model in self.models:
+            raise http_error(CONFLICT, f"model {model!r} is built from trained models, not trained: it combines the "
+                                       "shipped prior_guided, pin and cascade; train those instead (POST /train/"
+                                       "prior_guided, ...)")
         if not isinstance(task, LandmarkTrainTask):
             raise self._unknown_model(model, self._trainers)
         unknown = sorted(set(request) - set(task.config()) - TRAIN_REQUEST_KEYS)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,6 +137,36 @@ def test_missing_checkpoint_makes_model_unavailable(server: Server) -> None:
         reason = info["unavailable_models"][d]
         assert "no checkpoint" in reason and f"{d}-hippocampus" in reason, reason
         assert f"model '{d}' unavailable: no checkpoint" in log
+
+
+def _post(server: Server, path: str) -> tuple[int, Any]:
+    req = urllib.request.Request(f"{server.url}{path}", data=b"{}", method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with HTTP.open(req, timeout=300) as r:
+            return r.status, json.loads(r.read().decode("utf-8"))
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read().decode("utf-8"))
+
+
+def test_consensus_is_served_with_calibrated_scores_and_never_trained(server: Server) -> None:
+    """The shipped consensus (issue #18 item 4) answers like any model, with its members' latencies and
+    calibrated scores; training it is a 409 that says what to train instead."""
+    info = server.get_json("/info/")
+    assert "consensus" in info["models"] and "consensus" not in info["trainers"], info["trainers"]
+    status, doc = _post(server, f"/infer/consensus?image={LABELLED}&output=json")
+    assert status == 200, doc
+    assert {"prior_guided", "pin", "cascade", "combine"} <= set(doc["latencies"]), doc["latencies"]
+    assert "within 3 mm" in doc["score_meaning"] and doc["image_check"]["in_distribution"] is True
+    truth = read_table(DATA / "hippocampus" / "landmarks.csv")[LABELLED]
+    found = [lm for lm in doc["landmarks"] if lm["found"]]
+    assert len(found) >= 3, doc["landmarks"]
+    for lm in found:
+        assert 0.0 <= lm["score"] <= 1.0 and lm["radius_mm"] > 0, lm
+        error = float(sum((a - b) ** 2 for a, b in zip(lm["ras"], truth.position(lm["name"]), strict=True)) ** 0.5)
+        assert error < 6.0, (lm["name"], error)  # a real answer: the shipped consensus's test MRE is 1.2 mm
+    status, doc = _post(server, "/train/consensus")
+    assert status == 409 and "built from trained models, not trained" in doc["detail"], doc
 
 
 def test_datastore_lists_images_and_markups_labels(server: Server) -> None:

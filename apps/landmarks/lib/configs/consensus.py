@@ -1,0 +1,14 @@
+"""The three detectors together, weighted by their calibrated scores (:mod:`lmk3d.detectors.consensus`).
+
+Built, not trained: its checkpoint holds the shipped members, so retraining ``prior_guided``, ``pin`` or
+``cascade`` through the server does not change it, and ``POST /train/consensus`` is refused (409).
+"""
+
+from __future__ import annotations
+
+from lib.configs import LandmarkModelConfig
+
+CONFIG = LandmarkModelConfig(detector="consensus",
+                             description="prior_guided, pin and cascade together, weighted by their calibrated "
+                                         "scores (their disagreement lowers the score); built from the shipped "
+                                         "members, not trained")
