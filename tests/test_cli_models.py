@@ -35,8 +35,12 @@ def workspace(tmp_path: Path) -> Path:
     (src / "checkpoint.pt").write_bytes(b"w")
     parent = SHIPPED
     for mre, accepted in ((0.68, True), (0.90, False), (0.61, True)):
+        calibration = None
+        if mre == 0.61:  # the last one has a trust model
+            (src / "trust.json").write_text("{}")
+            calibration = {"calibrated": True, "reason": "fitted on 5 validation case(s)"}
         v = rec.add_version(src, parent=parent, detector="cascade", report={}, data_fingerprint="sha256:1",
-                            metrics={"val_mre_mm": mre, "val_found": 1.0, "n_val": 1})
+                            metrics={"val_mre_mm": mre, "val_found": 1.0, "n_val": 1}, calibration=calibration)
         rec.decide(v.id, accepted, f"{'no worse' if accepted else 'has a larger MRE'}: MRE {mre} mm", {})
         parent = v.id if accepted else parent
     reg.ensure("my_skull", "mean_shape")
@@ -66,6 +70,8 @@ def test_show_tells_versions_decisions_and_validation_cases(workspace: Path,
     assert f"validation cases ({len(val)}, never trained on): {', '.join(val)}" in out
     assert "v0002  rejected" in out and "rejected: has a larger MRE: MRE 0.9 mm" in out
     assert "MRE 0.610 mm  found 100%  n_val 1" in out and "parent v0001" in out
+    assert out.count("not calibrated: no trust.json: scores are the detector's raw ones") == 2
+    assert "  calibrated: fitted on 5 validation case(s)" in out
     assert main(["models", "show", "my_skull", "--workspace", str(workspace)]) == 0
     out = capsys.readouterr().out
     assert "served: nothing yet" in out and "landmarks: not known yet" in out and "no version yet" in out
@@ -78,6 +84,7 @@ def test_show_json_is_the_record(workspace: Path, capsys: pytest.CaptureFixture[
     doc = json.loads(capsys.readouterr().out)
     assert doc == Registry(workspace).get("cascade").to_json()
     assert [v["status"] for v in doc["versions"]] == ["published", "rejected", "published"]
+    assert [v["calibrated"] for v in doc["versions"]] == [False, False, True]
 
 
 def test_rollback_serves_the_parent_then_the_shipped_model(workspace: Path,

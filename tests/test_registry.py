@@ -296,14 +296,19 @@ def test_the_gates_reason_names_both_numbers() -> None:
 def test_add_version_copies_the_checkpoint_and_its_files(tmp_path: Path) -> None:
     rec = Registry(tmp_path / "ws").ensure("m", "pin", shipped=SHIPPED_DIR)
     src = make_source(tmp_path / "src", extra={"train_report.json": "{}", "MODEL_CARD.md": "# card",
-                                               "train_state.pt": "big", "notes.txt": "x"})
+                                               "train_state.pt": "big", "notes.txt": "x", "trust.json": "{}",
+                                               "presence.pt": "presence"})
     v = rec.add_version(src, parent=SHIPPED, detector="pin", metrics=metrics(NAN, 0.0),
-                        report={"options": {"max_minutes": 1}}, data_fingerprint="sha256:1")
+                        report={"options": {"max_minutes": 1}}, data_fingerprint="sha256:1",
+                        calibration={"calibrated": True, "reason": "fitted on 5 validation case(s)"})
     assert v.id == "v0001" and v.status == "candidate" and v.decision is None and v.parent == SHIPPED
     assert v.checkpoint == tmp_path / "ws" / "m" / "versions" / "v0001" / "checkpoint.pt"
     assert v.checkpoint.read_bytes() == b"weights"
-    assert sorted(p.name for p in v.path.iterdir()) == ["MODEL_CARD.md", "checkpoint.pt", "report.json",
-                                                        "train_report.json", "version.json"]
+    assert sorted(p.name for p in v.path.iterdir()) == ["MODEL_CARD.md", "checkpoint.pt", "presence.pt",
+                                                        "report.json", "train_report.json", "trust.json",
+                                                        "version.json"]
+    assert (v.path / "presence.pt").read_text() == "presence"  # the trust model travels with its weights
+    assert v.calibrated and rec.version("v0001").calibration_reason() == "fitted on 5 validation case(s)"
     assert v.metrics["val_mre_mm"] is None and v.metrics["n_val"] == 3  # NaN stored as null
     assert v.report() == {"options": {"max_minutes": 1}} and v.data_fingerprint == "sha256:1"
     assert rec.current() == SHIPPED  # added, not served
@@ -311,7 +316,8 @@ def test_add_version_copies_the_checkpoint_and_its_files(tmp_path: Path) -> None
     with pytest.raises(RegistryError, match="no version 'v0009'; it has v0001"):
         rec.version("v0009")
     assert sorted(p.name for p in src.iterdir()) == sorted(["checkpoint.pt", "train_report.json", "MODEL_CARD.md",
-                                                            "train_state.pt", "notes.txt"])  # source untouched
+                                                            "train_state.pt", "notes.txt", "trust.json",
+                                                            "presence.pt"])  # source untouched
 
 
 def test_add_version_refusals(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ The model folder's ``split.json`` names the cases: ``train`` gives the shape mod
 training images and the presence network's training; ``val`` (cases that trained nothing) gives the
 calibration. The test cases are never read. ``trust.json`` and ``presence.pt`` are written into the
 model folder (or ``--out``), atomically.
+
+:func:`calibrate_new_weights` does the same for weights the server has just trained (``POST /train``),
+on the model's validation cases, without training anything.
 """
 
 from __future__ import annotations
@@ -12,18 +15,33 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from lmk3d.errors import LandmarkError
 
-__all__ = ["add_calibrate", "add_consensus", "run_calibrate", "run_consensus"]
+if TYPE_CHECKING:
+    from lmk3d.data.samples import Sample
+    from lmk3d.detectors import Detector
+    from lmk3d.io.image import Volume
+    from lmk3d.landmarks import LandmarkSet
+    from lmk3d.trust import TrustModel
+
+__all__ = ["DEFAULT_TOLERANCE_MM", "MIN_CALIBRATION_CASES", "add_calibrate", "add_consensus",
+           "calibrate_new_weights", "own_answer", "run_calibrate", "run_consensus"]
+
+#: The fewest labelled calibration cases a trust model is fitted on.
+MIN_CALIBRATION_CASES = 5
+#: The tolerance of a score (the probability that the error is within it) when nothing sets another.
+DEFAULT_TOLERANCE_MM = 3.0
 
 
 def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="trained model folder (checkpoint.pt and split.json)")
     p.add_argument("--data", help="the dataset it was trained on (default: the data named in split.json)")
     p.add_argument("--out", help="folder for trust.json and presence.pt (default: the model folder)")
-    p.add_argument("--tolerance-mm", type=float, default=3.0, metavar="MM",
+    p.add_argument("--tolerance-mm", type=float, default=DEFAULT_TOLERANCE_MM, metavar="MM",
                    help="a score is the probability that the error is within MM (default 3)")
     p.add_argument("--presence-epochs", type=int, default=30, metavar="N",
                    help="epochs of the presence network (0: no network; cut-off landmarks then only by geometry)")
@@ -52,15 +70,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ds = load_dataset(data)
     train = list(ds.subset(split.train))
     val = list(ds.subset(split.val))
-    if len(val) < 5:
-        raise LandmarkError(f"{model_dir}: {len(val)} validation case(s); calibration needs at least 5")
+    if len(val) < MIN_CALIBRATION_CASES:
+        raise LandmarkError(f"{model_dir}: {len(val)} validation case(s); calibration needs at least "
+                            f"{MIN_CALIBRATION_CASES}")
     det = load_detector(model_dir, args.device)
     det.trust = None  # calibrate the detector's own answer
-
-    def predict(volume):  # type: ignore[no-untyped-def]
-        p = det.predict_all(volume, trust=False)
-        return p.raw, (p.stages[0].landmarks if len(p.stages) > 1 else None)
-
+    predict = own_answer(det)
     presence = None
     if args.presence:
         presence = PresenceModel.load(args.presence)
@@ -88,6 +103,89 @@ def run_calibrate(args: argparse.Namespace) -> int:
           f"{rule['presence_threshold']}; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
           f" -> {path}")
     return 0
+
+
+def own_answer(det: Detector) -> Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]:
+    """What a trust model is fitted on: the detector's own answer, final and first-stage landmarks.
+
+    Any trust model the detector carries is left out (``predict_all(trust=False)``).
+    """
+    def predict(volume: Volume) -> tuple[LandmarkSet, LandmarkSet | None]:
+        p = det.predict_all(volume, trust=False)
+        return (p.raw if p.raw is not None else p.landmarks), (p.stages[0].landmarks if len(p.stages) > 1 else None)
+
+    return predict
+
+
+def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: Sequence[Sample],
+                          previous: Sequence[Path], seed: int = 0, log: Callable[[str], None] | None = None
+                          ) -> tuple[TrustModel | None, dict[str, Any]]:
+    """Fit the trust model of weights just trained by the server (``POST /train``), or say why not.
+
+    Like ``lmk3d calibrate``, on the detector's own answer (:func:`own_answer`), but nothing is trained,
+    so it takes seconds to a minute rather than the presence network's minutes:
+
+    - the presence network is reused from the first folder of ``previous`` (the parent version's, then
+      the shipped model's) whose ``presence.pt`` names the detector's landmarks, in its order; with none,
+      cut-off landmarks are told by geometry alone. The network looks at the image only, never at the
+      detector, so it stays valid for new weights;
+    - the tolerance is the one of the first ``trust.json`` in ``previous``, else
+      :data:`DEFAULT_TOLERANCE_MM`.
+
+    A ``trust.json`` of ``previous`` is never reused as it is: its error scale, radius and not-found
+    thresholds describe the errors of the weights it was fitted on, not these.
+
+    Args:
+        det: the new weights (any trust model it carries is ignored).
+        train: the cases they were trained on (the shape model, the image model's training images).
+        calibration: cases that trained nothing, with labels (the model's validation cases).
+        previous: folders the new weights descend from, nearest first; missing ones are skipped.
+        seed: the seed of the calibration cases' cut variants.
+        log: called with one line per step.
+
+    Returns:
+        ``(trust, record)``. ``trust`` is None when fewer than :data:`MIN_CALIBRATION_CASES` calibration
+        cases have labels. ``record`` is plain JSON data for the version's report: ``calibrated`` (bool),
+        ``reason`` (one line: what it was fitted on, or why it was not), and when fitted
+        ``tolerance_mm``, ``calibration_cases``, ``presence_from`` (a folder or None) and ``seconds``.
+
+    Raises:
+        LandmarkError: the fit itself failed (too few points, unreadable images...).
+    """
+    from lmk3d.trust import load_trust
+    from lmk3d.trust.fit import fit_trust
+    from lmk3d.trust.presence import PresenceModel
+
+    labelled = [s for s in calibration if s.landmarks is not None and bool(s.landmarks.found.any())]
+    if len(labelled) < MIN_CALIBRATION_CASES:
+        return None, {"calibrated": False,
+                      "reason": f"{len(labelled)} validation case(s); calibration needs at least "
+                                f"{MIN_CALIBRATION_CASES}"}
+    folders = [Path(p) for p in previous if Path(p).is_dir()]
+    tolerance_mm = DEFAULT_TOLERANCE_MM
+    for folder in folders:
+        old = load_trust(folder)
+        if old is not None:
+            tolerance_mm = old.tolerance_mm
+            break
+    presence, presence_from = None, None
+    for folder in folders:
+        candidate = PresenceModel.load(folder)
+        if candidate is not None and candidate.landmark_names == tuple(det.landmark_names):
+            presence, presence_from = candidate, folder
+            break
+    t0 = time.monotonic()
+    trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed, presence,
+                      log=log, names=det.landmark_names)
+    seconds = round(time.monotonic() - t0, 1)
+    trust.report.update(seconds=seconds, presence_from=str(presence_from) if presence_from else None,
+                        command="fitted by the server's training (lmk3d.calibrate.calibrate_new_weights)")
+    where = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"
+    return trust, {"calibrated": True,
+                   "reason": f"fitted on {len(labelled)} validation case(s) "
+                             f"({trust.report['calibration_points']} points), tolerance {tolerance_mm:g} mm, {where}",
+                   "tolerance_mm": tolerance_mm, "calibration_cases": [s.case for s in labelled],
+                   "presence_from": str(presence_from) if presence_from else None, "seconds": seconds}
 
 
 def _box_mm(train: list) -> float:  # type: ignore[type-arg]

@@ -582,6 +582,7 @@ def run_models(args: argparse.Namespace) -> int:
               f"{_metric(m, 'n_val', 'd')}")
         if v["decision"]:
             print(f"         {'accepted' if v['decision']['accepted'] else 'rejected'}: {v['decision']['reason']}")
+        print(f"         {'calibrated' if v['calibrated'] else 'not calibrated'}: {v['calibration']['reason']}")
     return 0
 
 

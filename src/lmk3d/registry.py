@@ -8,9 +8,10 @@ at it (``shipped``) and serves it until a first version of its own is published.
         model.json          the record: detector, landmark names, salt, validation and training cases,
                             the served version ("current"), each version's status and decision, history
         .lock               flock'ed around every read-modify-write of model.json and version numbering
-        versions/v0001/     checkpoint.pt, the source folder's *.json and MODEL_CARD.md, and
-                            version.json (created, parent, detector, metrics, data fingerprint) and
-                            report.json (the report of the run that made it), never changed once written
+        versions/v0001/     checkpoint.pt, the source folder's *.json (trust.json among them), presence.pt
+                            and MODEL_CARD.md, and version.json (created, parent, detector, metrics, data
+                            fingerprint, calibration) and report.json (the report of the run that made
+                            it), never changed once written
 
 Several processes use one workspace at once (the server, its training child, ``lmk3d models``), so a
 :class:`ModelRecord` re-reads ``model.json`` whenever it answers (a cheap ``stat`` tells it whether the
@@ -231,7 +232,8 @@ class Version:
 
     ``metrics`` hold the validation scores it was added with (``val_mre_mm``, ``val_found``, ``n_val``...;
     a NaN is stored as None). ``decision`` is what :meth:`ModelRecord.decide` recorded: ``accepted``,
-    ``reason``, ``compared`` and ``time``; None until decided.
+    ``reason``, ``compared`` and ``time``; None until decided. ``calibration`` is what the run that made
+    it said of its trust model (``calibrated``, ``reason``...; empty when it said nothing, e.g. an upload).
     """
 
     id: str
@@ -244,10 +246,25 @@ class Version:
     decision: dict[str, Any] | None
     data_fingerprint: str
     files: list[str] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def checkpoint(self) -> Path:
         return self.path / CHECKPOINT_FILE
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether it has a trust model (``trust.json``): its scores are calibrated probabilities, not raw."""
+        from lmk3d.trust import TRUST_FILE
+
+        return TRUST_FILE in self.files
+
+    def calibration_reason(self) -> str:
+        """One line: what its trust model was fitted on, or why it has none."""
+        reason = self.calibration.get("reason")
+        if isinstance(reason, str) and reason:
+            return reason
+        return "has a trust.json" if self.calibrated else "no trust.json: scores are the detector's raw ones"
 
     def report(self) -> dict[str, Any]:
         """The report of the run that made this version (``report.json``)."""
@@ -257,7 +274,9 @@ class Version:
         return {"id": self.id, "path": str(self.path), "created": self.created, "parent": self.parent,
                 "detector": self.detector, "status": self.status, "metrics": _strict(self.metrics),
                 "decision": _strict(self.decision), "data_fingerprint": self.data_fingerprint,
-                "files": list(self.files)}
+                "files": list(self.files), "calibrated": self.calibrated,
+                "calibration": _strict({**self.calibration, "calibrated": self.calibrated,
+                                        "reason": self.calibration_reason()})}
 
 
 def _now() -> str:
@@ -460,7 +479,8 @@ class ModelRecord:
         return Version(id=vid, path=path, created=str(meta.get("created", "")), parent=meta.get("parent"),
                        detector=str(meta.get("detector", "")), status=str(state.get("status", "candidate")),
                        metrics=dict(meta.get("metrics") or {}), decision=state.get("decision"),
-                       data_fingerprint=str(meta.get("data_fingerprint", "")), files=files)
+                       data_fingerprint=str(meta.get("data_fingerprint", "")), files=files,
+                       calibration=dict(meta.get("calibration") or {}))
 
     def versions(self) -> list[Version]:
         """Every version, oldest first (the shipped checkpoint is not one)."""
@@ -480,14 +500,15 @@ class ModelRecord:
         return self._version(vid, self._doc())
 
     def add_version(self, source_dir: Path, *, parent: str | None, detector: str, metrics: Mapping[str, Any],
-                    report: Mapping[str, Any], data_fingerprint: str, status: str = "candidate") -> Version:
+                    report: Mapping[str, Any], data_fingerprint: str, status: str = "candidate",
+                    calibration: Mapping[str, Any] | None = None) -> Version:
         """Store the checkpoint in ``source_dir`` as the next version (``versions/vNNNN``).
 
-        ``source_dir/checkpoint.pt`` (required) and the ``*.json`` and ``MODEL_CARD.md`` files beside it
-        are copied into a staging folder, flushed to disk, and the folder renamed to its number; the
-        number is taken under the model's lock, so two processes never get the same one. ``version.json``
-        and ``report.json`` are the registry's own names there. The version is not served: :meth:`decide`
-        does that.
+        ``source_dir/checkpoint.pt`` (required) and the ``*.json`` (``trust.json`` among them),
+        ``presence.pt`` and ``MODEL_CARD.md`` files beside it are copied into a staging folder, flushed
+        to disk, and the folder renamed to its number; the number is taken under the model's lock, so
+        two processes never get the same one. ``version.json`` and ``report.json`` are the registry's
+        own names there. The version is not served: :meth:`decide` does that.
 
         Args:
             source_dir: a folder with ``checkpoint.pt`` (it is only read).
@@ -497,6 +518,8 @@ class ModelRecord:
             report: what made it (options, cases, training report...), stored as ``report.json``.
             data_fingerprint: the training data's fingerprint (:func:`lmk3d.checkpoint.data_fingerprint`).
             status: ``candidate`` (default) or another of :data:`STATUSES`.
+            calibration: what was said of its trust model (``calibrated``, ``reason``...), kept in
+                ``version.json`` (:attr:`Version.calibration`).
 
         Raises:
             RegistryError: no checkpoint, another detector, a reserved file name in ``source_dir``, or a
@@ -512,8 +535,10 @@ class ModelRecord:
             raise RegistryError(f"{source}: no {CHECKPOINT_FILE} to add as a version of {self.name!r}")
         if parent is not None and parent != SHIPPED and _version_number(parent) is None:
             raise RegistryError(f"parent {parent!r}: not a version id (v0001...) nor {SHIPPED!r}")
-        copied = [CHECKPOINT_FILE] + sorted(p.name for p in source.iterdir()
-                                            if p.is_file() and (p.suffix == ".json" or p.name == MODEL_CARD))
+        from lmk3d.trust.presence import PRESENCE_FILE
+
+        copied = [CHECKPOINT_FILE] + sorted(p.name for p in source.iterdir() if p.is_file() and (
+            p.suffix == ".json" or p.name in (MODEL_CARD, PRESENCE_FILE)))
         for reserved in (VERSION_FILE, REPORT_FILE):
             if reserved in copied:
                 raise RegistryError(f"{source / reserved}: {reserved} is the registry's own file in a version "
@@ -530,6 +555,8 @@ class ModelRecord:
                 _fsync_file(staging / name)
             meta = {"created": _now(), "parent": parent, "detector": detector, "metrics": dict(metrics),
                     "data_fingerprint": data_fingerprint}
+            if calibration is not None:
+                meta["calibration"] = dict(calibration)
             for name, doc in ((REPORT_FILE, report), (VERSION_FILE, meta)):
                 (staging / name).write_text(_dumps(doc), encoding="utf-8")
                 _fsync_file(staging / name)

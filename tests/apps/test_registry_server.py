@@ -242,8 +242,15 @@ def test_a_retrain_on_the_true_labels_is_accepted_and_served(world: World, tmp_p
     assert stats["published"] is True and stats["version"] == "v0001" and stats["served_version"] == "v0001"
     assert stats["decision"] == reason
     assert "version v0001 PUBLISHED" in stats["details"]
+    # Too few validation cases to fit a trust model: none, and every place that tells of the version says why.
+    why = f"{len(val)} validation case(s); calibration needs at least 5"
+    assert len(val) < 5 and not (v1_dir / "trust.json").exists()
+    assert v1["calibrated"] is False and v1["calibration"]["reason"] == why
+    assert stats["calibrated"] is False and stats["calibration"] == why
+    assert f"not calibrated: {why}; this version serves the detector's raw scores" in stats["details"]
     assert world.server.get_json("/info/")["model_versions"][MODEL]["current"] == "v0001"
     assert_serves(world, v1_dir.resolve())
+    assert "score_meaning" not in infer(world.server) and "tolerance_mm" not in infer(world.server)
 
 
 # --- 2. a gated retrain that is rejected --------------------------------------------------------------

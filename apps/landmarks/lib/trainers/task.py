@@ -15,13 +15,25 @@ workspace, never in the repository's ``models/``), and it is served only if the 
 model's **validation cases**: labelled images set aside when the model first saw them
 (:meth:`lmk3d.registry.ModelRecord.validation_cases`) and never trained on. A rejected version stays in
 the registry as a candidate with its report; ``GET /train/`` (the last output lines), ``/info/``'s
-``train_stats`` (``published``, ``decision``, ``version``, ``served_version``) and ``lmk3d models show``
-say what was decided and why. The infer task notices the new served version and loads it.
+``train_stats`` (``published``, ``decision``, ``version``, ``served_version``, ``calibrated`` and
+``calibration``, the trust model's reason) and ``lmk3d models show`` say what was decided and why.
+The infer task notices the new served version and loads it.
+
+**Trust.** Before the gate decides, the new weights get their own trust model
+(:func:`lmk3d.calibrate.calibrate_new_weights`, docs/trust.md): fitted on the same validation cases,
+with the training cases for its shape and image models, the parent's presence network (else the shipped
+model's) and the parent's tolerance (else 3 mm); nothing is trained for it. ``trust.json`` (and
+``presence.pt``) go into the version folder, so the version serves calibrated scores, ``radius_mm`` and
+``score_meaning`` from its first answer, and the gate measures the version as it will serve. With fewer
+than 5 validation cases, or when the fit fails, the version has no trust model and serves the
+detector's raw scores; the output lines, the version's report and ``calibration`` in its record
+(``lmk3d models show``) say why.
 
 MONAI Label runs the task in a child process (``python -m monailabel.interfaces.utils.app -m train``)
 and shows the last 20 lines of its output in ``GET /train/``: this task prints one line per step (labels
-read, validation and training cases, the served version's scores, training, the new weights' scores,
-the decision) and the detector's progress bar adds the loss and validation error per epoch.
+read, validation and training cases, the served version's scores, training, calibration, the new
+weights' scores, the decision) and the detector's progress bar adds the loss and validation error per
+epoch.
 ``GET /info/`` shows ``train_stats`` from ``app_train_stats.json`` in the model's registry folder
 (``status``, ``phase``, ``val_mre_mm``, ``val_mre_mm_before``, ``best_metric`` = the share of validation
 landmarks within 4 mm, which is what Slicer's accuracy bar shows...).
@@ -82,6 +94,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.configs import DeclaredModel, LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
 from lib.json_values import jsonable
+from lmk3d.calibrate import calibrate_new_weights
 from lmk3d.checkpoint import CHECKPOINT_FILE, data_fingerprint
 from lmk3d.data.samples import Sample
 from lmk3d.data.split import holdout_split
@@ -95,6 +108,7 @@ from lmk3d.publish import STAGING_PREFIX
 from lmk3d.registry import BASELINE_DETECTOR, gate
 from lmk3d.training.loop import Trainer
 from lmk3d.training.loop import TrainOptions as TrainOptions_  # the library's; TrainOptions here is the request's
+from lmk3d.trust import TrustModel, save_trust
 
 logger = logging.getLogger(__name__)
 
@@ -285,7 +299,7 @@ class LandmarkTrainTask(TrainTask):
         report = self._fit_and_decide(detector, init, options, minutes_left, train, val, stats)
         if first is not None:
             report["first_version"] = {k: first[k] for k in ("version", "detector", "published", "decision",
-                                                             "val_mre_mm")}
+                                                             "val_mre_mm", "calibrated")}
         return report
 
     def _fit_and_decide(self, detector: Detector, init: str, options: TrainOptions, max_minutes: float,
@@ -317,7 +331,14 @@ class LandmarkTrainTask(TrainTask):
         trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=max_minutes,
                                         max_epochs=options.max_epochs, progress=True,
                                         device=str(detector.device)), on_epoch=progress)
+        # A fine-tuned detector comes with the served weights' trust model: it describes their errors, not the
+        # new weights', and is never carried over (the new weights get their own in _calibrate).
+        detector.trust = None
         fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=init)
+        stats.update(phase="calibrating")
+        self._stats(stats)
+        trust, calibration = self._calibrate(detector, train, val, options.seed)
+        detector.trust = trust  # measured as it will serve: with its own trust model, or raw
         after = scores(detector, val)
         self._say(f"new weights: {_described(after)}")
         stats.update(phase="deciding", val_mre_mm=after["val_mre_mm"], val_sdr_4mm=after["val_sdr_4mm"],
@@ -327,18 +348,20 @@ class LandmarkTrainTask(TrainTask):
         staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=record.root))
         try:
             detector.save(staging)
+            if trust is not None:
+                save_trust(staging, trust)
             atomic_write_text(staging / REPORT_FILE, json.dumps(jsonable(fit_report), indent=2))
             fingerprint = data_fingerprint([(s.case, s.landmarks) for s in train])
             atomic_write_text(staging / "MODEL_CARD.md", _model_card(
                 self.name, detector, current, train, val, before, after, fingerprint,
                 {"init": init, "max_minutes": round(max_minutes, 2), "max_epochs": options.max_epochs,
-                 "seed": options.seed, "early_stopping_fraction": options.val_fraction}, fit_report))
+                 "seed": options.seed, "early_stopping_fraction": options.val_fraction}, fit_report, calibration))
             version = record.add_version(
                 staging, parent=current, detector=detector.name, metrics=after,
                 report={"options": dataclasses.asdict(options), "init": init, "max_minutes": max_minutes,
                         "train_cases": [s.case for s in train], "val_cases": [s.case for s in val],
-                        "fit": jsonable(fit_report)},
-                data_fingerprint=fingerprint)
+                        "fit": jsonable(fit_report), "calibration": jsonable(calibration)},
+                data_fingerprint=fingerprint, calibration=jsonable(calibration))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         accepted, reason = gate(before, after)
@@ -350,7 +373,30 @@ class LandmarkTrainTask(TrainTask):
                 "val_mre_mm": after["val_mre_mm"], "val_sdr_4mm": after["val_sdr_4mm"],
                 "best_metric": after["val_sdr_4mm"], "version": version.id, "detector": detector.name, "init": init,
                 "parent": current, "published": accepted, "decision": reason, "served_version": record.current(),
-                "train_cases": [s.case for s in train], "val_cases": [s.case for s in val]}
+                "train_cases": [s.case for s in train], "val_cases": [s.case for s in val],
+                "calibrated": trust is not None, "calibration": calibration["reason"]}
+
+    def _calibrate(self, detector: Detector, train: Sequence[Sample], val: Sequence[Sample],
+                   seed: int) -> tuple[TrustModel | None, dict[str, Any]]:
+        """The new weights' own trust model (:func:`lmk3d.calibrate.calibrate_new_weights`), or None and why.
+
+        Fitted on the validation cases (the gate's), with the parent version's presence network and
+        tolerance, else the shipped model's. The parent's ``trust.json`` itself is never copied onto the
+        new weights: it was fitted for other weights. A failed fit costs the trust model, never the
+        trained weights: the version is added without one, saying why.
+        """
+        previous = [p for p in (self.record.current_dir(), self.record.shipped) if p is not None]
+        try:
+            trust, calibration = calibrate_new_weights(detector, train, val, previous, seed, log=self._say)
+        except Exception as e:
+            logger.exception("model %r: the trust model of the new weights could not be fitted", self.name)
+            trust, calibration = None, {"calibrated": False,
+                                        "reason": f"calibration failed ({type(e).__name__}: {e})"}
+        if trust is None:
+            self._say(f"not calibrated: {calibration['reason']}; this version serves the detector's raw scores")
+        else:
+            self._say(f"calibrated: {calibration['reason']}")
+        return trust, calibration
 
     def _fix_landmark_names(self, datastore: Datastore) -> tuple[str, ...]:
         """A declared model's first training: take its landmark names from the final labels and record them.
@@ -512,7 +558,7 @@ def scores(detector: Detector, samples: Sequence[Sample]) -> dict[str, float]:
 
 def _model_card(name: str, detector: Detector, parent: str | None, train: Sequence[Sample], val: Sequence[Sample],
                 before: Mapping[str, float] | None, after: Mapping[str, float], fingerprint: str,
-                options: Mapping[str, Any], fit_report: Mapping[str, Any]) -> str:
+                options: Mapping[str, Any], fit_report: Mapping[str, Any], calibration: Mapping[str, Any]) -> str:
     """The version's model card: what it was trained from, how, and how it measured before the gate decided."""
     def row(label: str, m: Mapping[str, float] | None) -> str:
         if not m or not m.get("n_val"):
@@ -530,6 +576,8 @@ def _model_card(name: str, detector: Detector, parent: str | None, train: Sequen
         f"{fit_report.get('device', 'cpu')}.",
         f"- Measured on the model's {len(val)} validation case(s), fixed when the model first saw them and never "
         f"trained on: {', '.join(s.case for s in val) or '(none yet)'}.",
+        ("- Scores: calibrated probabilities (`trust.json`), " if calibration.get("calibrated") else
+         "- Scores: the detector's raw ones, not calibrated: ") + f"{calibration.get('reason', '')}.",
         "",
         "| weights | MRE | found | within 4 mm | cases |",
         "|---|---|---|---|---|",

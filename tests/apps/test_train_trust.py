@@ -1,0 +1,224 @@
+"""A version trained by the server gets its own trust model, and serves calibrated scores from its first answer.
+
+In process: the app's train task (:class:`lib.trainers.task.LandmarkTrainTask`) on a real
+``LocalDatastore`` of :data:`N_STUDIES` hippocampus images from the shipped model's *test* split, with
+their true landmarks as final labels, then the app's infer task on one of them. The served model is a
+copy of the shipped ``mean_shape-hippocampus`` folder (its ``presence.pt`` and ``trust.json``) whose
+checkpoint is replaced by one trained here on labels shifted by :data:`SHIFT_MM`: a poor parent by
+construction, so a retrain on the true labels passes the gate by a wide margin and is served. Its
+``trust.json`` says :data:`PARENT_TOLERANCE_MM`, so the test sees the tolerance kept.
+
+The model's validation fraction is :data:`VAL_FRACTION` (not the default 0.2) so that 5 of 11
+labelled cases are validation cases, the fewest a calibration needs. A declared model's first version
+(the ``mean_shape`` baseline, no parent) is calibrated without a presence network. The case with fewer
+validation cases (no ``trust.json``, the reason recorded) is tested through the real server in
+``test_registry_server.py``. ``mean_shape`` trains in a second; nothing measures time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from lmk3d.data.samples import Sample
+from lmk3d.detectors import detector_class, load_detector
+from lmk3d.errors import LandmarkError
+from lmk3d.io import read_image, read_table, write_landmarks
+from lmk3d.landmarks import LandmarkSet
+from lmk3d.registry import ModelRecord, Registry
+from lmk3d.trust.presence import PresenceModel
+from tests.apps.server_fixture import HIPPOCAMPUS, copy_images, copy_model
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.filterwarnings("ignore:'cgi' is deprecated:DeprecationWarning")
+
+APP_DIR = ROOT / "apps" / "landmarks"
+MODEL = "mean_shape"
+SHIPPED_NAME = f"{MODEL}-hippocampus"
+TRUTH = read_table(HIPPOCAMPUS / "landmarks.csv")
+SPLIT = json.loads((ROOT / "models" / SHIPPED_NAME / "split.json").read_text())
+N_STUDIES = 11
+STUDIES = tuple(SPLIT["test"][:N_STUDIES])  # never seen by the shipped model
+#: Gives 5 validation cases among STUDIES (checked in the fixture): the fewest a calibration needs.
+VAL_FRACTION = 0.5
+#: Inside every image, ~10 mm worse than the truth (see test_registry_server.py).
+SHIFT_MM = (-12.0, 0.0, 0.0)
+PARENT_TOLERANCE_MM = 4.0
+TRAIN_OPTIONS = {"max_minutes": 0.2, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def app_lib() -> Iterator[SimpleNamespace]:
+    """The app's ``lib`` modules, imported from apps/landmarks and removed again afterwards ("lib" is generic)."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        from lib.configs import LandmarkModelConfig
+        from lib.infers.task import LandmarkInferTask
+        from lib.trainers.task import LandmarkTrainTask
+    finally:
+        sys.path.remove(str(APP_DIR))
+    yield SimpleNamespace(LandmarkModelConfig=LandmarkModelConfig, LandmarkInferTask=LandmarkInferTask,
+                          LandmarkTrainTask=LandmarkTrainTask)
+    for name in set(sys.modules) - before:
+        if name == "lib" or name.startswith("lib."):
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def poor_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``mean_shape`` checkpoint trained on shifted labels of cases outside the studies."""
+    folder = tmp_path_factory.mktemp("poor")
+    cases = [c for c in SPLIT["train"] if c not in STUDIES][:20]
+    names = TRUTH[cases[0]].names
+    shifted = [Sample(c, HIPPOCAMPUS / "images" / f"{c}.nii.gz",
+                      LandmarkSet(names, TRUTH[c].xyz_mm_ras + np.asarray(SHIFT_MM), TRUTH[c].scores,
+                                  TRUTH[c].found)) for c in cases]
+    detector = detector_class(MODEL).create(names, profile="tiny")
+    detector.fit(shifted, None, seed=0, max_minutes=0.2, progress=False)
+    return detector.save(folder)
+
+
+@dataclass
+class World:
+    root: Path
+    shipped: Path
+    datastore: Any
+    model: Any  # lib.configs.LoadedModel
+    record: ModelRecord
+
+    def version_dir(self, vid: str) -> Path:
+        return self.record.root / "versions" / vid
+
+
+def labelled_datastore(tmp_path: Path) -> Any:
+    """A ``LocalDatastore`` of :data:`STUDIES` with their true landmarks as final labels (Slicer point lists)."""
+    from monailabel.datastore.local import LocalDatastore
+
+    studies = tmp_path / "studies"
+    copy_images(studies, STUDIES)
+    datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
+    for case in STUDIES:
+        label = write_landmarks(tmp_path / f"{case}.mrk.json", TRUTH[case])
+        datastore.save_label(case, str(label), "final", {})
+    return datastore
+
+
+@pytest.fixture
+def world(tmp_path: Path, app_lib: SimpleNamespace, poor_checkpoint: Path) -> World:
+    shipped = copy_model(tmp_path / "models", SHIPPED_NAME)
+    shutil.copyfile(poor_checkpoint, shipped / "checkpoint.pt")
+    trust = json.loads((shipped / "trust.json").read_text())
+    trust["tolerance_mm"] = PARENT_TOLERANCE_MM
+    (shipped / "trust.json").write_text(json.dumps(trust))
+    datastore = labelled_datastore(tmp_path)
+    registry = Registry(tmp_path / "ws")
+    registry.ensure(MODEL, MODEL, shipped=shipped.resolve(), val_fraction=VAL_FRACTION)
+    model = app_lib.LandmarkModelConfig(detector=MODEL).load(registry, tmp_path / "models", "hippocampus", "cpu")
+    val = model.record.validation_cases(STUDIES)
+    assert len(val) == 5, f"the test needs exactly 5 validation cases among the studies, not {val}"
+    return World(tmp_path, shipped.resolve(), datastore, model, model.record)
+
+
+def train(app_lib: SimpleNamespace, world: World, capsys: pytest.CaptureFixture[str]) -> tuple[dict[str, Any], str]:
+    """Run the train task as ``POST /train/mean_shape?run_sync=true`` does; its result and its output lines."""
+    task = app_lib.LandmarkTrainTask(world.model, "cpu")
+    result = task(dict(TRAIN_OPTIONS), world.datastore)
+    return result, capsys.readouterr().out
+
+
+def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib: SimpleNamespace, world: World,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    infer = app_lib.LandmarkInferTask(world.model, device="cpu")  # made at start-up, as the app does
+    result, lines = train(app_lib, world, capsys)
+    assert result["version"] == "v0001" and result["published"] is True, result["decision"]
+    assert result["calibrated"] is True and result["calibration"].startswith("fitted on 5 validation case(s)")
+    assert f"calibrated: {result['calibration']}" in lines
+
+    v1 = world.version_dir("v0001")
+    trust = json.loads((v1 / "trust.json").read_text())
+    parent = json.loads((world.shipped / "trust.json").read_text())
+    assert trust["tolerance_mm"] == PARENT_TOLERANCE_MM  # the parent's
+    assert trust["report"]["calibration_cases"] == sorted(world.record.validation_cases(STUDIES))
+    assert trust["weights"] != parent["weights"], "the parent's trust model was copied onto new weights"
+    # The parent's presence network is reused as it is (it looks at the image, not at the detector).
+    reused, original = PresenceModel.load(v1), PresenceModel.load(world.shipped)
+    assert reused is not None and original is not None
+    for key, value in original.net.state_dict().items():
+        assert torch.equal(reused.net.state_dict()[key], value), key
+    assert trust["report"]["presence_from"] == str(world.shipped)
+    (version,) = world.record.to_json()["versions"]
+    assert version["calibrated"] is True and version["calibration"]["reason"] == result["calibration"]
+    assert json.loads((v1 / "report.json").read_text())["calibration"]["calibrated"] is True
+    assert "Scores: calibrated probabilities (`trust.json`), fitted on 5" in (v1 / "MODEL_CARD.md").read_text()
+
+    # The next inference answer is the new version's, with its calibrated scores.
+    image = world.datastore.get_image_uri(STUDIES[0])
+    _, answer = infer({"image": image, "landmark_output": "markups"})
+    assert answer["checkpoint"]["path"] == str(v1 / "checkpoint.pt")
+    assert answer["tolerance_mm"] == PARENT_TOLERANCE_MM
+    assert answer["score_meaning"].startswith(f"probability that the landmark is within {PARENT_TOLERANCE_MM:g} mm")
+    assert answer["image_check"]["in_distribution"] is True
+    expected = load_detector(v1, "cpu").predict_all(read_image(image))
+    assert expected.raw is not None
+    for k, item in enumerate(answer["landmarks"]):
+        assert item["found"], item
+        assert 0.0 <= item["score"] <= 1.0 and item["radius_mm"] > 0.0, item
+        assert item["score"] == pytest.approx(float(expected.landmarks.scores[k]), abs=1e-6)
+        assert item["radius_mm"] == pytest.approx(float(expected.landmarks.radius_mm[k]), abs=1e-6)
+    # mean_shape's raw score is one number per landmark for every image: the calibrated one is not it.
+    raw = np.array([answer["raw_scores"][n] for n in expected.raw.names])
+    assert np.allclose(raw, np.round(expected.raw.scores, 4))
+    assert not np.allclose([it["score"] for it in answer["landmarks"]], expected.raw.scores, atol=1e-3)
+
+
+def test_a_failed_calibration_keeps_the_version_without_a_trust_model(app_lib: SimpleNamespace, world: World,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def fails(*args: Any, **kwargs: Any) -> Any:
+        raise LandmarkError("trust: 3 calibration points are too few to fit 7 weights")
+
+    monkeypatch.setattr("lmk3d.trust.fit.fit_trust", fails)
+    result, lines = train(app_lib, world, capsys)
+    assert result["version"] == "v0001" and result["calibrated"] is False
+    reason = "calibration failed (LandmarkError: trust: 3 calibration points are too few to fit 7 weights)"
+    assert result["calibration"] == reason
+    assert f"not calibrated: {reason}; this version serves the detector's raw scores" in lines
+    v1 = world.version_dir("v0001")
+    # Never the parent's trust model (the shipped folder has one), nor its presence network alone.
+    assert (v1 / "checkpoint.pt").is_file()
+    assert not (v1 / "trust.json").exists() and not (v1 / "presence.pt").exists()
+    (version,) = world.record.to_json()["versions"]
+    assert version["calibrated"] is False and version["calibration"]["reason"] == reason
+    assert load_detector(v1, "cpu").trust is None
+
+
+def test_a_declared_models_first_version_is_calibrated_without_a_presence_network(
+        app_lib: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    datastore = labelled_datastore(tmp_path)
+    registry = Registry(tmp_path / "ws")
+    record = registry.ensure("my_hippo", MODEL, val_fraction=VAL_FRACTION)  # 6 of STUDIES are its validation cases
+    declared = app_lib.LandmarkModelConfig(detector=MODEL).declared("my_hippo").declare(registry)
+    result = app_lib.LandmarkTrainTask(declared, "cpu")(dict(TRAIN_OPTIONS), datastore)
+    capsys.readouterr()
+    assert result["version"] == "v0001" and result["published"] is True  # the first version: served
+    assert result["calibrated"] is True, result["calibration"]
+    assert result["calibration"].endswith("tolerance 3 mm, no presence network (geometry only)")
+    v1 = record.root / "versions" / "v0001"
+    trust = json.loads((v1 / "trust.json").read_text())
+    assert trust["tolerance_mm"] == 3.0 and trust["presence_threshold"] == 0.0
+    assert len(trust["report"]["calibration_cases"]) == 6 and not (v1 / "presence.pt").exists()
+    detector = load_detector(v1, "cpu")
+    assert detector.trust is not None and detector.trust.presence is None
+    answer = detector.predict_all(read_image(datastore.get_image_uri(STUDIES[0]))).landmarks
+    assert answer.calibrated and np.all((answer.scores >= 0.0) & (answer.scores <= 1.0))
