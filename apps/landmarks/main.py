@@ -452,15 +452,17 @@ class LandmarksApp(MONAILabelApp):
         The file is read weights-only (:mod:`lmk3d.checkpoint`: a pickle that would run code is refused,
         never run), must hold the served detector with the served landmark names, and must predict
         finite points on a probe image (:func:`lib.model_files.probe_volume`): else 422, nothing kept.
-        It then becomes a registry version; it is served only if the gate finds it no worse than the
-        served version on the model's validation cases (``force``: an admin's decision to serve it
-        anyway, recorded as such), else it stays a candidate (409 saying why).
+        Its trust model is fitted on the model's validation cases like a trained version's (with the
+        other labelled cases as its training cases). It then becomes a registry version; it is served
+        only if the gate finds it no worse than the served version on the model's validation cases
+        (``force``: an admin's decision to serve it anyway, recorded as such), else it stays a candidate
+        (409 saying why).
         """
         self._served(name)
         trainer = self._trainers.get(name)
-        val = trainer.validation_samples(self.datastore()) if isinstance(trainer, LandmarkTrainTask) else []
+        train, val = trainer.labelled_split(self.datastore()) if isinstance(trainer, LandmarkTrainTask) else ([], [])
         with self._model_lock:
-            return replace_checkpoint(self.models[name], upload, self._probe(), val, force)
+            return replace_checkpoint(self.models[name], upload, self._probe(), val, force, train=train)
 
     def rollback_model(self, name: str) -> dict[str, Any]:
         """Serve the version before the current one again (``DELETE /model/{name}``, ``POST /models/{name}/rollback``).

@@ -319,6 +319,9 @@ def test_an_uploaded_worse_checkpoint_is_kept_as_a_candidate_unless_forced(world
     assert answer["version"] == "v0004" and answer["published"] is True and answer["served_version"] == "v0004"
     assert answer["sha256"] == sha256(worse)
     assert "force=true" in answer["decision"] and "has a larger MRE" in answer["decision"]
+    # Too few validation cases here for a trust model: the upload serves raw scores and says why.
+    assert answer["calibrated"] is False and "calibration needs at least 5" in answer["calibration"], answer
+    assert not (world.version_dir("v0004") / "trust.json").exists()
     rec = record(world.server)
     v4 = {v["id"]: v for v in rec["versions"]}["v0004"]
     assert rec["current"] == "v0004" and v4["status"] == "published" and v4["parent"] == "v0001"

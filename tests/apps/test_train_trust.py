@@ -65,11 +65,12 @@ def app_lib() -> Iterator[SimpleNamespace]:
     try:
         from lib.configs import LandmarkModelConfig
         from lib.infers.task import LandmarkInferTask
+        from lib.model_files import replace_checkpoint
         from lib.trainers.task import LandmarkTrainTask
     finally:
         sys.path.remove(str(APP_DIR))
     yield SimpleNamespace(LandmarkModelConfig=LandmarkModelConfig, LandmarkInferTask=LandmarkInferTask,
-                          LandmarkTrainTask=LandmarkTrainTask)
+                          LandmarkTrainTask=LandmarkTrainTask, replace_checkpoint=replace_checkpoint)
     for name in set(sys.modules) - before:
         if name == "lib" or name.startswith("lib."):
             del sys.modules[name]
@@ -222,3 +223,27 @@ def test_a_declared_models_first_version_is_calibrated_without_a_presence_networ
     assert detector.trust is not None and detector.trust.presence is None
     answer = detector.predict_all(read_image(datastore.get_image_uri(STUDIES[0]))).landmarks
     assert answer.calibrated and np.all((answer.scores >= 0.0) & (answer.scores <= 1.0))
+
+
+def test_an_uploaded_checkpoint_is_calibrated_like_a_trained_version(app_lib: SimpleNamespace, world: World,
+                                                                      tmp_path: Path) -> None:
+    """``PUT /model`` (admin) as the app runs it: the shipped weights uploaded over the poor ones get their own
+    trust model on the same validation cases, pass the gate, and serve calibrated scores."""
+    train_cases, val = app_lib.LandmarkTrainTask(world.model, "cpu").labelled_split(world.datastore)
+    assert len(val) == 5 and len(train_cases) == N_STUDIES - 5
+    upload = tmp_path / "upload.pt"
+    shutil.copyfile(ROOT / "models" / SHIPPED_NAME / "checkpoint.pt", upload)
+    answer = app_lib.replace_checkpoint(world.model, str(upload), world.datastore.get_image_uri(STUDIES[0]), val,
+                                        train=train_cases)
+    assert answer["version"] == "v0001" and answer["published"] is True, answer["decision"]
+    assert answer["calibrated"] is True and answer["calibration"].startswith("fitted on 5 validation case(s)")
+    v1 = world.version_dir("v0001")
+    trust = json.loads((v1 / "trust.json").read_text())
+    assert trust["tolerance_mm"] == PARENT_TOLERANCE_MM and trust["report"]["presence_from"] == str(world.shipped)
+    assert trust["report"]["calibration_cases"] == sorted(s.case for s in val)
+    (version,) = world.record.to_json()["versions"]
+    assert version["calibrated"] is True and version["calibration"]["reason"] == answer["calibration"]
+    served = load_detector(v1, "cpu")
+    assert served.trust is not None
+    landmarks = served.predict_all(read_image(world.datastore.get_image_uri(STUDIES[0]))).landmarks
+    assert landmarks.calibrated and np.all((landmarks.scores >= 0.0) & (landmarks.scores <= 1.0))

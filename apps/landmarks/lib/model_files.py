@@ -19,6 +19,7 @@ again; with none it refuses (409) rather than leave the model without weights.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
@@ -31,15 +32,19 @@ import numpy as np
 from lib.configs import LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
 from lib.trainers.task import scores
+from lmk3d.calibrate import calibrate_new_weights
 from lmk3d.checkpoint import CHECKPOINT_FILE
 from lmk3d.data.samples import Sample
-from lmk3d.detectors import load_detector
+from lmk3d.detectors import Detector, load_detector
 from lmk3d.io import read_image
 from lmk3d.io.image import Volume
 from lmk3d.publish import STAGING_PREFIX
 from lmk3d.registry import RegistryError, gate
+from lmk3d.trust import TrustModel, save_trust
 
 __all__ = ["probe_volume", "replace_checkpoint", "rollback"]
+
+logger = logging.getLogger(__name__)
 
 
 def probe_volume(image_path: str | None) -> Volume:
@@ -64,8 +69,15 @@ def _refuse(name: str, why: str) -> Exception:
 
 
 def replace_checkpoint(model: LoadedModel, upload: str, probe_image: str | None, val: Sequence[Sample],
-                       force: bool = False) -> dict[str, Any]:
+                       force: bool = False, train: Sequence[Sample] = ()) -> dict[str, Any]:
     """Check ``upload``, add it as a version of ``model`` and serve it if the gate (or ``force``) allows.
+
+    Before the gate, the uploaded weights get their own trust model
+    (:func:`lmk3d.calibrate.calibrate_new_weights`, as a version trained by the server does): fitted on
+    ``val`` (the model's validation cases) with ``train`` (the other labelled cases) for its shape and
+    image models; with fewer than 5 validation cases, or when the fit fails, the version has none and
+    serves raw scores. A file that came with a ``trust.json`` elsewhere cannot bring it: the upload is
+    the checkpoint alone, and its trust model describes the errors on this server's cases.
 
     Raises:
         HTTPException: 422 naming the check that failed (nothing is kept); 409 when the version is kept
@@ -96,12 +108,18 @@ def replace_checkpoint(model: LoadedModel, upload: str, probe_image: str | None,
         if coords.shape != (len(landmark_names), 3) or not np.isfinite(coords[found]).all():
             raise _refuse(name, "its prediction on a probe image is not one finite point per landmark")
         current = record.current()
+        trust, calibration = _calibrate(name, detector, train, val,
+                                        [p for p in (record.current_dir(), record.shipped) if p is not None])
+        detector.trust = trust
+        if trust is not None:
+            save_trust(staging, trust)
         before = scores(load_detector(record.current_dir(), "cpu"), val) if current is not None else None
         after = scores(detector, val)
         version = record.add_version(staging, parent=current, detector=detector.name, metrics=after,
                                      report={"source": "uploaded by an admin (PUT /model)",
-                                             "val_cases": [s.case for s in val]},
-                                     data_fingerprint=str(getattr(detector, "data_fingerprint", "") or ""))
+                                             "val_cases": [s.case for s in val], "calibration": calibration},
+                                     data_fingerprint=str(getattr(detector, "data_fingerprint", "") or ""),
+                                     calibration=calibration)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     accepted, reason = gate(before, after)
@@ -110,11 +128,23 @@ def replace_checkpoint(model: LoadedModel, upload: str, probe_image: str | None,
     record.decide(version.id, accepted, reason, {"current": current, "before": before, "after": after})
     answer = {"model": name, "version": version.id, "published": accepted, "decision": reason,
               "served_version": record.current(), "sha256": _sha256(version.checkpoint),
-              "detector": detector.name, "landmarks": list(detector.landmark_names)}
+              "detector": detector.name, "landmarks": list(detector.landmark_names),
+              "calibrated": trust is not None, "calibration": calibration["reason"]}
     if not accepted:
         raise http_error(CONFLICT, f"model file for {name!r} kept as candidate version {version.id}, not served: "
                                    f"{reason} (an admin may serve it anyway with ?force=true)")
     return answer
+
+
+def _calibrate(name: str, detector: Detector, train: Sequence[Sample], val: Sequence[Sample],
+               previous: Sequence[Path]) -> tuple[TrustModel | None, dict[str, Any]]:
+    """The uploaded weights' trust model, or None and why (a failed fit costs the trust model, not the upload)."""
+    detector.trust = None
+    try:
+        return calibrate_new_weights(detector, train, val, previous, seed=0)
+    except Exception as e:
+        logger.exception("model %r: the trust model of the uploaded weights could not be fitted", name)
+        return None, {"calibrated": False, "reason": f"calibration failed ({type(e).__name__}: {e})"}
 
 
 def rollback(model: LoadedModel) -> dict[str, Any]:

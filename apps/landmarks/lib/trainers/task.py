@@ -436,12 +436,17 @@ class LandmarkTrainTask(TrainTask):
 
     def validation_samples(self, datastore: Datastore) -> list[Sample]:
         """The model's validation cases with their final labels (what the gate measures a new version on)."""
+        return self.labelled_split(datastore)[1]
+
+    def labelled_split(self, datastore: Datastore) -> tuple[list[Sample], list[Sample]]:
+        """The final labels as ``(training cases, validation cases)`` by the model's fixed rule (none when
+        the labels cannot be read)."""
         try:
             samples = self._samples(datastore)
         except LandmarkError:
-            return []
+            return [], []
         val = set(self.record.validation_cases([s.case for s in samples]))
-        return [s for s in samples if s.case in val]
+        return [s for s in samples if s.case not in val], [s for s in samples if s.case in val]
 
     def _samples(self, datastore: Datastore) -> list[Sample]:
         """Every image with a readable final label, as Samples in the model's landmark order."""
