@@ -152,6 +152,22 @@ def tree_digest(folder: Path, skip: Sequence[str] = (".lock",)) -> dict[str, str
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in skip}
 
 
+def studies_digest(studies: Path, skip: Sequence[str] = (".lock",)) -> dict[str, str]:
+    """:func:`tree_digest` of a studies folder without what the background scorer rewrites at any time:
+    the score cache (``scores.json``) and its temporary files (``.lmk3d-tmp-*``, which may vanish
+    while the folder is read)."""
+    out = {}
+    for p in sorted(studies.rglob("*")):
+        if p.name in skip or p.name == "scores.json" or p.name.startswith(".lmk3d-tmp-"):
+            continue
+        try:
+            if p.is_file():
+                out[str(p.relative_to(studies))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        except FileNotFoundError:
+            continue
+    return out
+
+
 def copy_images(studies: Path, cases: Sequence[str]) -> None:
     """Copy the shared hippocampus images ``cases`` into ``studies`` (created if needed)."""
     studies.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,7 @@ from tests.apps.server_fixture import (
     multipart,
     ready,
     stop,
+    studies_digest,
     tree_digest,
 )
 from tests.conftest import ROOT
@@ -89,7 +90,7 @@ class Target:
                 "models": tree_digest(self.server.models)}
 
     def studies(self) -> dict[str, str]:
-        return tree_digest(self.server.studies, skip=(".lock", "datastore_v2.json"))
+        return studies_digest(self.server.studies, skip=(".lock", "datastore_v2.json"))
 
     def infer(self, query: str, model: str = MODEL, headers: dict[str, str] | None = None) -> Reply:
         body, ctype = multipart({"params": (None, b"{}")})

@@ -40,7 +40,7 @@ from tests.apps.server_fixture import (
     multipart,
     ready,
     stop,
-    tree_digest,
+    studies_digest,
 )
 
 pytestmark = pytest.mark.server
@@ -85,7 +85,7 @@ class Ctx:
         return json.dumps(doc).encode()
 
     def studies_state(self) -> dict[str, str]:
-        return tree_digest(self.server.studies)
+        return studies_digest(self.server.studies)
 
     def temp_files(self) -> set[str]:
         """The server's temporary files, but for its upload folder (made at the first upload, checked apart)."""

@@ -145,6 +145,7 @@ def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib:
     assert result["version"] == "v0001" and result["published"] is True, result["decision"]
     assert result["calibrated"] is True and result["calibration"].startswith("fitted on 5 validation case(s)")
     assert f"calibrated: {result['calibration']}" in lines
+    assert "init=current" in lines and "learning rate x0.1" in lines  # a fine-tune takes smaller steps
 
     v1 = world.version_dir("v0001")
     trust = json.loads((v1 / "trust.json").read_text())
@@ -160,7 +161,8 @@ def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib:
     assert trust["report"]["presence_from"] == str(world.shipped)
     (version,) = world.record.to_json()["versions"]
     assert version["calibrated"] is True and version["calibration"]["reason"] == result["calibration"]
-    assert json.loads((v1 / "report.json").read_text())["calibration"]["calibrated"] is True
+    report = json.loads((v1 / "report.json").read_text())
+    assert report["calibration"]["calibrated"] is True and report["lr_scale"] == 0.1
     assert "Scores: calibrated probabilities (`trust.json`), fitted on 5" in (v1 / "MODEL_CARD.md").read_text()
 
     # The next inference answer is the new version's, with its calibrated scores.

@@ -116,3 +116,29 @@ def test_training_left_a_resume_state(fitted: tuple[Detector, dict[str, object],
     state = read_train_state(state_dir)
     assert state["completed"], "every finished phase is in the resume state"
     assert (state_dir / STATE_FILE).is_file()
+
+
+@pytest.mark.parametrize("name", [n for n in detector_names() if n != "mean_shape"])
+def test_every_optimiser_takes_the_trainers_learning_rate_scale(name: str, samples: list[Sample],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``lr_scale`` (the server's fine-tune uses 0.1) scales every phase's learning rate, schedules included."""
+    seen: list[float] = []
+    original = torch.optim.Adam.step
+
+    def step(self: torch.optim.Adam, *args: object, **kwargs: object) -> object:
+        seen.extend(float(g["lr"]) for g in self.param_groups)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    names = samples[0].landmarks.names  # type: ignore[union-attr]
+    rates = {}
+    for scale in (1.0, 0.1):
+        seen.clear()
+        det = detector_class(name).create(names, "tiny", "cpu")
+        det.fit(samples[:4], samples[8:10], trainer=Trainer(TrainOptions(seed=0, max_epochs=1, progress=False,
+                                                                         device="cpu", lr_scale=scale)))
+        rates[scale] = list(seen)
+    assert rates[1.0] and len(rates[0.1]) == len(rates[1.0])
+    np.testing.assert_allclose(rates[0.1], [0.1 * r for r in rates[1.0]], rtol=1e-9)
+    with pytest.raises(Exception, match="lr_scale must be a positive number"):
+        TrainOptions(lr_scale=0.0)

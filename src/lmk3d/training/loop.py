@@ -99,6 +99,11 @@ class LoopReport:
         return asdict(self)
 
 
+#: The learning-rate factor of a fine-tune (the server's ``init: current``): trained weights fine-tuned on a
+#: handful of corrected cases at the profile's full rate got worse (docs/registry.md, "Fine-tuning").
+FINE_TUNE_LR_SCALE = 0.1
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """What every detector's training takes, whichever detector it is.
@@ -110,6 +115,8 @@ class TrainOptions:
         device: where the networks train (``"cpu"``, ``"cuda"``; None: CUDA when present).
         progress: show progress bars.
         state_dir: write the resume state there after every epoch (None: no resume state).
+        lr_scale: multiplies every phase's learning rate (the config's); a fine-tune of trained weights
+            on a few new cases takes smaller steps (the server's :data:`FINE_TUNE_LR_SCALE`).
     """
 
     seed: int = 0
@@ -118,12 +125,15 @@ class TrainOptions:
     device: str | None = None
     progress: bool = True
     state_dir: str | None = None
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise LandmarkError(f"max_minutes must be positive, got {self.max_minutes}")
         if self.max_epochs is not None and self.max_epochs < 1:
             raise LandmarkError(f"max_epochs must be at least 1, got {self.max_epochs}")
+        if not (math.isfinite(self.lr_scale) and self.lr_scale > 0):
+            raise LandmarkError(f"lr_scale must be a positive number, got {self.lr_scale}")
 
 
 def _rng_state(rng: np.random.Generator, device: torch.device | None = None) -> dict[str, Any]:
@@ -232,6 +242,10 @@ class Trainer:
         """A phase's epoch budget: the config's, capped by ``max_epochs``."""
         cap = self.options.max_epochs
         return configured if cap is None else min(configured, cap)
+
+    def lr(self, configured: float) -> float:
+        """A phase's learning rate: the config's times ``lr_scale``."""
+        return float(configured) * self.options.lr_scale
 
     # --- data-parallel training --------------------------------------------------------------------
     @property
@@ -451,5 +465,5 @@ def read_train_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return state
 
 
-__all__ = ["LoopReport", "STATE_FILE", "TrainOptions", "Trainer", "cosine_lr", "mean_radial_error",
-           "optimizer_step", "radial_errors", "read_train_state", "seed_everything"]
+__all__ = ["FINE_TUNE_LR_SCALE", "LoopReport", "STATE_FILE", "TrainOptions", "Trainer", "cosine_lr",
+           "mean_radial_error", "optimizer_step", "radial_errors", "read_train_state", "seed_everything"]

@@ -2,8 +2,9 @@
 
 ``POST /train/<model>`` with JSON options (any other option is a 422)
 
-- ``init``: ``current`` (default: fine-tune the served weights) or ``scratch`` (new weights, same
-  detector and profile); ``from_scratch: true`` is the same as ``init: scratch``;
+- ``init``: ``current`` (default: fine-tune the served weights, at :data:`~lmk3d.training.loop.FINE_TUNE_LR_SCALE`
+  times the profile's learning rates) or ``scratch`` (new weights, same detector and profile, its own
+  learning rates); ``from_scratch: true`` is the same as ``init: scratch``;
 - ``max_minutes``: the time budget of ``Detector.fit`` (default 10); ``max_epochs``: a cap on every
   training phase's epochs (default: the profile's);
 - ``val_fraction``: share of the *training* cases split off for early stopping (default 0.2);
@@ -106,7 +107,7 @@ from lmk3d.io.labels import read_label
 from lmk3d.metrics import evaluate_detector
 from lmk3d.publish import STAGING_PREFIX
 from lmk3d.registry import BASELINE_DETECTOR, gate
-from lmk3d.training.loop import Trainer
+from lmk3d.training.loop import FINE_TUNE_LR_SCALE, Trainer
 from lmk3d.training.loop import TrainOptions as TrainOptions_  # the library's; TrainOptions here is the request's
 from lmk3d.trust import TrustModel, save_trust
 
@@ -319,9 +320,11 @@ class LandmarkTrainTask(TrainTask):
 
         # Early stopping looks at cases split off the training cases: the validation cases decide publishing only.
         fit_train, fit_val = holdout_split(list(train), options.val_fraction, options.seed)
+        # A fine-tune starts from weights trained on many more cases than the datastore may hold: smaller steps.
+        lr_scale = FINE_TUNE_LR_SCALE if init == "current" else 1.0
         self._say(f"training {self.name} ({detector.name}, init={init}, max_minutes={max_minutes:.3g}, "
-                  f"max_epochs={options.max_epochs or 'profile'}; early stopping on {len(fit_val)} of the "
-                  "training cases)")
+                  f"max_epochs={options.max_epochs or 'profile'}, learning rate x{lr_scale:g}; early stopping on "
+                  f"{len(fit_val)} of the training cases)")
 
         def progress(phase: str, done: int, total: int, row: dict[str, float]) -> None:
             # What the stock Slicer plugin draws: epoch / total_epochs of the phase running now.
@@ -330,7 +333,7 @@ class LandmarkTrainTask(TrainTask):
 
         trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=max_minutes,
                                         max_epochs=options.max_epochs, progress=True,
-                                        device=str(detector.device)), on_epoch=progress)
+                                        device=str(detector.device), lr_scale=lr_scale), on_epoch=progress)
         # A fine-tuned detector comes with the served weights' trust model: it describes their errors, not the
         # new weights', and is never carried over (the new weights get their own in _calibrate).
         detector.trust = None
@@ -355,10 +358,12 @@ class LandmarkTrainTask(TrainTask):
             atomic_write_text(staging / "MODEL_CARD.md", _model_card(
                 self.name, detector, current, train, val, before, after, fingerprint,
                 {"init": init, "max_minutes": round(max_minutes, 2), "max_epochs": options.max_epochs,
-                 "seed": options.seed, "early_stopping_fraction": options.val_fraction}, fit_report, calibration))
+                 "seed": options.seed, "early_stopping_fraction": options.val_fraction, "lr_scale": lr_scale},
+                fit_report, calibration))
             version = record.add_version(
                 staging, parent=current, detector=detector.name, metrics=after,
                 report={"options": dataclasses.asdict(options), "init": init, "max_minutes": max_minutes,
+                        "lr_scale": lr_scale,
                         "train_cases": [s.case for s in train], "val_cases": [s.case for s in val],
                         "fit": jsonable(fit_report), "calibration": jsonable(calibration)},
                 data_fingerprint=fingerprint, calibration=jsonable(calibration))

@@ -78,12 +78,12 @@ def fit_stage1(stage: HeatmapStage, trainer: Trainer, train: list[CascadeCase], 
                deadline: float | None) -> dict[str, Any]:
     """Train the U-Net on heatmap targets (deep supervision), validated by the stage-1 MRE."""
     c, device, rng = stage.config, stage.device, trainer.rng
-    opt = torch.optim.Adam(stage.unet.parameters(), lr=c.lr)
+    opt = torch.optim.Adam(stage.unet.parameters(), lr=trainer.lr(c.lr))
     epochs = max(c.max_epochs, math.ceil(c.min_iterations / math.ceil(len(train) / c.batch_size)))
     mine = trainer.shard(train)
 
     def epoch_fn(epoch: int) -> float:
-        cosine_lr(opt, c.lr, epoch, epochs)
+        cosine_lr(opt, trainer.lr(c.lr), epoch, epochs)
         order = rng.permutation(len(mine))
         losses = []
         for i in range(0, len(order), c.batch_size):
@@ -164,7 +164,7 @@ def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[CascadeCa
     """Train the displacement CNNs on patches centred uniformly in the ball of radius ``r_n`` around the truth."""
     c, device, rng = stage.config, stage.device, trainer.rng
     n = len(stage.landmark_names)
-    opt = torch.optim.Adam(stage.cnn.parameters(), lr=c.patch_lr)
+    opt = torch.optim.Adam(stage.cnn.parameters(), lr=trainer.lr(c.patch_lr))
     steps = math.ceil(len(train) * c.patches_per_case / c.patch_batch_size)
     epochs = max(c.patch_epochs, math.ceil(c.patch_min_iterations / steps))
     r = stage.ranges_mm
@@ -183,7 +183,7 @@ def fit_stage2(stage: DisplacementStage, trainer: Trainer, train: list[CascadeCa
         return grids, target
 
     def epoch_fn(epoch: int) -> float:
-        cosine_lr(opt, c.patch_lr, epoch, epochs)
+        cosine_lr(opt, trainer.lr(c.patch_lr), epoch, epochs)
         order = np.concatenate([rng.permutation(len(mine)) for _ in range(c.patches_per_case)])
         losses = []
         for i in range(0, len(order), c.patch_batch_size):

@@ -166,7 +166,7 @@ def train_unit(trainer: Trainer, stage: PinIterate, unit: PinUnit, phase: str, t
         names = ", ".join(stage.landmark_names[k] for k in lm)
         raise LandmarkError(f"pin.fit: no training case annotates {names}")
     usable = trainer.shard(usable, None if case_ids is None else [case_ids[i] for i in usable])
-    opt = torch.optim.Adam(unit.net.parameters(), lr=c.learning_rate, betas=(0.9, 0.999))
+    opt = torch.optim.Adam(unit.net.parameters(), lr=trainer.lr(c.learning_rate), betas=(0.9, 0.999))
     max_epochs = trainer.epochs(c.max_epochs)
     t0 = time.monotonic()
 
@@ -174,12 +174,12 @@ def train_unit(trainer: Trainer, stage: PinIterate, unit: PinUnit, phase: str, t
         # Cosine annealing over the epochs, or over the time budget when that ends first, so a run
         # cut by --max-minutes still finishes at a small learning rate.
         if deadline is None:
-            cosine_lr(opt, c.learning_rate, epoch, max_epochs, floor=0.0)
+            cosine_lr(opt, trainer.lr(c.learning_rate), epoch, max_epochs, floor=0.0)
             return
         # Rank 0's clock: every rank of a distributed run must step with the same learning rate.
         done = max(epoch / max(max_epochs, 1), trainer.agree((time.monotonic() - t0) / max(deadline - t0, 1e-9)))
         resolution = 1_000_000
-        cosine_lr(opt, c.learning_rate, int(round(min(done, 1.0) * resolution)), resolution, floor=0.0)
+        cosine_lr(opt, trainer.lr(c.learning_rate), int(round(min(done, 1.0) * resolution)), resolution, floor=0.0)
 
     amp = device.type == "cuda"
 

@@ -96,7 +96,7 @@ def fit_coarse(coarse: CoarseStage, trainer: Trainer, train: list[Case], val: li
     net = coarse.net
     size = cfg.coarse_roi_size
     rng = trainer.rng
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.coarse_lr)
+    opt = torch.optim.Adam(net.parameters(), lr=trainer.lr(cfg.coarse_lr))
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
     dev = coarse.device
     mine = trainer.shard(train)
@@ -229,7 +229,7 @@ def fit_fine(fine: FineStage, trainer: Trainer, train: list[Case], val: list[Cas
     if not params:
         raise LandmarkError("prior_guided: no fine networks to train (no landmarks, or parts=('groups',) "
                             "without a correlated group)")
-    opt = torch.optim.Adam(params, lr=cfg.fine_lr)
+    opt = torch.optim.Adam(params, lr=trainer.lr(cfg.fine_lr))
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(2, cfg.patience // 3))
     shape = cfg.roi_size
     mine = trainer.shard(train)
