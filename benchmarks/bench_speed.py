@@ -13,7 +13,8 @@ once the landmarks are written, and again after the calibration models) is that 
 torch, the model, the image. Each round runs one *bare read* process and then one
 process per model, so the ratios compare runs made side by side under the same load. Rows:
 
-- ``imports``: importing torch and the library (``lmk3d.detectors``, ``lmk3d.io``);
+- ``imports``: importing torch and the library (``lmk3d.detectors``, ``lmk3d.io``); like ``lmk3d predict``, the
+  imports and the model load run inside :func:`lmk3d.startup.startup` (no garbage collection over them);
 - ``model_load``: reading the checkpoint and building the networks;
 - ``cold_start``: ``imports`` + ``model_load`` (what a fresh ``lmk3d predict`` pays before the image);
 - ``read_image``: :func:`lmk3d.io.read_image` (float32 voxels, checked);
@@ -42,6 +43,7 @@ core, the CPU time does not. The load average before and after the run is printe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -97,14 +99,20 @@ def measure(model: str, image_path: str, device: str, threads: int) -> dict[str,
     def mark(name: str) -> None:
         marks.append((name, *_clock()))
 
-    import torch
+    try:  # as `lmk3d predict` does: no collector passes over the start-up (a --before tree may lack it)
+        from lmk3d.startup import startup
+    except ImportError:
+        startup = contextlib.nullcontext
+    with startup():
+        import torch
 
-    torch.set_num_threads(threads)
-    from lmk3d.detectors import load_detector
-    from lmk3d.io import read_image, write_landmarks
+        torch.set_num_threads(threads)
+        from lmk3d.detectors import load_detector
+        from lmk3d.io import read_image, write_landmarks
 
-    mark("imports")
-    det = load_detector(model, device)
+        mark("imports")
+    with startup():
+        det = load_detector(model, device)
     mark("model_load")
     image = read_image(image_path)
     mark("read_image")

@@ -413,10 +413,13 @@ def shard_of(jobs: Sequence[tuple[str, Path]], index: int, count: int) -> list[t
 def run_predict(args: argparse.Namespace) -> int:
     import time
 
-    from lmk3d.detectors import load_detector
-    from lmk3d.io import case_id, read_image, write_landmarks, write_table
-    from lmk3d.io.read_ahead import ReadAhead
-    from lmk3d.landmarks import LandmarkSet
+    from lmk3d.startup import startup
+
+    with startup():  # torch, the library and (below) the model: no collector passes over them
+        from lmk3d.detectors import load_detector
+        from lmk3d.io import case_id, read_image, write_landmarks, write_table
+        from lmk3d.io.read_ahead import ReadAhead
+        from lmk3d.landmarks import LandmarkSet
 
     shard = parse_shard(args.shard) if args.shard is not None else None
     if args.prefetch < 0:
@@ -457,7 +460,8 @@ def run_predict(args: argparse.Namespace) -> int:
     # The next image is read in a background thread while the current one runs (--prefetch); the
     # results come back in input order, so the output equals a run that reads one image at a time.
     with ReadAhead([p for _, p in jobs], read_image, args.prefetch) as reads:
-        model = load_detector(args.model, args.device)
+        with startup():
+            model = load_detector(args.model, args.device)
         for (c, p), got in zip(jobs, reads, strict=True):
             if got.error is not None:
                 # One unreadable image must not cost the batch: skip it, say so, and exit 1 at the end.

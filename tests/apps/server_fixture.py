@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import importlib
 import json
 import os
 import signal
@@ -22,9 +23,11 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType, SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
@@ -33,6 +36,7 @@ from lmk3d.serve import wait_until_ready
 from tests.conftest import DATA, ROOT
 
 HIPPOCAMPUS = DATA / "hippocampus"
+APP_DIR = ROOT / "apps" / "landmarks"
 # Loopback only, whatever http_proxy the environment sets.
 HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 # A bound on a hung start, not a speed check: a start takes ~10-30 s here, more on a busy machine.
@@ -123,6 +127,28 @@ class Server:
 
     def log_text(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
+
+
+@contextmanager
+def app_lib(*names: str) -> Iterator[SimpleNamespace]:
+    """The app's ``lib`` modules, for tests that run its tasks in process.
+
+    ``names`` are dotted paths under ``apps/landmarks/lib`` (``"trainers.task"``); each is an attribute of
+    the answer with dots as underscores (``trainers_task``). The app's package is called ``lib``, a
+    generic name, so every ``lib`` module imported here is removed from ``sys.modules`` afterwards.
+    """
+    before = set(sys.modules)
+    sys.path.insert(0, str(APP_DIR))
+    try:
+        modules: dict[str, ModuleType] = {n.replace(".", "_"): importlib.import_module(f"lib.{n}") for n in names}
+    finally:
+        sys.path.remove(str(APP_DIR))
+    try:
+        yield SimpleNamespace(**modules)
+    finally:
+        for name in set(sys.modules) - before:
+            if name == "lib" or name.startswith("lib."):
+                del sys.modules[name]
 
 
 def multipart(fields: Mapping[str, tuple[str | None, bytes]]) -> tuple[bytes, str]:

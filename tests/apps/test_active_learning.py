@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,10 +26,10 @@ import pytest
 
 from lmk3d.detectors import load_detector
 from lmk3d.io import read_image, write_image
+from tests.apps import server_fixture
 from tests.apps.server_fixture import Reply, Server, copy_images, copy_model, launch, multipart, ready, stop
-from tests.conftest import ROOT, oblique_affine
+from tests.conftest import oblique_affine
 
-APP_DIR = ROOT / "apps" / "landmarks"
 MODEL = "prior_guided"
 CASES = ("hippocampus_004", "hippocampus_006", "hippocampus_007", "hippocampus_008", "hippocampus_014")
 # Bounds on a hung scorer or server, not speed checks: the machine may be busy with other tests.
@@ -70,18 +69,10 @@ def test_the_score_cache_survives_a_restart_and_drops_stale_or_unreadable_entrie
 # --- in process: the scorer and the ranking ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def app_lib() -> Iterator[SimpleNamespace]:
-    """The app's ``lib`` modules, imported from apps/landmarks and removed again afterwards ("lib" is generic)."""
-    before = set(sys.modules)
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        from lib import background, scores
-        from lib.activelearning import least_confident
-    finally:
-        sys.path.remove(str(APP_DIR))
-    yield SimpleNamespace(background=background, scores=scores, least_confident=least_confident)
-    for name in set(sys.modules) - before:
-        if name == "lib" or name.startswith("lib."):
-            del sys.modules[name]
+    """The background scorer, the score cache and the strategy, from the app's ``lib``."""
+    with server_fixture.app_lib("background", "scores", "activelearning.least_confident") as lib:
+        yield SimpleNamespace(background=lib.background, scores=lib.scores,
+                              least_confident=lib.activelearning_least_confident)
 
 
 @dataclass

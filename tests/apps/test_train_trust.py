@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +36,12 @@ from lmk3d.io import read_image, read_table, write_landmarks
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.registry import ModelRecord, Registry
 from lmk3d.trust.presence import PresenceModel
+from tests.apps import server_fixture
 from tests.apps.server_fixture import HIPPOCAMPUS, copy_images, copy_model
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.filterwarnings("ignore:'cgi' is deprecated:DeprecationWarning")
 
-APP_DIR = ROOT / "apps" / "landmarks"
 MODEL = "mean_shape"
 SHIPPED_NAME = f"{MODEL}-hippocampus"
 TRUTH = read_table(HIPPOCAMPUS / "landmarks.csv")
@@ -59,21 +58,12 @@ TRAIN_OPTIONS = {"max_minutes": 0.2, "seed": 0}
 
 @pytest.fixture(scope="module")
 def app_lib() -> Iterator[SimpleNamespace]:
-    """The app's ``lib`` modules, imported from apps/landmarks and removed again afterwards ("lib" is generic)."""
-    before = set(sys.modules)
-    sys.path.insert(0, str(APP_DIR))
-    try:
-        from lib.configs import LandmarkModelConfig
-        from lib.infers.task import LandmarkInferTask
-        from lib.model_files import replace_checkpoint
-        from lib.trainers.task import LandmarkTrainTask
-    finally:
-        sys.path.remove(str(APP_DIR))
-    yield SimpleNamespace(LandmarkModelConfig=LandmarkModelConfig, LandmarkInferTask=LandmarkInferTask,
-                          LandmarkTrainTask=LandmarkTrainTask, replace_checkpoint=replace_checkpoint)
-    for name in set(sys.modules) - before:
-        if name == "lib" or name.startswith("lib."):
-            del sys.modules[name]
+    """The train and infer tasks, the model config and the checkpoint upload, from the app's ``lib``."""
+    with server_fixture.app_lib("configs", "infers.task", "model_files", "trainers.task") as lib:
+        yield SimpleNamespace(LandmarkModelConfig=lib.configs.LandmarkModelConfig,
+                              LandmarkInferTask=lib.infers_task.LandmarkInferTask,
+                              LandmarkTrainTask=lib.trainers_task.LandmarkTrainTask,
+                              replace_checkpoint=lib.model_files.replace_checkpoint)
 
 
 @pytest.fixture(scope="module")
