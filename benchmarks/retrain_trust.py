@@ -18,6 +18,12 @@ shipped models:
 
 Run (1 thread; minutes): ``.venv/bin/python benchmarks/retrain_trust.py --model prior_guided --out
 runs/retrain_trust``; prints trust_eval's tables; the numbers go to docs/trust.md.
+
+``--shift invert`` asks what the loop is for: a site whose images differ from the training set. Every
+image of the experiment, the datastore's and the test split's, has its contrast inverted
+(``p1 + p99 - value``, its own 1st and 99th percentiles: dark becomes bright, as between T1- and
+T2-weighted MR), the landmarks unchanged; the shipped model and the new version are both measured on
+the inverted test images (written with their landmarks under ``--out``).
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ def main() -> int:
     ap.add_argument("--max-epochs", type=int, default=10, help="cap on every training phase (a budget in epochs)")
     ap.add_argument("--max-minutes", type=float, default=10.0)
     ap.add_argument("--out", type=Path, required=True, help="working folder (replaced)")
+    ap.add_argument("--shift", choices=("none", "invert"), default="none",
+                    help="images of another kind: invert = contrast inverted (see above)")
     args = ap.parse_args()
 
     sys.path.insert(0, str(APP_DIR))
@@ -49,7 +57,7 @@ def main() -> int:
     from lib.trainers.task import LandmarkTrainTask
     from monailabel.datastore.local import LocalDatastore
 
-    from lmk3d.io import read_table, write_landmarks
+    from lmk3d.io import read_table, write_landmarks, write_table
     from lmk3d.registry import Registry
 
     shipped = ROOT / "models" / f"{args.model}-hippocampus"
@@ -59,8 +67,18 @@ def main() -> int:
         shutil.rmtree(args.out)
     studies = args.out / "studies"
     studies.mkdir(parents=True)
+    data = DATA
+    if args.shift != "none":  # the test split, shifted, for trust_eval; the datastore's images below
+        data = (args.out / f"data-{args.shift}").resolve()
+        (data / "images").mkdir(parents=True)
+        write_table(data / "landmarks.csv", {c: truth[c] for c in split["test"]}, with_scores=False)
+        for case in split["test"]:
+            shifted_copy(DATA / "images" / f"{case}.nii.gz", data / "images" / f"{case}.nii.gz", args.shift)
     for case in split["val"]:
-        shutil.copyfile(DATA / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+        if args.shift == "none":
+            shutil.copyfile(DATA / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+        else:
+            shifted_copy(DATA / "images" / f"{case}.nii.gz", studies / f"{case}.nii.gz", args.shift)
     datastore = LocalDatastore(str(studies), extensions=("*.nii.gz",), auto_reload=False)
     labels = args.out / "labels"
     labels.mkdir()
@@ -83,9 +101,30 @@ def main() -> int:
     evaluated = args.out / f"{args.model}-retrained-{result['version']}"
     shutil.copytree(version, evaluated)
     shutil.copyfile(shipped / "split.json", evaluated / "split.json")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trust_eval.py"), str(shipped), str(evaluated),
+    baseline = shipped
+    if args.shift != "none":  # both measured on the shifted test images
+        baseline = args.out / f"{shipped.name}-shipped"
+        shutil.copytree(shipped, baseline)
+        for folder in (baseline, evaluated):
+            doc = json.loads((folder / "split.json").read_text())
+            (folder / "split.json").write_text(json.dumps({**doc, "data": str(data)}, indent=2))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "trust_eval.py"), str(baseline), str(evaluated),
                           "--out", str(args.out / "trust_eval.json")], check=False)
     return out.returncode
+
+
+def shifted_copy(src: Path, dst: Path, shift: str) -> None:
+    """``src`` written to ``dst`` with ``shift`` applied to its voxels (same grid and affine)."""
+    import numpy as np
+
+    from lmk3d.io import read_image, write_image
+    from lmk3d.io.image import Volume
+
+    v = read_image(src)
+    if shift != "invert":
+        raise ValueError(f"unknown shift {shift!r}")
+    lo, hi = np.percentile(v.array, [1.0, 99.0])
+    write_image(dst, Volume((lo + hi - v.array).astype(np.float32), v.affine))
 
 
 if __name__ == "__main__":
