@@ -120,9 +120,9 @@ def shifted_copy(src: Path, dst: Path, shift: str) -> None:
     from lmk3d.io import read_image, write_image
     from lmk3d.io.image import Volume
 
-    v = read_image(src)
     if shift != "invert":
         raise ValueError(f"unknown shift {shift!r}")
+    v = read_image(src)
     lo, hi = np.percentile(v.array, [1.0, 99.0])
     write_image(dst, Volume((lo + hi - v.array).astype(np.float32), v.affine))
 

@@ -1,9 +1,9 @@
 """A command's start-up (imports, model load) without the garbage collector rescanning it.
 
-Importing torch and the library and building a model create several hundred thousand objects that live
-as long as the process. Python's automatic collector runs every few hundred allocations and, each time
-the oldest generation is due, walks every one of them again; during a cold start that is about 0.1 s of
-CPU spent finding nothing. :func:`startup` turns automatic collection off for the block and then moves
+Importing torch and the library and building a model create well over a hundred thousand objects that
+live as long as the process. Python's automatic collector runs every few hundred allocations and, each
+time an older generation is due, walks them again; during a cold start that is about 0.15 s of CPU spent
+finding nothing (docs/benchmarks.md). :func:`startup` turns automatic collection off for the block and then moves
 everything the block created into the permanent generation (:func:`gc.freeze`), so later collections
 skip it as well (in ``lmk3d predict`` on a small image, the later collections had cost more than the
 start-up's: docs/benchmarks.md). The block starts with one collection, so garbage made before it is
