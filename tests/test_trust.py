@@ -3,6 +3,7 @@ check, the not-found rule, calibrated outputs and their round trip through every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -93,6 +94,55 @@ def test_image_check_flags_other_kinds_and_passes_its_own() -> None:
     again = ImageModel.from_json(doc)
     x = _blob(rng)
     assert again.verdict(x).to_json() == model.verdict(x).to_json()
+
+
+def _ranges(n: int) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    ones = np.ones((n, 3))
+    return ((ones.min(0), ones.max(0)), (40 * ones.min(0), 40 * ones.max(0)))
+
+
+def test_merged_image_model_is_the_joint_fit_when_the_prior_kept_every_direction() -> None:
+    """Oracle: with fewer images than components nothing is summarised away, so the merge is exact."""
+    rng = np.random.default_rng(5)
+    old = rng.normal(0, 1, (5, 64)) + rng.normal(0, 3, 64)
+    new = rng.normal(0, 1, (4, 64)) + rng.normal(0, 3, 64)
+    prior = ImageModel._from_descriptors(old, _ranges(5), "MR", 10)
+    merged = prior.merged(new, _ranges(4), "MR", 10)
+    joint = ImageModel._from_descriptors(np.concatenate([old, new]), _ranges(9), "MR", 10)
+    assert merged.n_images == 9
+    np.testing.assert_allclose(merged.mean, joint.mean, atol=1e-12)
+    np.testing.assert_allclose(merged.variances, joint.variances, rtol=1e-9)
+    np.testing.assert_allclose(merged.components.T @ merged.components, joint.components.T @ joint.components,
+                               atol=1e-9)  # the same subspace
+    for x in (old[0], new[2], (old[1] + new[1]) / 2):  # inside the span: no residual
+        assert merged.distance(x) == pytest.approx(joint.distance(x), rel=1e-6)
+    # With more images than components, the prior's residual is kept: an image lying in what it summarised
+    # away is not mistaken for a stranger.
+    many = rng.normal(0, 1, (40, 64))
+    summary = ImageModel._from_descriptors(many, _ranges(40), "MR", 10)
+    grown = summary.merged(rng.normal(0, 1, (3, 64)), _ranges(3), "MR", 10)
+    fitted_all = ImageModel._from_descriptors(np.concatenate([many, rng.normal(0, 1, (3, 64))]), _ranges(43), "MR", 10)
+    assert grown.residual_scale == pytest.approx(fitted_all.residual_scale, rel=0.1)
+    with pytest.raises(ValueError, match="n_images"):
+        dataclasses.replace(summary, n_images=None).merged(new, _ranges(4), "MR")
+
+
+def test_a_fine_tuned_image_check_learns_the_new_kind_and_keeps_the_old() -> None:
+    rng = np.random.default_rng(7)
+    prior = ImageModel.fit([_blob(rng) for _ in range(30)], [_blob(rng) for _ in range(10)], "MR")
+    assert prior.n_images == 30 and ImageModel.from_json(json.loads(json.dumps(prior.to_json()))).n_images == 30
+
+    def inverted() -> Volume:  # the same anatomy, another contrast: a dark blob on a bright background
+        v = _blob(rng)
+        return Volume((300.0 - v.array).astype(np.float32), v.affine)
+
+    assert sum(prior.verdict(inverted()).in_distribution for _ in range(10)) == 0
+    merged = ImageModel.fit([inverted() for _ in range(6)], [inverted() for _ in range(6)], "MR", prior=prior)
+    assert merged.n_images == 36
+    assert sum(merged.verdict(inverted()).in_distribution for _ in range(10)) >= 9
+    assert sum(merged.verdict(_blob(rng)).in_distribution for _ in range(10)) >= 9  # nothing forgotten
+    stripes = Volume((np.indices((36, 48, 34)).sum(0) % 6 * 40.0).astype(np.float32), np.eye(4))
+    assert not merged.verdict(stripes).in_distribution
 
 
 def _trust(shape: ShapeModel | None, image: ImageModel | None) -> TrustModel:

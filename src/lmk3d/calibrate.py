@@ -12,6 +12,7 @@ on the model's validation cases, without training anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from lmk3d.detectors import Detector
     from lmk3d.io.image import Volume
     from lmk3d.landmarks import LandmarkSet
-    from lmk3d.trust import TrustModel
+    from lmk3d.trust import ImageModel, TrustModel
 
 __all__ = ["DEFAULT_TOLERANCE_MM", "MIN_CALIBRATION_CASES", "add_calibrate", "add_consensus",
            "calibrate_new_weights", "own_answer", "run_calibrate", "run_consensus"]
@@ -118,8 +119,8 @@ def own_answer(det: Detector) -> Callable[[Volume], tuple[LandmarkSet, LandmarkS
 
 
 def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: Sequence[Sample],
-                          previous: Sequence[Path], seed: int = 0, log: Callable[[str], None] | None = None
-                          ) -> tuple[TrustModel | None, dict[str, Any]]:
+                          previous: Sequence[Path], seed: int = 0, log: Callable[[str], None] | None = None,
+                          images_from: Path | None = None) -> tuple[TrustModel | None, dict[str, Any]]:
     """Fit the trust model of weights just trained by the server (``POST /train``), or say why not.
 
     Like ``lmk3d calibrate``, on the detector's own answer (:func:`own_answer`), but nothing is trained,
@@ -130,7 +131,12 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
       cut-off landmarks are told by geometry alone. The network looks at the image only, never at the
       detector, so it stays valid for new weights;
     - the tolerance is the one of the first ``trust.json`` in ``previous``, else
-      :data:`DEFAULT_TOLERANCE_MM`.
+      :data:`DEFAULT_TOLERANCE_MM`;
+    - ``images_from``: the folder of the weights these were fine-tuned from. The new image model knows
+      that folder's training images as well as ``train``'s (:meth:`lmk3d.trust.ImageModel.merged`): a
+      fine-tune on a few images of a new kind must not make the model forget what it was trained on, nor
+      accept anything unlike both (fitted on 9-14 images alone, an image check passed a spine image,
+      docs/trust.md). Without it (training from scratch, an upload) the image model knows ``train`` only.
 
     A ``trust.json`` of ``previous`` is never reused as it is: its error scale, radius and not-found
     thresholds describe the errors of the weights it was fitted on, not these.
@@ -142,12 +148,14 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         previous: folders the new weights descend from, nearest first; missing ones are skipped.
         seed: the seed of the calibration cases' cut variants.
         log: called with one line per step.
+        images_from: see above; a folder without an image model is skipped, with a line in the record.
 
     Returns:
         ``(trust, record)``. ``trust`` is None when fewer than :data:`MIN_CALIBRATION_CASES` calibration
         cases have labels. ``record`` is plain JSON data for the version's report: ``calibrated`` (bool),
         ``reason`` (one line: what it was fitted on, or why it was not), and when fitted
-        ``tolerance_mm``, ``calibration_cases``, ``presence_from`` (a folder or None) and ``seconds``.
+        ``tolerance_mm``, ``calibration_cases``, ``presence_from`` and ``images_from`` (folders or None)
+        and ``seconds``.
 
     Raises:
         LandmarkError: the fit itself failed (too few points, unreadable images...).
@@ -174,18 +182,45 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         if candidate is not None and candidate.landmark_names == tuple(det.landmark_names):
             presence, presence_from = candidate, folder
             break
+    prior = _prior_images(images_from)
     t0 = time.monotonic()
     trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed, presence,
-                      log=log, names=det.landmark_names)
+                      log=log, names=det.landmark_names, image_prior=prior)
     seconds = round(time.monotonic() - t0, 1)
+    images = str(images_from) if prior is not None else None
     trust.report.update(seconds=seconds, presence_from=str(presence_from) if presence_from else None,
+                        images_from=images,
                         command="fitted by the server's training (lmk3d.calibrate.calibrate_new_weights)")
     where = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"
+    known = (f"the image check knows the {prior.n_images} training images of {images_from} too" if prior is not None
+             else "the image check knows these training images only")
     return trust, {"calibrated": True,
                    "reason": f"fitted on {len(labelled)} validation case(s) "
-                             f"({trust.report['calibration_points']} points), tolerance {tolerance_mm:g} mm, {where}",
+                             f"({trust.report['calibration_points']} points), tolerance {tolerance_mm:g} mm, "
+                             f"{where}; {known}",
                    "tolerance_mm": tolerance_mm, "calibration_cases": [s.case for s in labelled],
-                   "presence_from": str(presence_from) if presence_from else None, "seconds": seconds}
+                   "presence_from": str(presence_from) if presence_from else None, "images_from": images,
+                   "seconds": seconds}
+
+
+def _prior_images(folder: Path | None) -> ImageModel | None:
+    """The image model of the trust model in ``folder``, with its count of training images; None without one.
+
+    A ``trust.json`` written before the count was recorded fitted its image model on each training case and
+    one cut variant of it, so its count is taken as twice its ``training_cases``.
+    """
+    from lmk3d.trust import load_trust
+
+    old = load_trust(folder) if folder is not None and Path(folder).is_dir() else None
+    if old is None or old.image is None:
+        return None
+    image = old.image
+    if not image.n_images:
+        cases = int(old.report.get("training_cases") or 0)
+        if cases < 1:
+            return None
+        image = dataclasses.replace(image, n_images=2 * cases)
+    return image
 
 
 def _box_mm(train: list) -> float:  # type: ignore[type-arg]

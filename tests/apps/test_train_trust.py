@@ -149,6 +149,11 @@ def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib:
     for key, value in original.net.state_dict().items():
         assert torch.equal(reused.net.state_dict()[key], value), key
     assert trust["report"]["presence_from"] == str(world.shipped)
+    # Its image check knows the parent's training images as well as its own (the parent's trust.json predates
+    # the count: twice its training cases, each with one cut variant).
+    assert trust["report"]["images_from"] == str(world.shipped)
+    assert trust["image"]["n_images"] > 2 * parent["report"]["training_cases"]
+    assert f"the image check knows the {2 * parent['report']['training_cases']} training images of" in lines
     (version,) = world.record.to_json()["versions"]
     assert version["calibrated"] is True and version["calibration"]["reason"] == result["calibration"]
     report = json.loads((v1 / "report.json").read_text())
@@ -206,11 +211,13 @@ def test_a_declared_models_first_version_is_calibrated_without_a_presence_networ
     capsys.readouterr()
     assert result["version"] == "v0001" and result["published"] is True  # the first version: served
     assert result["calibrated"] is True, result["calibration"]
-    assert result["calibration"].endswith("tolerance 3 mm, no presence network (geometry only)")
+    assert result["calibration"].endswith("tolerance 3 mm, no presence network (geometry only); the image check "
+                                          "knows these training images only")
     v1 = record.root / "versions" / "v0001"
     trust = json.loads((v1 / "trust.json").read_text())
     assert trust["tolerance_mm"] == 3.0 and trust["presence_threshold"] == 0.0
     assert len(trust["report"]["calibration_cases"]) == 6 and not (v1 / "presence.pt").exists()
+    assert trust["report"]["images_from"] is None and trust["image"]["n_images"] >= 2
     detector = load_detector(v1, "cpu")
     assert detector.trust is not None and detector.trust.presence is None
     answer = detector.predict_all(read_image(datastore.get_image_uri(STUDIES[0]))).landmarks
@@ -232,6 +239,7 @@ def test_an_uploaded_checkpoint_is_calibrated_like_a_trained_version(app_lib: Si
     v1 = world.version_dir("v0001")
     trust = json.loads((v1 / "trust.json").read_text())
     assert trust["tolerance_mm"] == PARENT_TOLERANCE_MM and trust["report"]["presence_from"] == str(world.shipped)
+    assert trust["report"]["images_from"] is None  # an upload's own training images are unknown here
     assert trust["report"]["calibration_cases"] == sorted(s.case for s in val)
     (version,) = world.record.to_json()["versions"]
     assert version["calibrated"] is True and version["calibration"]["reason"] == answer["calibration"]

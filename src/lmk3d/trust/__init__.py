@@ -55,7 +55,7 @@ from lmk3d.landmarks import LandmarkSet
 from lmk3d.trust.cuts import distance_to_faces_mm
 from lmk3d.trust.presence import PresenceModel
 
-__all__ = ["TRUST_FILE", "ImageVerdict", "ShapeModel", "TrustModel", "apply_trust", "check_image",
+__all__ = ["TRUST_FILE", "ImageModel", "ImageVerdict", "ShapeModel", "TrustModel", "apply_trust", "check_image",
            "image_descriptor", "load_trust", "point_features", "refused", "save_trust"]
 
 TRUST_FILE = "trust.json"
@@ -220,26 +220,80 @@ class ImageModel:
     residual_scale: float
     threshold: float
     reference: np.ndarray  # calibration distances, sorted
+    n_images: int | None = None  # training thumbnails behind the model (None: a trust.json that predates it)
 
     @classmethod
     def fit(cls, train: Sequence[Volume], calibration: Sequence[Volume], modality: str | None,
-            n_components: int = 10) -> ImageModel:
+            n_components: int = 10, prior: ImageModel | None = None) -> ImageModel:
+        """Fit on the ``train`` images; the threshold from the ``calibration`` images' distances.
+
+        ``prior``: the image model of the weights these were fine-tuned from. The new model then knows the
+        prior's training images as well as ``train`` (:meth:`merged`): weights that started from the prior's
+        still work on the images it was trained on, and an image unlike all of them stays unlike.
+        """
         descs = np.stack([image_descriptor(v) for v in train])
-        mean = descs.mean(0)
-        _, s, vt = np.linalg.svd(descs - mean, full_matrices=False)
-        k = min(n_components, len(train) - 1)
-        comps = vt[:k]
-        var = (s[:k] ** 2) / max(len(train) - 1, 1)
-        resid = descs - mean - ((descs - mean) @ comps.T) @ comps
-        residual_scale = float(np.mean(np.sum(resid ** 2, axis=1))) + 1e-9
         spac = np.stack([np.sort(v.spacing_mm) for v in train])
         ext = np.stack([np.sort(np.asarray(v.shape) * v.spacing_mm) for v in train])
-        model = cls(modality, (spac.min(0).tolist(), spac.max(0).tolist()), (ext.min(0).tolist(), ext.max(0).tolist()),
-                    mean, comps, var, residual_scale, float("inf"), np.zeros(0))
+        ranges = ((spac.min(0), spac.max(0)), (ext.min(0), ext.max(0)))
+        if prior is None:
+            model = cls._from_descriptors(descs, ranges, modality, n_components)
+        else:
+            model = prior.merged(descs, ranges, modality, n_components)
         ref = np.sort([model.distance(image_descriptor(v)) for v in calibration])
         model.reference = ref
         model.threshold = 1.25 * float(ref.max()) if len(ref) else float("inf")
         return model
+
+    @classmethod
+    def _from_descriptors(cls, descs: np.ndarray, ranges: tuple[tuple[np.ndarray, np.ndarray], ...],
+                          modality: str | None, n_components: int) -> ImageModel:
+        """Principal components of ``(n, D)`` thumbnails; threshold and reference still to be set."""
+        mean = descs.mean(0)
+        _, s, vt = np.linalg.svd(descs - mean, full_matrices=False)
+        k = min(n_components, len(descs) - 1)
+        comps = vt[:k]
+        var = (s[:k] ** 2) / max(len(descs) - 1, 1)
+        resid = descs - mean - ((descs - mean) @ comps.T) @ comps
+        residual_scale = float(np.mean(np.sum(resid ** 2, axis=1))) + 1e-9
+        (slo, shi), (elo, ehi) = ranges
+        return cls(modality, (slo.tolist(), shi.tolist()), (elo.tolist(), ehi.tolist()), mean, comps, var,
+                   residual_scale, float("inf"), np.zeros(0), len(descs))
+
+    def merged(self, descs: np.ndarray, ranges: tuple[tuple[np.ndarray, np.ndarray], ...],
+               modality: str | None, n_components: int = 10) -> ImageModel:
+        """This model's training images and the ``(n, D)`` thumbnails ``descs`` together, as one model.
+
+        The images behind this model are known only by their summary: count ``n_images``, mean, principal
+        components with their variances, and the mean squared residual outside them. Their scatter is
+        rebuilt from it (one row ``sqrt((n - 1) variance) x component`` per component, as in an incremental
+        PCA), stacked with the new thumbnails about their own mean and one row for the difference of the
+        two means, and the components are taken from the stack. The residual of the merged model is the old
+        residual (its directions are unknown, so it is counted whole) plus what the stack leaves outside the
+        new components, over all images. Where this model kept every direction of its images (fewer images
+        than components), the result is the model fitted on all images at once. The ranges of spacing and
+        field of view are the union. Threshold and reference are left to the caller (calibration images).
+        """
+        if not self.n_images:
+            raise ValueError("the image model does not say how many images it was fitted on (n_images)")
+        n_old = self.n_images
+        n_new = len(descs)
+        n = n_old + n_new
+        mean_new = descs.mean(0)
+        mean = (n_old * self.mean + n_new * mean_new) / n
+        rows = [np.sqrt(max(n_old - 1, 0) * np.maximum(self.variances, 0.0))[:, None] * self.components,
+                descs - mean_new, (np.sqrt(n_old * n_new / n) * (self.mean - mean_new))[None, :]]
+        stack = np.concatenate(rows, axis=0)
+        _, s, vt = np.linalg.svd(stack, full_matrices=False)
+        k = min(n_components, n - 1, len(s))
+        comps = vt[:k]
+        var = (s[:k] ** 2) / max(n - 1, 1)
+        left = float(np.sum(s[k:] ** 2))  # the stack's energy outside the kept components
+        old_resid = max(self.residual_scale - 1e-9, 0.0) * n_old
+        residual_scale = (old_resid + left) / n + 1e-9
+        (slo, shi), (elo, ehi) = ranges
+        spacing = (np.minimum(self.spacing_range[0], slo).tolist(), np.maximum(self.spacing_range[1], shi).tolist())
+        extent = (np.minimum(self.extent_range[0], elo).tolist(), np.maximum(self.extent_range[1], ehi).tolist())
+        return ImageModel(modality, spacing, extent, mean, comps, var, residual_scale, float("inf"), np.zeros(0), n)
 
     def distance(self, desc: np.ndarray) -> float:
         """Root mean of the squared Mahalanobis coordinates and the scaled residual (about 1 for a training image)."""
@@ -281,14 +335,15 @@ class ImageModel:
                 "extent_range": list(self.extent_range), "mean": self.mean.tolist(),
                 "components": self.components.tolist(), "variances": self.variances.tolist(),
                 "residual_scale": self.residual_scale, "threshold": self.threshold,
-                "reference": self.reference.tolist()}
+                "reference": self.reference.tolist(), "n_images": self.n_images}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ImageModel:
         return cls(d["modality"], (list(d["spacing_range"][0]), list(d["spacing_range"][1])),
                    (list(d["extent_range"][0]), list(d["extent_range"][1])), np.asarray(d["mean"]),
                    np.asarray(d["components"]).reshape(-1, len(d["mean"])), np.asarray(d["variances"]),
-                   float(d["residual_scale"]), float(d["threshold"]), np.asarray(d["reference"]))
+                   float(d["residual_scale"]), float(d["threshold"]), np.asarray(d["reference"]),
+                   d.get("n_images"))
 
 
 def _mm3(v: np.ndarray) -> str:

@@ -149,13 +149,15 @@ def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, n
 def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]], train: Sequence[Sample],
               calibration: Sequence[Sample], modality: str | None, tolerance_mm: float = 3.0, seed: int = 0,
               presence: PresenceModel | None = None, log: Callable[[str], None] | None = None,
-              names: Sequence[str] | None = None) -> TrustModel:
+              names: Sequence[str] | None = None, image_prior: ImageModel | None = None) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
     when ``presence`` is given untrained, the presence network's training; ``calibration`` (cases that
     trained nothing) gives the rest. A presence network whose ``fitted`` flag is set is used as it is.
     ``names``: the model's landmarks, in its order (a case may annotate fewer or list them in another order).
+    ``image_prior``: the image model of the weights the detector was fine-tuned from; the new image model
+    knows its images as well as ``train``'s (:meth:`ImageModel.merged`).
     """
     say = log or (lambda _: None)
     labelled = [s for s in train if s.landmarks is not None]
@@ -182,9 +184,10 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         cut = cut_outside(v, lm.xyz_mm_ras, t, float(rng.uniform(2.0, 8.0)))
         if cut is not None:
             cuts.append(cut.volume)
-    say(f"image model: {len(vols_train)} training images + {len(cuts)} cut variants, {len(records)} calibration "
-        "images (with cut variants)")
-    image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality)
+    say(f"image model: {len(vols_train)} training images + {len(cuts)} cut variants"
+        + (f" + the {image_prior.n_images} of the weights fine-tuned from" if image_prior is not None else "")
+        + f", {len(records)} calibration images (with cut variants)")
+    image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality, prior=image_prior)
     trust = fit_from_records(records, shape, image, tolerance_mm)
     trust.presence = presence
     trust.report["seed"] = seed

@@ -340,7 +340,8 @@ class LandmarkTrainTask(TrainTask):
         fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=init)
         stats.update(phase="calibrating")
         self._stats(stats)
-        trust, calibration = self._calibrate(detector, train, val, options.seed)
+        trust, calibration = self._calibrate(detector, train, val, options.seed,
+                                             self.record.current_dir() if init == "current" else None)
         detector.trust = trust  # measured as it will serve: with its own trust model, or raw
         after = scores(detector, val)
         self._say(f"new weights: {_described(after)}")
@@ -382,17 +383,20 @@ class LandmarkTrainTask(TrainTask):
                 "calibrated": trust is not None, "calibration": calibration["reason"]}
 
     def _calibrate(self, detector: Detector, train: Sequence[Sample], val: Sequence[Sample],
-                   seed: int) -> tuple[TrustModel | None, dict[str, Any]]:
+                   seed: int, fine_tuned_from: Path | None) -> tuple[TrustModel | None, dict[str, Any]]:
         """The new weights' own trust model (:func:`lmk3d.calibrate.calibrate_new_weights`), or None and why.
 
         Fitted on the validation cases (the gate's), with the parent version's presence network and
         tolerance, else the shipped model's. The parent's ``trust.json`` itself is never copied onto the
-        new weights: it was fitted for other weights. A failed fit costs the trust model, never the
-        trained weights: the version is added without one, saying why.
+        new weights: it was fitted for other weights. Weights fine-tuned from a version
+        (``fine_tuned_from``, its folder) keep that version's training images in their image check. A
+        failed fit costs the trust model, never the trained weights: the version is added without one,
+        saying why.
         """
         previous = [p for p in (self.record.current_dir(), self.record.shipped) if p is not None]
         try:
-            trust, calibration = calibrate_new_weights(detector, train, val, previous, seed, log=self._say)
+            trust, calibration = calibrate_new_weights(detector, train, val, previous, seed, log=self._say,
+                                                       images_from=fine_tuned_from)
         except Exception as e:
             logger.exception("model %r: the trust model of the new weights could not be fitted", self.name)
             trust, calibration = None, {"calibrated": False,
