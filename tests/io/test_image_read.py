@@ -1,12 +1,14 @@
 """Reading NIfTI voxels block by block (lmk3d.io.image) gives nibabel's values, and refuses broken files.
 
 nibabel is the oracle: ``np.asarray(nib.load(path).dataobj, dtype=np.float32)``, bit for bit, for every
-stored type, byte order, scaling and compression; a read that fails names the file.
+stored type, byte order, scaling and compression; a read that fails names the file. Every test runs with
+both gzip decompressors the reader may use: ISA-L's (installed with the project) and zlib's (the fallback).
 """
 
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -37,6 +39,19 @@ def _write(path: Path, data: np.ndarray, slope: float | None = None, inter: floa
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks of 1 kB, so that these small images cross many block boundaries (odd ones included)."""
     monkeypatch.setattr(image_io, "STREAM_BLOCK_BYTES", 1001)
+
+
+@pytest.fixture(autouse=True, params=["isal", "zlib"])
+def inflater(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The reader's gzip decompressor: ISA-L's as installed, or zlib's as where ``isal`` is missing."""
+    if request.param == "zlib":
+        monkeypatch.setattr(image_io, "_gzip_inflater", lambda: zlib.decompressobj(16 + zlib.MAX_WBITS))
+    return str(request.param)
+
+
+def test_the_installed_reader_inflates_with_isal(inflater: str) -> None:
+    module = type(image_io._gzip_inflater()).__module__
+    assert module.startswith("isal" if inflater == "isal" else "zlib"), module
 
 
 @pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])

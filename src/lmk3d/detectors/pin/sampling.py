@@ -109,9 +109,12 @@ def extract_patches(prep: PinImage, centres: torch.Tensor, frames: torch.Tensor 
     else:
         m = inv[None] @ frames.to(device=dev, dtype=torch.float32)
     pts = centres.to(dev, torch.float32)[:, :, None, None, None, :] + plane_offsets(roi_size, dev)  # (B,L,3,s,s,3)
-    ijk = torch.einsum("bij,blpuvj->blpuvi", m[:, :3, :3], pts) + m[:, None, None, None, None, :3, 3]
-    size = torch.as_tensor([max(int(d) - 1, 1) for d in prep.tensor.shape[2:]], dtype=torch.float32, device=dev)
-    grid = (2.0 * ijk / size - 1.0).flip(-1).reshape(1, b * n * 3, roi_size, roi_size, 3)
+    # grid_sample takes (x, y, z) = (k, j, i): the rows of m in reverse give the voxel indices in that order
+    # directly (each index is still its own row's dot product, so the values are those of ijk, reversed).
+    kji = m[:, [2, 1, 0]]
+    grid = torch.einsum("bij,blpuvj->blpuvi", kji[:, :, :3], pts) + kji[:, None, None, None, None, :, 3]
+    size = torch.as_tensor([max(int(d) - 1, 1) for d in prep.tensor.shape[:1:-1]], dtype=torch.float32, device=dev)
+    grid = (2.0 * grid / size - 1.0).reshape(1, b * n * 3, roi_size, roi_size, 3)
     # The tensor holds image - pad: zero padding, then + pad, gives outside samples the background value.
     out = F.grid_sample(prep.tensor, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
     return out.reshape(b, n * 3, roi_size, roi_size) + prep.pad
