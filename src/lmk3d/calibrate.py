@@ -133,10 +133,10 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
     - the tolerance is the one of the first ``trust.json`` in ``previous``, else
       :data:`DEFAULT_TOLERANCE_MM`;
     - ``images_from``: the folder of the weights these were fine-tuned from. The new image model knows
-      that folder's training images as well as ``train``'s (:meth:`lmk3d.trust.ImageModel.merged`): a
-      fine-tune on a few images of a new kind must not make the model forget what it was trained on, nor
-      accept anything unlike both (fitted on 9-14 images alone, an image check passed a spine image,
-      docs/trust.md). Without it (training from scratch, an upload) the image model knows ``train`` only.
+      that folder's training images as well as ``train``'s (:meth:`lmk3d.trust.ImageModel.merged`): the
+      fine-tuned weights still serve the kind of image they started from, and a check fitted on a few
+      images of a new kind alone would refuse it (docs/trust.md). Without it (training from scratch, an
+      upload) the image model knows ``train`` only.
 
     A ``trust.json`` of ``previous`` is never reused as it is: its error scale, radius and not-found
     thresholds describe the errors of the weights it was fitted on, not these.

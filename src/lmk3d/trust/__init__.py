@@ -229,7 +229,7 @@ class ImageModel:
 
         ``prior``: the image model of the weights these were fine-tuned from. The new model then knows the
         prior's training images as well as ``train`` (:meth:`merged`): weights that started from the prior's
-        still work on the images it was trained on, and an image unlike all of them stays unlike.
+        still work on the images it was trained on.
         """
         descs = np.stack([image_descriptor(v) for v in train])
         spac = np.stack([np.sort(v.spacing_mm) for v in train])
