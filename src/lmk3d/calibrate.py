@@ -171,8 +171,9 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
                                 f"{MIN_CALIBRATION_CASES}"}
     folders = [Path(p) for p in previous if Path(p).is_dir()]
     tolerance_mm = DEFAULT_TOLERANCE_MM
+    loaded: dict[Path, TrustModel | None] = {}  # each trust.json (about 1 MB) read once
     for folder in folders:
-        old = load_trust(folder)
+        old = loaded[folder] = load_trust(folder)
         if old is not None:
             tolerance_mm = old.tolerance_mm
             break
@@ -182,7 +183,10 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         if candidate is not None and candidate.landmark_names == tuple(det.landmark_names):
             presence, presence_from = candidate, folder
             break
-    prior = _prior_images(images_from)
+    fine_tuned_from = Path(images_from) if images_from is not None and Path(images_from).is_dir() else None
+    if fine_tuned_from is not None and fine_tuned_from not in loaded:
+        loaded[fine_tuned_from] = load_trust(fine_tuned_from)
+    prior = _prior_images(loaded[fine_tuned_from]) if fine_tuned_from is not None else None
     t0 = time.monotonic()
     trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed, presence,
                       log=log, names=det.landmark_names, image_prior=prior)
@@ -203,15 +207,12 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
                    "seconds": seconds}
 
 
-def _prior_images(folder: Path | None) -> ImageModel | None:
-    """The image model of the trust model in ``folder``, with its count of training images; None without one.
+def _prior_images(old: TrustModel | None) -> ImageModel | None:
+    """The image model of ``old`` (a parent's trust model), with its count of training images; None without one.
 
     A ``trust.json`` written before the count was recorded fitted its image model on each training case and
     one cut variant of it, so its count is taken as twice its ``training_cases``.
     """
-    from lmk3d.trust import load_trust
-
-    old = load_trust(folder) if folder is not None and Path(folder).is_dir() else None
     if old is None or old.image is None:
         return None
     image = old.image
