@@ -17,6 +17,7 @@ from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, 
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.trust import OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust
 from lmk3d.trust.cuts import crop, cut_outside, distance_to_faces_mm
+from lmk3d.trust.fit import Record, choose_presence
 
 OBLIQUE = np.array([[0.0, -0.9, 0.3, 40.0], [1.1, 0.0, 0.1, -20.0], [0.05, 0.35, -1.4, 7.0], [0, 0, 0, 1]])
 
@@ -310,3 +311,46 @@ def test_band_selection_gives_numpys_percentiles(kind: str) -> None:
     else:
         assert selected is not None, "the band selection fell back: this test would not check it"
         np.testing.assert_array_equal(np.asarray(selected), expected)
+
+
+class _FixedPresence:
+    """A stand-in presence network that answers from a table (one ``(N,)`` array per volume)."""
+
+    def __init__(self, table: dict[int, np.ndarray]) -> None:
+        self.table = table
+
+    def probabilities(self, volume: Volume) -> np.ndarray:
+        return self.table[id(volume)]
+
+
+def _cut_records() -> list[Record]:
+    """Uncut images and images whose crop leaves landmark 0 outside, every point placed well inside (as the
+    detectors do): the face and shape rules cannot tell which landmark is gone; only a presence network can."""
+    rng = np.random.default_rng(11)
+    names = ("a", "b", "c")
+    out = []
+    for i in range(12):
+        vol = Volume(rng.normal(size=(40, 40, 40)).astype(np.float32), np.eye(4))
+        placed = np.array([[12.0, 20, 20], [20, 20, 20], [28, 20, 20]]) + rng.normal(0, 0.5, (3, 3))
+        truth = LandmarkSet(names, placed + [[-20.0 if i % 2 else 0.0, 0, 0], [0, 0, 0], [0, 0, 0]])
+        inside = vol.contains_ras(truth.xyz_mm_ras, margin=0.5)
+        out.append(Record(f"case{i // 2}", "cut" if i % 2 else "normal", LandmarkSet(names, placed), None, vol,
+                          truth, inside))
+    return out
+
+
+def test_the_presence_network_that_tells_cut_off_landmarks_is_chosen_and_ties_keep_the_first() -> None:
+    records = _cut_records()
+    knows = _FixedPresence({id(r.volume): r.truth_inside.astype(float) for r in records})
+    blind = _FixedPresence({id(r.volume): np.full(3, 0.5) for r in records})
+    for candidates, winner in (([blind, knows], 1), ([None, knows], 1), ([knows, blind], 0), ([blind, blind], 0),
+                               ([None, blind], 0)):
+        chosen, results = choose_presence(records, None, candidates)  # type: ignore[arg-type]
+        assert chosen == winner, results
+        assert [r.presence is not None for r in records] == [candidates[winner] is not None] * len(records)
+    chosen, results = choose_presence(records, None, [None, knows])  # type: ignore[list-item]
+    assert results[1]["calibration_cut_off_not_found"] == 1.0 and results[1]["calibration_inside_found"] == 1.0
+    # geometry alone: the points lie inside, away from the faces, so a rule catches the gone landmark only by
+    # also losing the ones inside
+    assert min(results[0]["calibration_cut_off_not_found"], results[0]["calibration_inside_found"]) < 0.5
+    assert all(np.array_equal(r.presence, r.truth_inside.astype(float)) for r in records)

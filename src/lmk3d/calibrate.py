@@ -6,7 +6,8 @@ calibration. The test cases are never read. ``trust.json`` and ``presence.pt`` a
 model folder (or ``--out``), atomically.
 
 :func:`calibrate_new_weights` does the same for weights the server has just trained (``POST /train``),
-on the model's validation cases, without training anything.
+on the model's validation cases; it trains a presence network only when asked to, and serves it only if it
+tells the validation cases' cut-off landmarks better than the inherited one.
 """
 
 from __future__ import annotations
@@ -28,14 +29,20 @@ if TYPE_CHECKING:
     from lmk3d.io.image import Volume
     from lmk3d.landmarks import LandmarkSet
     from lmk3d.trust import ImageModel, TrustModel
+    from lmk3d.trust.presence import PresenceModel
 
-__all__ = ["DEFAULT_TOLERANCE_MM", "MIN_CALIBRATION_CASES", "add_calibrate", "add_consensus",
+__all__ = ["DEFAULT_TOLERANCE_MM", "MIN_CALIBRATION_CASES", "MIN_PRESENCE_CASES", "PRESENCE_EPOCHS", "add_calibrate",
+           "add_consensus",
            "calibrate_new_weights", "own_answer", "run_calibrate", "run_consensus"]
 
 #: The fewest labelled calibration cases a trust model is fitted on.
 MIN_CALIBRATION_CASES = 5
 #: The tolerance of a score (the probability that the error is within it) when nothing sets another.
 DEFAULT_TOLERANCE_MM = 3.0
+#: Epochs of the presence network the server trains for new weights (the shipped networks had 30-40).
+PRESENCE_EPOCHS = 30
+#: The fewest training cases with every landmark placed that the server trains a presence network on.
+MIN_PRESENCE_CASES = 5
 
 
 def add_calibrate(p: argparse.ArgumentParser) -> None:
@@ -120,16 +127,23 @@ def own_answer(det: Detector) -> Callable[[Volume], tuple[LandmarkSet, LandmarkS
 
 def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: Sequence[Sample],
                           previous: Sequence[Path], seed: int = 0, log: Callable[[str], None] | None = None,
-                          images_from: Path | None = None) -> tuple[TrustModel | None, dict[str, Any]]:
+                          images_from: Path | None = None,
+                          presence_epochs: int = 0) -> tuple[TrustModel | None, dict[str, Any]]:
     """Fit the trust model of weights just trained by the server (``POST /train``), or say why not.
 
-    Like ``lmk3d calibrate``, on the detector's own answer (:func:`own_answer`), but nothing is trained,
-    so it takes seconds to a minute rather than the presence network's minutes:
+    Like ``lmk3d calibrate``, on the detector's own answer (:func:`own_answer`):
 
-    - the presence network is reused from the first folder of ``previous`` (the parent version's, then
-      the shipped model's) whose ``presence.pt`` names the detector's landmarks, in its order; with none,
-      cut-off landmarks are told by geometry alone. The network looks at the image only, never at the
-      detector, so it stays valid for new weights;
+    - the presence network: the inherited one is the first ``presence.pt`` of ``previous`` (the parent
+      version's, then the shipped model's) that names the detector's landmarks, in its order; none
+      (geometry only) without one. With ``presence_epochs`` > 0 and at least :data:`MIN_PRESENCE_CASES`
+      training cases with every landmark placed, a network is also trained for ``presence_epochs`` on
+      ``train`` (starting from the inherited weights when there are some, else new, seed ``seed``), unless
+      the inherited one was trained on these very cases (same data fingerprint). The two are compared
+      on the calibration cases' cut variants (:func:`lmk3d.trust.fit.choose_presence`): the trained one
+      replaces the inherited one only if its fitted not-found rule does strictly better there. The
+      network looks at the image only, so an inherited one stays valid for new weights as long as the
+      images are of the kind it learnt; training it again is for images of a new kind (another contrast)
+      and for declared models, which inherit none;
     - the tolerance is the one of the first ``trust.json`` in ``previous``, else
       :data:`DEFAULT_TOLERANCE_MM`;
     - ``images_from``: the folder of the weights these were fine-tuned from. The new image model knows
@@ -149,13 +163,14 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         seed: the seed of the calibration cases' cut variants.
         log: called with one line per step.
         images_from: see above; a folder without an image model is skipped, with a line in the record.
+        presence_epochs: see above; 0 (the default) trains nothing.
 
     Returns:
         ``(trust, record)``. ``trust`` is None when fewer than :data:`MIN_CALIBRATION_CASES` calibration
         cases have labels. ``record`` is plain JSON data for the version's report: ``calibrated`` (bool),
         ``reason`` (one line: what it was fitted on, or why it was not), and when fitted
-        ``tolerance_mm``, ``calibration_cases``, ``presence_from`` and ``images_from`` (folders or None)
-        and ``seconds``.
+        ``tolerance_mm``, ``calibration_cases``, ``presence_from`` and ``images_from`` (folders or None),
+        ``presence`` (which network serves: ``"inherited"``, ``"trained"`` or ``"none"``) and ``seconds``.
 
     Raises:
         LandmarkError: the fit itself failed (too few points, unreadable images...).
@@ -183,19 +198,33 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         if candidate is not None and candidate.landmark_names == tuple(det.landmark_names):
             presence, presence_from = candidate, folder
             break
+    trained = _presence_to_train(det.landmark_names, train, presence, presence_from, presence_epochs, seed, log)
     fine_tuned_from = Path(images_from) if images_from is not None and Path(images_from).is_dir() else None
     if fine_tuned_from is not None and fine_tuned_from not in loaded:
         loaded[fine_tuned_from] = load_trust(fine_tuned_from)
     prior = _prior_images(loaded[fine_tuned_from]) if fine_tuned_from is not None else None
     t0 = time.monotonic()
-    trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed, presence,
-                      log=log, names=det.landmark_names, image_prior=prior)
+    trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed,
+                      presence if trained is None else None, log=log, names=det.landmark_names, image_prior=prior,
+                      presence_candidates=(presence, trained) if trained is not None else ())
     seconds = round(time.monotonic() - t0, 1)
     images = str(images_from) if prior is not None else None
+    inherited = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"
+    served = "none" if trust.presence is None else "trained" if trust.presence is trained else "inherited"
+    if served == "trained":
+        assert trained is not None
+        where = (f"a presence network trained on {trained.report['training_cases']} training case(s)"
+                 + (f", starting from that of {presence_from} (it told cut-off landmarks better than that one)"
+                    if presence_from else " (it told cut-off landmarks better than geometry alone)"))
+    elif trained is not None:
+        where = f"{inherited} (one trained on these cases did no better)"
+    else:
+        where = inherited
+    if served == "trained":
+        presence_from = None
     trust.report.update(seconds=seconds, presence_from=str(presence_from) if presence_from else None,
-                        images_from=images,
+                        presence=served, images_from=images,
                         command="fitted by the server's training (lmk3d.calibrate.calibrate_new_weights)")
-    where = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"
     known = (f"the image check knows the {prior.n_images} training images of {images_from} too" if prior is not None
              else "the image check knows these training images only")
     return trust, {"calibrated": True,
@@ -203,8 +232,39 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
                              f"({trust.report['calibration_points']} points), tolerance {tolerance_mm:g} mm, "
                              f"{where}; {known}",
                    "tolerance_mm": tolerance_mm, "calibration_cases": [s.case for s in labelled],
-                   "presence_from": str(presence_from) if presence_from else None, "images_from": images,
-                   "seconds": seconds}
+                   "presence_from": str(presence_from) if presence_from else None, "presence": served,
+                   "images_from": images, "seconds": seconds}
+
+
+def _presence_to_train(names: Sequence[str], train: Sequence[Sample], inherited: PresenceModel | None,
+                       inherited_from: Path | None, epochs: int, seed: int,
+                       log: Callable[[str], None] | None) -> PresenceModel | None:
+    """An untrained presence network for :func:`calibrate_new_weights` to train on ``train``, or None (see there)."""
+    from lmk3d.checkpoint import data_fingerprint
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    say = log or (lambda _: None)
+    if epochs <= 0:
+        return None
+    full = [s for s in train if s.landmarks is not None and set(names) <= set(s.landmarks.names)
+            and bool(s.landmarks.reorder(names).found.all())]
+    fingerprint = data_fingerprint([(s.case, s.landmarks.reorder(names)) for s in full if s.landmarks is not None])
+    if len(full) < MIN_PRESENCE_CASES:
+        say(f"presence network: not trained ({len(full)} training case(s) with every landmark placed; it needs "
+            f"at least {MIN_PRESENCE_CASES})")
+        return None
+    if inherited is not None and inherited.report.get("data_fingerprint") == fingerprint:
+        say(f"presence network: the one of {inherited_from} was trained on these cases; kept as it is")
+        return None
+    if inherited is not None:
+        config = dataclasses.replace(inherited.config, epochs=epochs, seed=seed)
+        net = PresenceModel(names, config)
+        net.net.load_state_dict(inherited.net.state_dict())
+    else:
+        net = PresenceModel(names, PresenceConfig(epochs=epochs, seed=seed, box_mm=_box_mm(list(train))))
+    net.provenance = {"data_fingerprint": fingerprint,
+                      "fine_tuned_from": str(inherited_from) if inherited is not None else None}
+    return net
 
 
 def _prior_images(old: TrustModel | None) -> ImageModel | None:

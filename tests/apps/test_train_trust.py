@@ -17,6 +17,7 @@ validation cases (no ``trust.json``, the reason recorded) is tested through the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from collections.abc import Iterator
@@ -143,12 +144,21 @@ def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib:
     assert trust["tolerance_mm"] == PARENT_TOLERANCE_MM  # the parent's
     assert trust["report"]["calibration_cases"] == sorted(world.record.validation_cases(STUDIES))
     assert trust["weights"] != parent["weights"], "the parent's trust model was copied onto new weights"
-    # The parent's presence network is reused as it is (it looks at the image, not at the detector).
-    reused, original = PresenceModel.load(v1), PresenceModel.load(world.shipped)
-    assert reused is not None and original is not None
-    for key, value in original.net.state_dict().items():
-        assert torch.equal(reused.net.state_dict()[key], value), key
-    assert trust["report"]["presence_from"] == str(world.shipped)
+    # The presence network: the parent's, or one trained on the training cases from its weights, whichever
+    # told the validation cases' cut-off landmarks better (ties: the parent's).
+    served, original = PresenceModel.load(v1), PresenceModel.load(world.shipped)
+    assert served is not None and original is not None
+    inherited, trained = _checked_choice(trust)
+    same = all(torch.equal(served.net.state_dict()[k], v) for k, v in original.net.state_dict().items())
+    if inherited["chosen"]:
+        assert same and trust["report"]["presence"] == "inherited"
+        assert trust["report"]["presence_from"] == str(world.shipped)
+        assert f"the presence network of {world.shipped} (one trained on these cases did no better)" in lines
+    else:
+        assert not same and trust["report"]["presence"] == "trained" and trust["report"]["presence_from"] is None
+        assert served.report["fine_tuned_from"] == str(world.shipped) and served.report["training_cases"] == 6
+        assert f"starting from that of {world.shipped} (it told cut-off landmarks better" in lines
+    assert "presence epoch 30/30" in lines  # PRESENCE_EPOCHS: the train options set no max_epochs
     # Its image check knows the parent's training images as well as its own (the parent's trust.json predates
     # the count: twice its training cases, each with one cut variant).
     assert trust["report"]["images_from"] == str(world.shipped)
@@ -201,25 +211,54 @@ def test_a_failed_calibration_keeps_the_version_without_a_trust_model(app_lib: S
     assert load_detector(v1, "cpu").trust is None
 
 
-def test_a_declared_models_first_version_is_calibrated_without_a_presence_network(
+def _checked_choice(trust: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The two candidates of a version's presence choice (inherited or none, trained), checked for consistency:
+    exactly one chosen, the trained one only when its smaller share is strictly larger."""
+    inherited, trained = trust["report"]["presence_choice"]
+    assert inherited["chosen"] != trained["chosen"]
+
+    def smaller(c: dict[str, Any]) -> float:
+        return min(c["calibration_cut_off_not_found"], c["calibration_inside_found"])
+
+    assert trained["chosen"] == (smaller(trained) > smaller(inherited))
+    chosen = trained if trained["chosen"] else inherited
+    rule = trust["report"]["not_found_rule"]
+    assert (rule["calibration_cut_off_not_found"], rule["calibration_inside_found"]) == (
+        chosen["calibration_cut_off_not_found"], chosen["calibration_inside_found"])
+    assert trust["presence_threshold"] == chosen["presence_threshold"]
+    return inherited, trained
+
+
+def test_a_declared_models_first_version_gets_a_presence_network_trained_on_its_cases_if_it_helps(
         app_lib: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     datastore = labelled_datastore(tmp_path)
     registry = Registry(tmp_path / "ws")
     record = registry.ensure("my_hippo", MODEL, val_fraction=VAL_FRACTION)  # 6 of STUDIES are its validation cases
     declared = app_lib.LandmarkModelConfig(detector=MODEL).declared("my_hippo").declare(registry)
     result = app_lib.LandmarkTrainTask(declared, "cpu")(dict(TRAIN_OPTIONS), datastore)
-    capsys.readouterr()
+    lines = capsys.readouterr().out
     assert result["version"] == "v0001" and result["published"] is True  # the first version: served
     assert result["calibrated"] is True, result["calibration"]
-    assert result["calibration"].endswith("tolerance 3 mm, no presence network (geometry only); the image check "
-                                          "knows these training images only")
+    assert "presence network: training on 5 cases with every landmark" in lines  # nothing to inherit
     v1 = record.root / "versions" / "v0001"
     trust = json.loads((v1 / "trust.json").read_text())
-    assert trust["tolerance_mm"] == 3.0 and trust["presence_threshold"] == 0.0
-    assert len(trust["report"]["calibration_cases"]) == 6 and not (v1 / "presence.pt").exists()
+    assert trust["tolerance_mm"] == 3.0 and len(trust["report"]["calibration_cases"]) == 6
     assert trust["report"]["images_from"] is None and trust["image"]["n_images"] >= 2
+    _, trained = _checked_choice(trust)
     detector = load_detector(v1, "cpu")
-    assert detector.trust is not None and detector.trust.presence is None
+    assert detector.trust is not None
+    if trained["chosen"]:
+        assert result["calibration"].endswith("tolerance 3 mm, a presence network trained on 5 training case(s) (it "
+                                              "told cut-off landmarks better than geometry alone); the image check "
+                                              "knows these training images only")
+        assert trust["report"]["presence"] == "trained" and detector.trust.presence is not None
+        assert detector.trust.presence.report["data_fingerprint"] and detector.trust.presence.report["epochs"] == 30
+    else:
+        assert result["calibration"].endswith("tolerance 3 mm, no presence network (geometry only) (one trained on "
+                                              "these cases did no better); the image check knows these training "
+                                              "images only")
+        assert trust["presence_threshold"] == 0.0 and not (v1 / "presence.pt").exists()
+        assert trust["report"]["presence"] == "none" and detector.trust.presence is None
     answer = detector.predict_all(read_image(datastore.get_image_uri(STUDIES[0]))).landmarks
     assert answer.calibrated and np.all((answer.scores >= 0.0) & (answer.scores <= 1.0))
 
@@ -247,3 +286,43 @@ def test_an_uploaded_checkpoint_is_calibrated_like_a_trained_version(app_lib: Si
     assert served.trust is not None
     landmarks = served.predict_all(read_image(world.datastore.get_image_uri(STUDIES[0]))).landmarks
     assert landmarks.calibrated and np.all((landmarks.scores >= 0.0) & (landmarks.scores <= 1.0))
+
+
+def test_which_presence_network_the_server_trains() -> None:
+    """:func:`lmk3d.calibrate._presence_to_train`: none without epochs or with too few complete cases, none when
+    the inherited network was trained on these very cases, else one starting from the inherited weights (or
+    new, its box sized on the training images)."""
+    from lmk3d.calibrate import MIN_PRESENCE_CASES, _presence_to_train
+    from lmk3d.checkpoint import data_fingerprint
+
+    samples = [Sample(c, HIPPOCAMPUS / "images" / f"{c}.nii.gz", TRUTH[c]) for c in STUDIES[:MIN_PRESENCE_CASES]]
+    names = TRUTH[STUDIES[0]].names
+    said: list[str] = []
+    assert _presence_to_train(names, samples, None, None, 0, 0, said.append) is None and not said
+    fewer = samples[:-1]
+    assert _presence_to_train(names, fewer, None, None, 30, 0, said.append) is None
+    assert said[-1] == (f"presence network: not trained ({len(fewer)} training case(s) with every landmark placed; "
+                        f"it needs at least {MIN_PRESENCE_CASES})")
+    # a case that does not place every landmark does not count
+    partial = LandmarkSet(names, TRUTH[STUDIES[0]].xyz_mm_ras, found=np.array([False] + [True] * (len(names) - 1)))
+    assert _presence_to_train(names, [Sample("p", samples[0].image_path, partial)] + fewer, None, None, 30, 0,
+                              said.append) is None
+
+    new = _presence_to_train(names, samples, None, None, 30, 7, said.append)
+    assert new is not None and not new.fitted and new.config.epochs == 30 and new.config.seed == 7
+    extent = max(float(np.max(np.asarray(s.load_image().shape) * s.load_image().spacing_mm)) for s in samples)
+    assert extent * 1.1 <= new.config.box_mm < extent * 1.1 + 8.0
+    assert new.provenance["fine_tuned_from"] is None
+    fingerprint = data_fingerprint([(s.case, s.landmarks) for s in samples])
+    assert new.provenance["data_fingerprint"] == fingerprint
+
+    parent = PresenceModel.load(ROOT / "models" / SHIPPED_NAME)
+    assert parent is not None
+    tuned = _presence_to_train(names, samples, parent, Path("parent"), 12, 0, said.append)
+    assert tuned is not None and not tuned.fitted and tuned.provenance["fine_tuned_from"] == "parent"
+    assert tuned.config == dataclasses.replace(parent.config, epochs=12, seed=0)
+    for key, value in parent.net.state_dict().items():
+        assert torch.equal(tuned.net.state_dict()[key], value), key
+    parent.report["data_fingerprint"] = fingerprint  # trained on these very cases: kept as it is
+    assert _presence_to_train(names, samples, parent, Path("parent"), 12, 0, said.append) is None
+    assert said[-1] == "presence network: the one of parent was trained on these cases; kept as it is"

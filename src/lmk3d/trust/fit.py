@@ -24,7 +24,7 @@ from lmk3d.trust import COVERAGE, ImageModel, ShapeModel, TrustModel, cut_rule, 
 from lmk3d.trust.cuts import cut_outside
 from lmk3d.trust.presence import PresenceModel
 
-__all__ = ["Record", "fit_from_records", "fit_trust", "records_for"]
+__all__ = ["Record", "choose_presence", "fit_from_records", "fit_trust", "records_for"]
 
 FACE_GRID = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
 SHAPE_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, math.inf)
@@ -146,10 +146,44 @@ def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, n
                         "calibration_inside_landmarks": int(inside.sum())}
 
 
+def choose_presence(records: Sequence[Record], shape: ShapeModel | None,
+                    candidates: Sequence[PresenceModel | None]) -> tuple[int, list[dict[str, Any]]]:
+    """The candidate presence network (None: none, geometry only) that tells cut-off landmarks best.
+
+    Each candidate's probabilities fill the records' ``presence``; the not-found thresholds are fitted for it
+    as :func:`fit_from_records` fits them, and the candidate whose fitted rule reaches the larger smaller
+    share (cut-off landmarks not found, landmarks inside found) on these records wins; ties go to the
+    earlier candidate. The winner's probabilities are left in the records.
+
+    Returns:
+        ``(index of the winner, one dict per candidate with its two shares and thresholds)``.
+    """
+    feats = [point_features(r.final, r.first, shape, r.volume) for r in records]
+    results: list[dict[str, Any]] = []
+    probs: list[list[np.ndarray | None]] = []
+    best = 0
+    for i, cand in enumerate(candidates):
+        p = [cand.probabilities(r.volume) if cand is not None else None for r in records]
+        for r, q in zip(records, p, strict=True):
+            r.presence = q
+        *_, rule = _not_found_thresholds(records, feats)
+        results.append({k: rule[k] for k in ("calibration_cut_off_not_found", "calibration_inside_found", "face_mm",
+                                             "shape_outside_mm", "presence_threshold")})
+        probs.append(p)
+        score = min(rule["calibration_cut_off_not_found"], rule["calibration_inside_found"])
+        top = min(results[best]["calibration_cut_off_not_found"], results[best]["calibration_inside_found"])
+        if score > top + 1e-12:
+            best = i
+    for r, q in zip(records, probs[best], strict=True):
+        r.presence = q
+    return best, results
+
+
 def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]], train: Sequence[Sample],
               calibration: Sequence[Sample], modality: str | None, tolerance_mm: float = 3.0, seed: int = 0,
               presence: PresenceModel | None = None, log: Callable[[str], None] | None = None,
-              names: Sequence[str] | None = None, image_prior: ImageModel | None = None) -> TrustModel:
+              names: Sequence[str] | None = None, image_prior: ImageModel | None = None,
+              presence_candidates: Sequence[PresenceModel | None] = ()) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -158,7 +192,12 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     ``names``: the model's landmarks, in its order (a case may annotate fewer or list them in another order).
     ``image_prior``: the image model of the weights the detector was fine-tuned from; the new image model
     knows its images as well as ``train``'s (:meth:`ImageModel.merged`).
+    ``presence_candidates`` (instead of ``presence``): networks to choose among (None: none), the untrained
+    ones trained first like ``presence``; :func:`choose_presence` picks one on the calibration records,
+    and ``report["presence_choice"]`` says how each did.
     """
+    if presence is not None and presence_candidates:
+        raise ValueError("fit_trust: give presence or presence_candidates, not both")
     say = log or (lambda _: None)
     labelled = [s for s in train if s.landmarks is not None]
     if names is None:
@@ -166,12 +205,23 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     truths = [s.landmarks.reorder(names) for s in labelled if s.landmarks is not None]
     shape = ShapeModel.fit([np.where(t.found[:, None], t.xyz_mm_ras, np.nan) for t in truths])
     vols_train = [s.load_image() for s in labelled]
-    if presence is not None and not presence.fitted:
-        full = [(v, t.xyz_mm_ras) for v, t in zip(vols_train, truths, strict=True) if t.found.all()]
-        say(f"presence network: training on {len(full)} cases with every landmark")
-        presence.fit([v for v, _ in full], [x for _, x in full], log=say)
+    candidates = list(presence_candidates) or [presence]
+    for cand in candidates:
+        if cand is not None and not cand.fitted:
+            full = [(v, t.xyz_mm_ras) for v, t in zip(vols_train, truths, strict=True) if t.found.all()]
+            say(f"presence network: training on {len(full)} cases with every landmark")
+            cand.fit([v for v, _ in full], [x for _, x in full], log=say)
     say(f"calibration: {len(calibration)} cases and their cut variants")
-    records = records_for(predict, calibration, seed, presence=presence, names=names)
+    records = records_for(predict, calibration, seed, presence=candidates[0] if len(candidates) == 1 else None,
+                          names=names)
+    choice: list[dict[str, Any]] | None = None
+    if len(candidates) > 1:
+        chosen, choice = choose_presence(records, shape, candidates)
+        presence = candidates[chosen]
+        for i, c in enumerate(choice):
+            c["chosen"] = i == chosen
+    else:
+        presence = candidates[0]
     # The image check's reference: the calibration images *and their cut variants* (a cut image is still of
     # the model's kind: its landmarks inside must stay found).
     # Its training thumbnails: every training image and one cut variant of each (a random landmark 2-8 mm out).
@@ -194,4 +244,6 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     trust.report["training_cases"] = len(labelled)
     if presence is not None:
         trust.report["presence_training"] = presence.report
+    if choice is not None:
+        trust.report["presence_choice"] = choice
     return trust

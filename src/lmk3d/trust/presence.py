@@ -120,6 +120,8 @@ class PresenceModel:
         self.fitted = False
         #: how it was trained (epochs, cases, final loss), saved with the weights
         self.report: dict[str, Any] = {}
+        #: what :meth:`fit` adds to its report (e.g. the training data's fingerprint, the weights it started from)
+        self.provenance: dict[str, Any] = {}
 
     def probabilities(self, volume: Volume) -> np.ndarray:
         """``(N,)`` probability that each landmark lies inside ``volume``'s field of view."""
@@ -168,7 +170,8 @@ class PresenceModel:
         self.net.eval()
         self.fitted = True
         self.report = {"epochs": c.epochs, "training_cases": len(volumes), "seed": c.seed,
-                       "final_loss": history[-1] if history else None, "config": dataclasses.asdict(c)}
+                       "final_loss": history[-1] if history else None, "config": dataclasses.asdict(c),
+                       **self.provenance}
         return {"epochs": c.epochs, "loss": history, "training_cases": len(volumes)}
 
     def save(self, directory: str | os.PathLike[str]) -> Path:

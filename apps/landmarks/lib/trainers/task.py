@@ -22,8 +22,12 @@ The infer task notices the new served version and loads it.
 
 **Trust.** Before the gate decides, the new weights get their own trust model
 (:func:`lmk3d.calibrate.calibrate_new_weights`, docs/trust.md): fitted on the same validation cases,
-with the training cases for its shape and image models, the parent's presence network (else the shipped
-model's) and the parent's tolerance (else 3 mm); nothing is trained for it. ``trust.json`` (and
+with the training cases for its shape and image models and the parent's tolerance (else 3 mm). Its
+presence network (which tells landmarks the field of view cuts off) is the parent's (else the shipped
+model's), or one trained on the training cases for :data:`~lmk3d.calibrate.PRESENCE_EPOCHS` epochs (at most
+``max_epochs``), starting from that one, when it does strictly better on the validation cases' cut
+variants: a declared model inherits none, and after a change of contrast the inherited one keeps few
+landmarks found. ``trust.json`` (and
 ``presence.pt``) go into the version folder, so the version serves calibrated scores, ``radius_mm`` and
 ``score_meaning`` from its first answer, and the gate measures the version as it will serve. With fewer
 than 5 validation cases, or when the fit fails, the version has no trust model and serves the
@@ -95,7 +99,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.configs import DeclaredModel, LoadedModel
 from lib.errors import CONFLICT, UNPROCESSABLE, http_error
 from lib.json_values import jsonable
-from lmk3d.calibrate import calibrate_new_weights
+from lmk3d.calibrate import PRESENCE_EPOCHS, calibrate_new_weights
 from lmk3d.checkpoint import CHECKPOINT_FILE, data_fingerprint
 from lmk3d.data.samples import Sample
 from lmk3d.data.split import holdout_split
@@ -340,8 +344,10 @@ class LandmarkTrainTask(TrainTask):
         fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=init)
         stats.update(phase="calibrating")
         self._stats(stats)
+        presence_epochs = min(PRESENCE_EPOCHS, options.max_epochs or PRESENCE_EPOCHS)
         trust, calibration = self._calibrate(detector, train, val, options.seed,
-                                             self.record.current_dir() if init == "current" else None)
+                                             self.record.current_dir() if init == "current" else None,
+                                             presence_epochs)
         detector.trust = trust  # measured as it will serve: with its own trust model, or raw
         after = scores(detector, val)
         self._say(f"new weights: {_described(after)}")
@@ -383,20 +389,23 @@ class LandmarkTrainTask(TrainTask):
                 "calibrated": trust is not None, "calibration": calibration["reason"]}
 
     def _calibrate(self, detector: Detector, train: Sequence[Sample], val: Sequence[Sample],
-                   seed: int, fine_tuned_from: Path | None) -> tuple[TrustModel | None, dict[str, Any]]:
+                   seed: int, fine_tuned_from: Path | None,
+                   presence_epochs: int) -> tuple[TrustModel | None, dict[str, Any]]:
         """The new weights' own trust model (:func:`lmk3d.calibrate.calibrate_new_weights`), or None and why.
 
-        Fitted on the validation cases (the gate's), with the parent version's presence network and
-        tolerance, else the shipped model's. The parent's ``trust.json`` itself is never copied onto the
-        new weights: it was fitted for other weights. Weights fine-tuned from a version
-        (``fine_tuned_from``, its folder) keep that version's training images in their image check. A
-        failed fit costs the trust model, never the trained weights: the version is added without one,
+        Fitted on the validation cases (the gate's), with the parent version's tolerance, else the shipped
+        model's. The presence network is the parent's (else the shipped model's), or one trained on the
+        training cases for ``presence_epochs`` (from the inherited weights when there are some) when it
+        tells the validation cases' cut-off landmarks strictly better. The parent's ``trust.json`` itself
+        is never copied onto the new weights: it was fitted for other weights. Weights fine-tuned from a
+        version (``fine_tuned_from``, its folder) keep that version's training images in their image check.
+        A failed fit costs the trust model, never the trained weights: the version is added without one,
         saying why.
         """
         previous = [p for p in (self.record.current_dir(), self.record.shipped) if p is not None]
         try:
             trust, calibration = calibrate_new_weights(detector, train, val, previous, seed, log=self._say,
-                                                       images_from=fine_tuned_from)
+                                                       images_from=fine_tuned_from, presence_epochs=presence_epochs)
         except Exception as e:
             logger.exception("model %r: the trust model of the new weights could not be fitted", self.name)
             trust, calibration = None, {"calibrated": False,
