@@ -32,8 +32,7 @@ if TYPE_CHECKING:
     from lmk3d.trust.presence import PresenceModel
 
 __all__ = ["DEFAULT_TOLERANCE_MM", "MIN_CALIBRATION_CASES", "MIN_PRESENCE_CASES", "PRESENCE_EPOCHS", "add_calibrate",
-           "add_consensus",
-           "calibrate_new_weights", "own_answer", "run_calibrate", "run_consensus"]
+           "add_consensus", "calibrate_new_weights", "own_answer", "run_calibrate", "run_consensus"]
 
 #: The fewest labelled calibration cases a trust model is fitted on.
 MIN_CALIBRATION_CASES = 5
