@@ -127,6 +127,19 @@ def _pool_segments(view: torch.Tensor, kernel: Sequence[int], lead: Sequence[int
     return join([join([join([pool(a, b, c) for c in segments[2]], 4) for b in segments[1]], 3) for a in segments[0]], 2)
 
 
+def dense_copy(view: torch.Tensor, dims: Sequence[int] = ()) -> torch.Tensor:
+    """A C-ordered copy of ``view`` reversed along ``dims``: the values of ``view.flip(dims)`` (or of a clone).
+
+    On the CPU numpy copies a strided float view 2-2.5 times faster than torch does on one thread (0.02 s
+    against 0.05 s for the 24 M voxels of the fine level's crop of a 512 x 512 x 200 image), so CPU tensors
+    are copied through numpy (they share memory with it); others, and tensors that autograd follows, by torch.
+    """
+    if view.device.type != "cpu" or view.requires_grad or view.is_conj() or view.is_neg():
+        return view.flip(list(dims)) if dims else view.clone(memory_format=torch.contiguous_format)
+    index = tuple(slice(None, None, -1) if axis in dims else slice(None) for axis in range(view.dim()))
+    return torch.from_numpy(np.array(view.numpy()[index], order="C", copy=True))  # a copy even when contiguous
+
+
 def pool_from_end(view: torch.Tensor, factors: Sequence[int], flipped: Sequence[bool]) -> torch.Tensor:
     """Box filter of a ``(1, C, I, J, K)`` view whose ``flipped`` axes run backwards, returned unflipped.
 
@@ -272,6 +285,8 @@ class PreparedImage:
         view = crop(self.tensor, np.where(flips, n - hi, lo), np.where(flips, n - lo, hi))
         affine = self.affine @ index_shift(lo)
         if not flips.any():
+            if not view.is_contiguous() and any(f > 1 for f in self.factors(spacing_mm)):
+                view = dense_copy(view)  # what avg_pool3d would copy, copied faster
             return antialias(view, affine, float(spacing_mm))
         size = hi - lo
         factors = [min(f, int(m)) for f, m in zip(self.factors(spacing_mm), size, strict=True)]
@@ -279,7 +294,7 @@ class PreparedImage:
             return view, affine @ flip_index(self.flipped, size)
         if not view.is_contiguous():
             # A crop, which avg_pool3d copies anyway: copied flipped, it is filtered as it always was.
-            return antialias(view.flip([2 + a for a in range(3) if self.flipped[a]]), affine, float(spacing_mm))
+            return antialias(dense_copy(view, [2 + a for a in range(3) if self.flipped[a]]), affine, float(spacing_mm))
         scale = np.diag([*factors, 1.0]).astype(np.float64)
         scale[:3, 3] = (np.asarray(factors) - 1) / 2.0  # as :func:`lmk3d.transforms.grid.antialias`
         return pool_from_end(view, factors, self.flipped), affine @ scale
@@ -325,7 +340,7 @@ class PreparedImage:
         flips = axis_flips(out_affine) if any(self.flipped) else (False, False, False)
         dims = [2 + axis for axis in range(3) if flips[axis]]
         # A copy in the canonical view (a view of the stored voxels may run backwards).
-        part = part.flip(dims) if dims else part.clone()
+        part = dense_copy(part, dims)
         out_affine = out_affine @ flip_index(flips, part.shape[2:])
         return PreparedImage(part, out_affine, (int(part.shape[2]), int(part.shape[3]), int(part.shape[4])),
                              self.modality, self.intensity, self.background, self.source_affine, self.source_shape,
@@ -354,7 +369,7 @@ class PreparedImage:
             hi = np.clip(np.ceil(ijk.max(axis=0)).astype(int) + 2, lo + 2, size)
         t, aff = self.box(lo, hi, spacing_mm)
         if t.untyped_storage().data_ptr() == self.tensor.untyped_storage().data_ptr():
-            t = t.clone()  # a view of the prepared image, which the in-place steps must not touch
+            t = dense_copy(t)  # a view of the prepared image, which the in-place steps must not touch
         # The map ([lo, hi] -> [0, 1], clipped for CT) in place: its out-of-place MONAI form costs
         # several passes over a full-resolution CT.
         m = self.intensity
@@ -366,5 +381,5 @@ class PreparedImage:
         return t.contiguous(), aff, pad
 
 
-__all__ = ["CT_AIR_THRESHOLD_HU", "PreparedImage", "axis_flips", "canonical_view", "flip_index", "guess_modality",
-           "pool_from_end", "resolve_modality"]
+__all__ = ["CT_AIR_THRESHOLD_HU", "PreparedImage", "axis_flips", "canonical_view", "dense_copy", "flip_index",
+           "guess_modality", "pool_from_end", "resolve_modality"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lmk3d.io.image import Volume
-from lmk3d.preprocessing import PreparedImage, axis_flips, flip_index, pool_from_end
+from lmk3d.preprocessing import PreparedImage, axis_flips, dense_copy, flip_index, pool_from_end
 from lmk3d.transforms.grid import Grid
 
 SHAPE = (23, 19, 11)
@@ -101,3 +101,17 @@ def test_cropped_is_in_the_canonical_view() -> None:
         assert axis_flips(part.affine) == (False, False, False) and part.shape == ref.shape
         np.testing.assert_allclose(part.affine, ref.affine, atol=1e-9)
         torch.testing.assert_close(part.tensor, ref.tensor, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("dims", [(), (2,), (3, 4), (2, 3, 4)])
+def test_dense_copy_holds_the_flipped_or_cloned_values_in_c_order(dims: tuple[int, ...]) -> None:
+    whole = torch.randn(1, 1, 13, 12, 11, generator=torch.Generator().manual_seed(len(dims)))
+    before = whole.clone()
+    for view in (whole, whole[:, :, 2:11, 1:, :7], whole[:, :, ::2, 3:9, 1:10].transpose(2, 4)):
+        want = view.flip(list(dims)) if dims else view.clone()
+        got = dense_copy(view, dims)
+        assert got.is_contiguous() and torch.equal(got, want)
+        got[...] = 0.0  # a copy: the image is not written
+        assert torch.equal(whole, before)
+    tracked = whole.clone().requires_grad_()
+    assert torch.equal(dense_copy(tracked, dims).detach(), tracked.flip(list(dims)) if dims else tracked)

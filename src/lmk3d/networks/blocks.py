@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmk3d.networks.pooling import MaxPool1d, MaxPool2d, MaxPool3d
+
 __all__ = ["Convolution", "FullyConnectedNet", "ResNet", "TwoConv", "act_layer", "conv_type", "conv_transpose_type",
            "max_pool_type", "norm_layer"]
 
@@ -35,7 +37,7 @@ LayerSpec = str | tuple[str, Mapping[str, Any]]
 
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
-_MAX_POOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
+_MAX_POOL = {1: MaxPool1d, 2: MaxPool2d, 3: MaxPool3d}
 _AVG_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 _NORM: dict[str, dict[int, type[nn.Module]]] = {
     "instance": {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d},
@@ -61,7 +63,7 @@ def conv_transpose_type(spatial_dims: int) -> type[nn.Module]:
 
 
 def max_pool_type(spatial_dims: int) -> type[nn.Module]:
-    """``nn.MaxPool1d``, ``2d`` or ``3d``."""
+    """``nn.MaxPool1d``, ``2d`` or ``3d`` (as :mod:`lmk3d.networks.pooling` runs them: the same values)."""
     return _dims(_MAX_POOL, spatial_dims, "max pooling")  # type: ignore[no-any-return]
 
 

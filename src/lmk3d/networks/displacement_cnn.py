@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmk3d.networks.blocks import Convolution
+from lmk3d.networks.pooling import MaxPool2d, MaxPool3d
 
 
 class GroupedLinear(nn.Module):
@@ -95,7 +96,7 @@ class DisplacementCNN(nn.Module):
         prev = in_channels
         for c in chans:
             layers.append(Convolution(spatial_dims, prev * g, c * g, kernel_size=3, act="RELU", norm=norm, groups=g))
-            layers.append(nn.MaxPool3d(2) if spatial_dims == 3 else nn.MaxPool2d(2))
+            layers.append(MaxPool3d(2) if spatial_dims == 3 else MaxPool2d(2))
             prev = c
         self.features = nn.Sequential(*layers)
         flat = chans[-1] * math.prod(r // 16 for r in roi)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmk3d.networks.blocks import Convolution
+from lmk3d.networks.pooling import max_pool
 
 
 def _crop(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -116,7 +117,7 @@ class HeatmapUNet(nn.Module):
         skips = []
         for lvl, enc in enumerate(self.encoders):
             if lvl > 0:
-                h = F.max_pool3d(h, 2) if self.spatial_dims == 3 else F.max_pool2d(h, 2)
+                h = max_pool(h, self.spatial_dims, 2)
             h = enc(h)
             skips.append(h)
         feats = [h]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lmk3d.networks.blocks import Convolution, FullyConnectedNet
+from lmk3d.networks.pooling import MaxPool2d
 
 
 class PinCNN(nn.Module):
@@ -67,7 +68,7 @@ class PinCNN(nn.Module):
             layers.append(Convolution(spatial_dims, c_in, int(c_out), kernel_size=3, act="RELU", norm=norm,
                                       padding=1))
             # ceil_mode keeps a 1-pixel map alive for small patches (the cpu/tiny profiles).
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
+            layers.append(MaxPool2d(kernel_size=2, stride=2, ceil_mode=True))
             c_in, side = int(c_out), (side + 1) // 2
         self.features = nn.Sequential(*layers)
         flat = c_in * side * side

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from lmk3d.networks.pooling import max_pool
+
 
 def gaussian_heatmaps(points: torch.Tensor, shape: tuple[int, int, int], sigma: float | torch.Tensor) -> torch.Tensor:
     """One unnormalised Gaussian (peak 1) per point.
@@ -71,7 +73,7 @@ def local_peaks(heatmaps: torch.Tensor, k: int, radius: int = 2) -> tuple[torch.
     lead = heatmaps.shape[:-3]
     dims = heatmaps.shape[-3:]
     vol = heatmaps.reshape(-1, *dims)
-    pooled = torch.nn.functional.max_pool3d(vol[:, None], 2 * radius + 1, 1, radius)[:, 0]
+    pooled = max_pool(vol[:, None], 3, 2 * radius + 1, 1, radius)[:, 0]
     is_max = (vol >= pooled) & (vol > 0)
     flat = torch.where(is_max, vol, torch.full_like(vol, -torch.inf)).reshape(vol.shape[0], -1)
     kk = min(k, flat.shape[1])
