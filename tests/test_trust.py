@@ -354,3 +354,22 @@ def test_the_presence_network_that_tells_cut_off_landmarks_is_chosen_and_ties_ke
     # also losing the ones inside
     assert min(results[0]["calibration_cut_off_not_found"], results[0]["calibration_inside_found"]) < 0.5
     assert all(np.array_equal(r.presence, r.truth_inside.astype(float)) for r in records)
+
+
+def test_the_presence_networks_training_starts_no_epoch_after_its_deadline() -> None:
+    import time
+
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    rng = np.random.default_rng(0)
+    volumes = [_blob(rng) for _ in range(2)]
+    truths = [np.array([v.affine[:3, :3] @ (np.asarray(v.shape) / 2.0) + v.affine[:3, 3]]) for v in volumes]
+    config = PresenceConfig(box_mm=40.0, size=16, channels=2, epochs=3, variants_per_case=1)
+    lines: list[str] = []
+    late = PresenceModel(("centre",), config)
+    report = late.fit(volumes, truths, log=lines.append, deadline=time.monotonic() - 1.0)
+    assert report["epochs_run"] == 1 and late.report["epochs_run"] == 1 and late.report["epochs"] == 3
+    assert lines[-1] == "presence network: stopped after 1 of 3 epochs (the training's time is up)"
+    on_time = PresenceModel(("centre",), config)
+    assert on_time.fit(volumes, truths, deadline=time.monotonic() + 3600.0)["epochs_run"] == 3
+    assert on_time.fitted and late.fitted

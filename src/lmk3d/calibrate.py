@@ -127,7 +127,8 @@ def own_answer(det: Detector) -> Callable[[Volume], tuple[LandmarkSet, LandmarkS
 def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: Sequence[Sample],
                           previous: Sequence[Path], seed: int = 0, log: Callable[[str], None] | None = None,
                           images_from: Path | None = None,
-                          presence_epochs: int = 0) -> tuple[TrustModel | None, dict[str, Any]]:
+                          presence_epochs: int = 0,
+                          presence_deadline: float | None = None) -> tuple[TrustModel | None, dict[str, Any]]:
     """Fit the trust model of weights just trained by the server (``POST /train``), or say why not.
 
     Like ``lmk3d calibrate``, on the detector's own answer (:func:`own_answer`):
@@ -163,6 +164,8 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         log: called with one line per step.
         images_from: see above; a folder without an image model is skipped, with a line in the record.
         presence_epochs: see above; 0 (the default) trains nothing.
+        presence_deadline: a :func:`time.monotonic` time after which the network's training starts no
+            further epoch (the server's ``max_minutes``); None: all ``presence_epochs`` run.
 
     Returns:
         ``(trust, record)``. ``trust`` is None when fewer than :data:`MIN_CALIBRATION_CASES` calibration
@@ -205,7 +208,8 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
     t0 = time.monotonic()
     trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed,
                       presence if trained is None else None, log=log, names=det.landmark_names, image_prior=prior,
-                      presence_candidates=(presence, trained) if trained is not None else ())
+                      presence_candidates=(presence, trained) if trained is not None else (),
+                      presence_deadline=presence_deadline)
     seconds = round(time.monotonic() - t0, 1)
     images = str(images_from) if prior is not None else None
     inherited = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"

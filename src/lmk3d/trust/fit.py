@@ -183,7 +183,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               calibration: Sequence[Sample], modality: str | None, tolerance_mm: float = 3.0, seed: int = 0,
               presence: PresenceModel | None = None, log: Callable[[str], None] | None = None,
               names: Sequence[str] | None = None, image_prior: ImageModel | None = None,
-              presence_candidates: Sequence[PresenceModel | None] = ()) -> TrustModel:
+              presence_candidates: Sequence[PresenceModel | None] = (),
+              presence_deadline: float | None = None) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -194,7 +195,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     knows its images as well as ``train``'s (:meth:`ImageModel.merged`).
     ``presence_candidates`` (instead of ``presence``): networks to choose among (None: none), the untrained
     ones trained first like ``presence``; :func:`choose_presence` picks one on the calibration records,
-    and ``report["presence_choice"]`` says how each did.
+    and ``report["presence_choice"]`` says how each did. ``presence_deadline``: when their training stops
+    (:meth:`PresenceModel.fit`).
     """
     if presence is not None and presence_candidates:
         raise ValueError("fit_trust: give presence or presence_candidates, not both")
@@ -210,7 +212,7 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         if cand is not None and not cand.fitted:
             full = [(v, t.xyz_mm_ras) for v, t in zip(vols_train, truths, strict=True) if t.found.all()]
             say(f"presence network: training on {len(full)} cases with every landmark")
-            cand.fit([v for v, _ in full], [x for _, x in full], log=say)
+            cand.fit([v for v, _ in full], [x for _, x in full], log=say, deadline=presence_deadline)
     say(f"calibration: {len(calibration)} cases and their cut variants")
     records = records_for(predict, calibration, seed, presence=candidates[0] if len(candidates) == 1 else None,
                           names=names)

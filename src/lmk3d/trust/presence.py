@@ -73,12 +73,14 @@ def _network(n_landmarks: int, config: PresenceConfig) -> Any:
     import torch
     from torch import nn
 
+    from lmk3d.networks.pooling import MaxPool3d
+
     c = config.channels
     final = config.size // 8
     return nn.Sequential(
-        nn.Conv3d(2, c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-        nn.Conv3d(c, 2 * c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
-        nn.Conv3d(2 * c, 4 * c, 3, padding=1), nn.ReLU(), nn.MaxPool3d(2),
+        nn.Conv3d(2, c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
+        nn.Conv3d(c, 2 * c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
+        nn.Conv3d(2 * c, 4 * c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
         nn.Flatten(), nn.Linear(4 * c * final ** 3, n_landmarks),
     ).to(torch.device("cpu"))
 
@@ -132,8 +134,15 @@ class PresenceModel:
         with torch.no_grad():
             return torch.sigmoid(self.net(x))[0].double().numpy()
 
-    def fit(self, volumes: Sequence[Volume], truths: Sequence[np.ndarray], log: Any = None) -> dict[str, Any]:
-        """Train on training images and their ``(N, 3)`` true positions (all found), with random crop planes."""
+    def fit(self, volumes: Sequence[Volume], truths: Sequence[np.ndarray], log: Any = None,
+            deadline: float | None = None) -> dict[str, Any]:
+        """Train on training images and their ``(N, 3)`` true positions (all found), with random crop planes.
+
+        ``deadline``: a :func:`time.monotonic` time after which no further epoch starts (the first always runs):
+        the server's ``max_minutes``. The report gives the epochs that ran (``epochs_run``) next to the budget.
+        """
+        import time
+
         import torch
 
         c = self.config
@@ -142,6 +151,10 @@ class PresenceModel:
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         history = []
         for epoch in range(c.epochs):
+            if epoch and deadline is not None and time.monotonic() >= deadline:
+                if log is not None:
+                    log(f"presence network: stopped after {epoch} of {c.epochs} epochs (the training's time is up)")
+                break
             xs, ys = [], []
             for v, t in zip(volumes, truths, strict=True):
                 for j in range(c.variants_per_case):
@@ -169,10 +182,10 @@ class PresenceModel:
                 log(f"presence epoch {epoch + 1}/{c.epochs}: loss {history[-1]:.4f}")
         self.net.eval()
         self.fitted = True
-        self.report = {"epochs": c.epochs, "training_cases": len(volumes), "seed": c.seed,
+        self.report = {"epochs": c.epochs, "epochs_run": len(history), "training_cases": len(volumes), "seed": c.seed,
                        "final_loss": history[-1] if history else None, "config": dataclasses.asdict(c),
                        **self.provenance}
-        return {"epochs": c.epochs, "loss": history, "training_cases": len(volumes)}
+        return {"epochs": c.epochs, "epochs_run": len(history), "loss": history, "training_cases": len(volumes)}
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         import io

@@ -5,8 +5,11 @@
 - ``init``: ``current`` (default: fine-tune the served weights, at :data:`~lmk3d.training.loop.FINE_TUNE_LR_SCALE`
   times the profile's learning rates) or ``scratch`` (new weights, same detector and profile, its own
   learning rates); ``from_scratch: true`` is the same as ``init: scratch``;
-- ``max_minutes``: the time budget of ``Detector.fit`` (default 10); ``max_epochs``: a cap on every
-  training phase's epochs (default: the profile's);
+- ``max_minutes``: the time budget of the training (default 10): ``Detector.fit`` gets
+  :data:`FIT_SHARE` of it, the presence network's training (below) stops starting epochs at
+  :data:`PRESENCE_END_SHARE`, and the rest is left to the calibration and the gate (a declared model's
+  baseline takes its seconds first); ``max_epochs``: a cap on every training phase's epochs (default: the
+  profile's);
 - ``val_fraction``: share of the *training* cases split off for early stopping (default 0.2);
 - ``seed``: that split's and the training's seed (default 0).
 
@@ -66,7 +69,9 @@ maybe, no landmark names. Its first training
    that model and is left out; a label map without ``label_info`` cannot say its names and is left
    out too (each with a line saying why). From then on a label with other names is skipped, saying why;
 2. fits the ``mean_shape`` baseline (seconds) and adds it as the first version, which the gate
-   accepts as the first one (rule 1): the server serves it from its next request;
+   accepts as the first one (rule 1): the server serves it from its next request. Where a declared
+   detector follows, the baseline trains no presence network (minutes with many labels): the
+   detector's version trains one;
 3. then, if the declared detector is not ``mean_shape``, trains a new one from its ``cpu`` profile
    (:data:`NEW_MODEL_PROFILE`) within what is left of ``max_minutes`` (and ``max_epochs``), and adds
    it as the next version through the gate: served only if no worse on the validation cases than the
@@ -128,6 +133,12 @@ INTERRUPTED_NOTE = "interrupted (server restarted)"
 NEW_MODEL_PROFILE = "cpu"
 #: The least time budget (minutes) left to a declared model's detector after the baseline has been fitted.
 MIN_MINUTES_LEFT = 0.05
+#: The share of a version's time budget that ``Detector.fit`` gets; after it come the presence network's
+#: training, the calibration on the validation cases and the gate (with 45 training cases a presence
+#: network's 30 epochs took about two minutes, beyond a 10-minute ``max_minutes`` spent on ``fit`` alone).
+FIT_SHARE = 0.75
+#: The share of a version's time budget after which the presence network's training starts no further epoch.
+PRESENCE_END_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -282,8 +293,13 @@ class LandmarkTrainTask(TrainTask):
             # A declared model's first training: the baseline first (seconds), so something is served at once.
             self._say(f"model {self.name!r} has no version yet: fitting the {BASELINE_DETECTOR} baseline first")
             baseline = detector_class(BASELINE_DETECTOR).create(self.landmark_names, NEW_MODEL_PROFILE, self.device)
-            first = self._fit_and_decide(baseline, "scratch", options, options.max_minutes, train, val, stats)
-            if record.detector == BASELINE_DETECTOR:
+            # Where the declared detector follows, the baseline trains no presence network: that takes minutes
+            # with many labels (over two with 48 training cases) and would hold back the first version; the
+            # declared detector's version trains one.
+            follows = record.detector != BASELINE_DETECTOR
+            first = self._fit_and_decide(baseline, "scratch", options, options.max_minutes, train, val, stats,
+                                         presence_epochs=0 if follows else None)
+            if not follows:
                 return first
 
         current = record.current()
@@ -308,8 +324,16 @@ class LandmarkTrainTask(TrainTask):
         return report
 
     def _fit_and_decide(self, detector: Detector, init: str, options: TrainOptions, max_minutes: float,
-                        train: Sequence[Sample], val: Sequence[Sample], stats: dict[str, Any]) -> dict[str, Any]:
-        """Train ``detector`` on ``train``, add it as a version, and let the gate decide against the served one."""
+                        train: Sequence[Sample], val: Sequence[Sample], stats: dict[str, Any],
+                        presence_epochs: int | None = None) -> dict[str, Any]:
+        """Train ``detector`` on ``train``, add it as a version, and let the gate decide against the served one.
+
+        ``max_minutes``: this version's budget, from now: :data:`FIT_SHARE` of it for ``fit``, the presence
+        network's epochs until :data:`PRESENCE_END_SHARE`. ``presence_epochs``: a presence network's training
+        (see :meth:`_calibrate`); None: ``PRESENCE_EPOCHS``, at most ``max_epochs``; 0 trains none (the version
+        inherits one or has none).
+        """
+        start = time.monotonic()
         record = self.record
         current = record.current()
         before: dict[str, float] | None = None
@@ -326,7 +350,9 @@ class LandmarkTrainTask(TrainTask):
         fit_train, fit_val = holdout_split(list(train), options.val_fraction, options.seed)
         # A fine-tune starts from weights trained on many more cases than the datastore may hold: smaller steps.
         lr_scale = FINE_TUNE_LR_SCALE if init == "current" else 1.0
-        self._say(f"training {self.name} ({detector.name}, init={init}, max_minutes={max_minutes:.3g}, "
+        fit_minutes = max_minutes * FIT_SHARE
+        self._say(f"training {self.name} ({detector.name}, init={init}, max_minutes={fit_minutes:.3g} (of "
+                  f"{max_minutes:.3g}), "
                   f"max_epochs={options.max_epochs or 'profile'}, learning rate x{lr_scale:g}; early stopping on "
                   f"{len(fit_val)} of the training cases)")
 
@@ -335,7 +361,7 @@ class LandmarkTrainTask(TrainTask):
             stats.update(phase=f"training: {phase}", epoch=done, total_epochs=total, loss=row.get("loss"))
             self._stats(stats)
 
-        trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=max_minutes,
+        trainer = Trainer(TrainOptions_(seed=options.seed, max_minutes=fit_minutes,
                                         max_epochs=options.max_epochs, progress=True,
                                         device=str(detector.device), lr_scale=lr_scale), on_epoch=progress)
         # A fine-tuned detector comes with the served weights' trust model: it describes their errors, not the
@@ -344,10 +370,11 @@ class LandmarkTrainTask(TrainTask):
         fit_report = detector.fit(fit_train, fit_val or None, trainer=trainer, init=init)
         stats.update(phase="calibrating")
         self._stats(stats)
-        presence_epochs = min(PRESENCE_EPOCHS, options.max_epochs or PRESENCE_EPOCHS)
+        if presence_epochs is None:
+            presence_epochs = min(PRESENCE_EPOCHS, options.max_epochs or PRESENCE_EPOCHS)
         trust, calibration = self._calibrate(detector, train, val, options.seed,
                                              self.record.current_dir() if init == "current" else None,
-                                             presence_epochs)
+                                             presence_epochs, start + 60.0 * max_minutes * PRESENCE_END_SHARE)
         detector.trust = trust  # measured as it will serve: with its own trust model, or raw
         after = scores(detector, val)
         self._say(f"new weights: {_described(after)}")
@@ -390,7 +417,7 @@ class LandmarkTrainTask(TrainTask):
 
     def _calibrate(self, detector: Detector, train: Sequence[Sample], val: Sequence[Sample],
                    seed: int, fine_tuned_from: Path | None,
-                   presence_epochs: int) -> tuple[TrustModel | None, dict[str, Any]]:
+                   presence_epochs: int, presence_deadline: float) -> tuple[TrustModel | None, dict[str, Any]]:
         """The new weights' own trust model (:func:`lmk3d.calibrate.calibrate_new_weights`), or None and why.
 
         Fitted on the validation cases (the gate's), with the parent version's tolerance, else the shipped
@@ -405,7 +432,8 @@ class LandmarkTrainTask(TrainTask):
         previous = [p for p in (self.record.current_dir(), self.record.shipped) if p is not None]
         try:
             trust, calibration = calibrate_new_weights(detector, train, val, previous, seed, log=self._say,
-                                                       images_from=fine_tuned_from, presence_epochs=presence_epochs)
+                                                       images_from=fine_tuned_from, presence_epochs=presence_epochs,
+                                                       presence_deadline=presence_deadline)
         except Exception as e:
             logger.exception("model %r: the trust model of the new weights could not be fitted", self.name)
             trust, calibration = None, {"calibrated": False,
