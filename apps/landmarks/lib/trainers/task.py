@@ -294,7 +294,7 @@ class LandmarkTrainTask(TrainTask):
             self._say(f"model {self.name!r} has no version yet: fitting the {BASELINE_DETECTOR} baseline first")
             baseline = detector_class(BASELINE_DETECTOR).create(self.landmark_names, NEW_MODEL_PROFILE, self.device)
             # Where the declared detector follows, the baseline trains no presence network: that takes minutes
-            # with many labels (over two with 48 training cases) and would hold back the first version; the
+            # with many labels (over two with 45 training cases) and would hold back the first version; the
             # declared detector's version trains one.
             follows = record.detector != BASELINE_DETECTOR
             first = self._fit_and_decide(baseline, "scratch", options, options.max_minutes, train, val, stats,
