@@ -373,3 +373,24 @@ def test_the_presence_networks_training_starts_no_epoch_after_its_deadline() -> 
     on_time = PresenceModel(("centre",), config)
     assert on_time.fit(volumes, truths, deadline=time.monotonic() + 3600.0)["epochs_run"] == 3
     assert on_time.fitted and late.fitted
+
+
+def test_the_presence_networks_training_starts_no_epoch_that_its_last_epoch_says_would_end_late(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from lmk3d.trust import presence
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    clock = iter(range(0, 1000, 10))  # each reading 10 s later: every epoch takes 10 s, and 10 s pass between
+    monkeypatch.setattr(presence, "time", types.SimpleNamespace(monotonic=lambda: float(next(clock))))
+    rng = np.random.default_rng(0)
+    volumes = [_blob(rng) for _ in range(2)]
+    truths = [np.array([v.affine[:3, :3] @ (np.asarray(v.shape) / 2.0) + v.affine[:3, 3]]) for v in volumes]
+    config = PresenceConfig(box_mm=40.0, size=16, channels=2, epochs=5, variants_per_case=1)
+    # Epoch 1 runs from 0 to 10 s; epoch 2 would start at 20 s and end at 30 s: past a deadline at 25 s,
+    # though 20 s is before it.
+    assert PresenceModel(("centre",), config).fit(volumes, truths, deadline=25.0)["epochs_run"] == 1
+    clock = iter(range(0, 1000, 10))
+    # With the deadline at 30 s it ends in time; epoch 3 (40 to 50 s) would not.
+    assert PresenceModel(("centre",), config).fit(volumes, truths, deadline=30.0)["epochs_run"] == 2

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +68,8 @@ def app_lib() -> Iterator[SimpleNamespace]:
         yield SimpleNamespace(LandmarkModelConfig=lib.configs.LandmarkModelConfig,
                               LandmarkInferTask=lib.infers_task.LandmarkInferTask,
                               LandmarkTrainTask=lib.trainers_task.LandmarkTrainTask,
-                              replace_checkpoint=lib.model_files.replace_checkpoint)
+                              replace_checkpoint=lib.model_files.replace_checkpoint,
+                              process_age_s=lib.trainers_task._process_age_s)
 
 
 @pytest.fixture(scope="module")
@@ -350,3 +353,13 @@ def test_which_presence_network_the_server_trains() -> None:
     parent.report["data_fingerprint"] = fingerprint  # trained on these very cases: kept as it is
     assert _presence_to_train(names, samples, parent, Path("parent"), 12, 0, said.append) is None
     assert said[-1] == "presence network: the one of parent was trained on these cases; kept as it is"
+
+
+def test_the_training_budget_starts_with_the_process(app_lib: SimpleNamespace) -> None:
+    """A training child's ``max_minutes`` counts from the process's start: its age agrees with ``ps``'s."""
+    if shutil.which("ps") is None:
+        pytest.skip("no ps here to compare with")
+    age = app_lib.process_age_s()
+    elapsed = int(subprocess.run(["ps", "-o", "etimes=", "-p", str(os.getpid())], capture_output=True, text=True,
+                                 check=True).stdout)
+    assert elapsed - 1.0 <= age <= elapsed + 2.0 and age > 0.0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,11 +139,10 @@ class PresenceModel:
             deadline: float | None = None) -> dict[str, Any]:
         """Train on training images and their ``(N, 3)`` true positions (all found), with random crop planes.
 
-        ``deadline``: a :func:`time.monotonic` time after which no further epoch starts (the first always runs):
-        the server's ``max_minutes``. The report gives the epochs that ran (``epochs_run``) next to the budget.
+        ``deadline``: a :func:`time.monotonic` time by which the training ends (the server's ``max_minutes``):
+        no epoch starts that would end after it, going by the last epoch's duration (the first always runs).
+        The report gives the epochs that ran (``epochs_run``) next to the budget.
         """
-        import time
-
         import torch
 
         c = self.config
@@ -150,8 +150,10 @@ class PresenceModel:
         torch.manual_seed(c.seed)
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         history = []
+        last_epoch_s = 0.0
         for epoch in range(c.epochs):
-            if epoch and deadline is not None and time.monotonic() >= deadline:
+            began = time.monotonic()
+            if epoch and deadline is not None and began + last_epoch_s > deadline:
                 if log is not None:
                     log(f"presence network: stopped after {epoch} of {c.epochs} epochs (the training's time is up)")
                 break
@@ -178,6 +180,7 @@ class PresenceModel:
             for g in opt.param_groups:  # cosine decay over the epoch budget
                 g["lr"] = c.lr * 0.5 * (1 + np.cos(np.pi * (epoch + 1) / c.epochs))
             history.append(float(np.mean(losses)))
+            last_epoch_s = time.monotonic() - began
             if log is not None:
                 log(f"presence epoch {epoch + 1}/{c.epochs}: loss {history[-1]:.4f}")
         self.net.eval()
