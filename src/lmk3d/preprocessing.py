@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmk3d import geometry
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
+from lmk3d.transforms.block_mean import block_mean
 from lmk3d.transforms.grid import Grid, antialias, image_tensor, sample
 from lmk3d.transforms.intensity import IntensityMap, fit_intensity
 
@@ -118,8 +118,7 @@ def _pool_segments(view: torch.Tensor, kernel: Sequence[int], lead: Sequence[int
 
     def pool(a: tuple[int, int, int], b: tuple[int, int, int], c: tuple[int, int, int]) -> torch.Tensor:
         k = (a[2], b[2], c[2])
-        return F.avg_pool3d(view[:, :, a[0]:a[1], b[0]:b[1], c[0]:c[1]], kernel_size=k, stride=k, ceil_mode=True,
-                            count_include_pad=False)
+        return block_mean(view[:, :, a[0]:a[1], b[0]:b[1], c[0]:c[1]], k)
 
     def join(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
@@ -149,7 +148,9 @@ def pool_from_end(view: torch.Tensor, factors: Sequence[int], flipped: Sequence[
     blocks averaged over their voxels), without making that copy: ``avg_pool3d`` would copy a view cut
     past the first ``r`` voxels (it is not contiguous), so the view is filtered in two passes, sub-blocks
     of ``gcd(r, f)`` voxels (they tile both kinds of block) straight from it, then their means on the much
-    smaller result. The means differ from one pass over the flipped copy in the last bits.
+    smaller result. The means differ from one pass over the flipped copy in the last bits; the shipped
+    models' answers were measured with these two passes, so they stay, although
+    :func:`~lmk3d.transforms.block_mean.block_mean` could now make the one pass without the copy.
 
     Example:
         >>> x = torch.arange(5.0).reshape(1, 1, 5, 1, 1)  # stored backwards: the unflipped view is 4 3 2 1 0
@@ -159,7 +160,7 @@ def pool_from_end(view: torch.Tensor, factors: Sequence[int], flipped: Sequence[
     sizes = [int(n) for n in view.shape[2:]]
     lead = [n % int(f) if flip else 0 for n, f, flip in zip(sizes, factors, flipped, strict=True)]
     first = [math.gcd(r, int(f)) if r else int(f) for r, f in zip(lead, factors, strict=True)]
-    out = F.avg_pool3d(view, kernel_size=first, stride=first, ceil_mode=True, count_include_pad=False)
+    out = block_mean(view, first)
     if any(lead):
         second = [int(f) // k for f, k in zip(factors, first, strict=True)]
         out = _pool_segments(out, second, [r // k for r, k in zip(lead, first, strict=True)])
@@ -285,16 +286,14 @@ class PreparedImage:
         view = crop(self.tensor, np.where(flips, n - hi, lo), np.where(flips, n - lo, hi))
         affine = self.affine @ index_shift(lo)
         if not flips.any():
-            if not view.is_contiguous() and any(f > 1 for f in self.factors(spacing_mm)):
-                view = dense_copy(view)  # what avg_pool3d would copy, copied faster
-            return antialias(view, affine, float(spacing_mm))
+            return antialias(view, affine, float(spacing_mm))  # a crop is filtered straight from the view
         size = hi - lo
         factors = [min(f, int(m)) for f, m in zip(self.factors(spacing_mm), size, strict=True)]
         if all(f == 1 for f in factors):
             return view, affine @ flip_index(self.flipped, size)
         if not view.is_contiguous():
-            # A crop, which avg_pool3d copies anyway: copied flipped, it is filtered as it always was.
-            return antialias(dense_copy(view, [2 + a for a in range(3) if self.flipped[a]]), affine, float(spacing_mm))
+            # A crop: filtered as its flipped copy always was (one pass from the flipped ends), without the copy.
+            return antialias(view, affine, float(spacing_mm), flip=[2 + a for a in range(3) if self.flipped[a]])
         scale = np.diag([*factors, 1.0]).astype(np.float64)
         scale[:3, 3] = (np.asarray(factors) - 1) / 2.0  # as :func:`lmk3d.transforms.grid.antialias`
         return pool_from_end(view, factors, self.flipped), affine @ scale

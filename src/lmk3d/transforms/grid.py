@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from lmk3d import geometry
+from lmk3d.transforms.block_mean import block_mean
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,12 +89,16 @@ def image_tensor(array: np.ndarray, device: str | torch.device = "cpu") -> torch
     return t.to(device)[None, None]
 
 
-def antialias(image: torch.Tensor, affine: np.ndarray, target_spacing_mm: float) -> tuple[torch.Tensor, np.ndarray]:
+def antialias(image: torch.Tensor, affine: np.ndarray, target_spacing_mm: float,
+              flip: Sequence[int] = ()) -> tuple[torch.Tensor, np.ndarray]:
     """Box-filter and subsample by integer factors so no axis is much finer than the target spacing.
 
     Args:
-        image: ``(1, C, I, J, K)``.
+        image: ``(1, C, I, J, K)``, any strides (:func:`lmk3d.transforms.block_mean.block_mean` reads a
+            strided view on the CPU without copying it first).
         affine: its ijk -> RAS affine.
+        flip: axes of ``image`` to read backwards: the result is that of ``image.flip(flip)`` (whose
+            affine ``affine`` is), without the flipped copy.
 
     Returns:
         The reduced image and its affine (voxel ``n`` of the result is the mean of input voxels
@@ -103,8 +108,8 @@ def antialias(image: torch.Tensor, affine: np.ndarray, target_spacing_mm: float)
     factors = [max(1, int(np.floor(target_spacing_mm / s + 1e-6))) for s in spacing]
     factors = [min(f, int(n)) for f, n in zip(factors, image.shape[2:], strict=True)]
     if all(f == 1 for f in factors):
-        return image, np.asarray(affine, dtype=np.float64)
-    out = F.avg_pool3d(image, kernel_size=factors, stride=factors, ceil_mode=True, count_include_pad=False)
+        return (image.flip(list(flip)) if flip else image), np.asarray(affine, dtype=np.float64)
+    out = block_mean(image, factors, flip)  # avg_pool3d(ceil_mode=True, count_include_pad=False), bit for bit
     scale = np.diag([*factors, 1.0]).astype(np.float64)
     scale[:3, 3] = (np.asarray(factors) - 1) / 2.0
     return out, np.asarray(affine, dtype=np.float64) @ scale
