@@ -88,5 +88,8 @@ def test_what_it_leaves_to_pytorch() -> None:
     assert x.grad is not None and torch.allclose(x.grad, torch.full_like(x, 1 / 8))
     ints = torch.arange(216).reshape(1, 1, 6, 6, 6)[..., 1:]
     assert torch.equal(block_mean(ints, (2, 2, 2)), _reference(ints, (2, 2, 2)))
+    six = torch.randn(1, 1, 1, 4, 4, 4)[..., 1:]
+    with pytest.raises(RuntimeError):  # PyTorch's error for a 6D input, as PyTorch gives it
+        block_mean(six, (1, 1, 1))
     dense = torch.randn(1, 1, 10, 10, 10)
     assert _same_bits(block_mean(dense, (5, 2, 2)), _reference(dense, (5, 2, 2)))  # PyTorch's loop

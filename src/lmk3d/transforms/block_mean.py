@@ -54,7 +54,7 @@ def block_mean(x: torch.Tensor, factors: Sequence[int], flip: Sequence[int] = ()
     """``F.avg_pool3d(x.flip(flip), factors, factors, ceil_mode=True, count_include_pad=False)``, bit for bit.
 
     Args:
-        x: ``(..., I, J, K)`` with at least one leading axis (as ``avg_pool3d`` takes it), any strides.
+        x: ``(C, I, J, K)`` or ``(N, C, I, J, K)`` (as ``avg_pool3d`` takes it), any strides.
         factors: the block size along ``I, J, K`` (each at least 1).
         flip: axes of ``x`` (non-negative indices) read backwards, as if ``x`` were flipped along them first.
 
@@ -63,7 +63,7 @@ def block_mean(x: torch.Tensor, factors: Sequence[int], flip: Sequence[int] = ()
     """
     f = [int(v) for v in factors]
     flip = [int(d) for d in flip]
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() < 4
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.dim() not in (4, 5)
             or (torch.is_grad_enabled() and x.requires_grad) or x.is_conj() or x.is_neg() or len(f) != 3
             or min(f) < 1 or min(x.shape) < 1 or any(not 0 <= d < x.dim() for d in flip)
             or any(k > n for k, n in zip(f, x.shape[-3:], strict=True))  # PyTorch's error
