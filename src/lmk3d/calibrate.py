@@ -164,8 +164,9 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         log: called with one line per step.
         images_from: see above; a folder without an image model is skipped, with a line in the record.
         presence_epochs: see above; 0 (the default) trains nothing.
-        presence_deadline: a :func:`time.monotonic` time after which the network's training starts no
-            further epoch (the server's ``max_minutes``); None: all ``presence_epochs`` run.
+        presence_deadline: a :func:`time.monotonic` time by which the network's training ends (the
+            server's ``max_minutes``, :meth:`~lmk3d.trust.presence.PresenceModel.fit`); None: all
+            ``presence_epochs`` run.
 
     Returns:
         ``(trust, record)``. ``trust`` is None when fewer than :data:`MIN_CALIBRATION_CASES` calibration
@@ -251,11 +252,11 @@ def _presence_to_train(names: Sequence[str], train: Sequence[Sample], inherited:
         return None
     full = [s for s in train if s.landmarks is not None and set(names) <= set(s.landmarks.names)
             and bool(s.landmarks.reorder(names).found.all())]
-    fingerprint = data_fingerprint([(s.case, s.landmarks.reorder(names)) for s in full if s.landmarks is not None])
     if len(full) < MIN_PRESENCE_CASES:
         say(f"presence network: not trained ({len(full)} training case(s) with every landmark placed; it needs "
             f"at least {MIN_PRESENCE_CASES})")
         return None
+    fingerprint = data_fingerprint([(s.case, s.landmarks.reorder(names)) for s in full if s.landmarks is not None])
     if inherited is not None and inherited.report.get("data_fingerprint") == fingerprint:
         say(f"presence network: the one of {inherited_from} was trained on these cases; kept as it is")
         return None
