@@ -11,7 +11,8 @@ For each model folder (with ``trust.json`` from ``lmk3d calibrate``) it reads th
 - cut variants (each landmark in turn left 2-8 mm beyond a crop plane of the nearest face; seed 777,
   not the calibration's seed): share of cut-off landmarks reported not found, share of the landmarks
   still inside reported found;
-- the image check: share of test images flagged, and for images of other kinds (whole-head MPRAGE DICOM,
+- the image check: share of test images (and of their cut variants) flagged, and for images of other
+  kinds (the test images with their contrast inverted, whole-head MPRAGE DICOM,
   the MNI template, a spine T2, abdominal CT as NIfTI and DICOM, abdominal MR, 20 random crops of the
   MPRAGE and of the template the size of a typical test image, seed 5): share flagged and the largest
   landmark score given. None of these kinds was used to fit anything (the threshold comes from the
@@ -42,6 +43,7 @@ OTHER_KINDS = {
     "abdominal MR (NIfTI)": DATA / "ct_abdomen_examples" / "example_mr_sm.nii.gz",
 }
 CROP_SOURCES = ("MPRAGE whole head (DICOM)", "MNI template (AFIDs)")
+INVERTED = "test images, contrast inverted"
 
 
 def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dict[str, object]:
@@ -50,7 +52,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     from lmk3d import review
     from lmk3d.data import load_dataset, read_split
     from lmk3d.detectors import load_detector
-    from lmk3d.io.image import read_image
+    from lmk3d.io.image import Volume, read_image
     from lmk3d.trust.cuts import crop, cut_outside
 
     torch.set_num_threads(1)
@@ -64,7 +66,8 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     test = list(ds.subset(split.test))
     rng = np.random.default_rng(cut_seed)
     normal = {"score": [], "raw": [], "err": [], "found": [], "raw_found": [], "radius": []}
-    flagged = 0
+    flagged = cut_flagged = cut_images = 0
+    inverted: dict[str, list[float]] = {"flagged": [], "max_score": [], "found": []}
     cut_out_nf, cut_in_f, raw_out_nf, raw_in_f = [], [], [], []
     t0 = time.perf_counter()
     for s in test:
@@ -81,11 +84,20 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
         normal["found"].append(lm.found)
         normal["raw_found"].append(raw.found)
         normal["radius"].append(lm.radius_mm)
+        # the same image with its contrast inverted (its own 1st and 99th percentiles swapped, as between T1-
+        # and T2-weighted MR): another kind of image, never used to fit anything
+        lo, hi = np.percentile(vol.array, [1.0, 99.0])
+        pi = det.predict_all(Volume((lo + hi - vol.array).astype(np.float32), vol.affine))
+        inverted["flagged"].append(float(not pi.verdict.in_distribution))
+        inverted["max_score"].append(float(np.max(pi.landmarks.scores)))
+        inverted["found"].append(float(pi.landmarks.found.sum()))
         for t in range(len(truth)):
             cut = cut_outside(vol, truth.xyz_mm_ras, t, float(rng.uniform(2.0, 8.0)))
             if cut is None:
                 continue
             pc = det.predict_all(cut.volume)
+            cut_images += 1
+            cut_flagged += not pc.verdict.in_distribution
             inside = cut.volume.contains_ras(truth.xyz_mm_ras, margin=0.5)
             cut_out_nf += list(~pc.landmarks.found[~inside])
             cut_in_f += list(pc.landmarks.found[inside])
@@ -117,7 +129,10 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
                   "cut_off_not_found": float(np.mean(cut_out_nf)), "inside_found": float(np.mean(cut_in_f)),
                   "raw_cut_off_not_found": float(np.mean(raw_out_nf)), "raw_inside_found": float(np.mean(raw_in_f))}
     out["image_check_test_flagged"] = flagged / len(test)
-    kinds = {}
+    out["image_check_cut_flagged"] = cut_flagged / max(cut_images, 1)
+    kinds = {INVERTED: {"flagged": float(np.mean(inverted["flagged"])), "n": len(test),
+                                                "max_score": float(np.max(inverted["max_score"])),
+                                                "found": int(np.sum(inverted["found"])), "reason": ""}}
     crop_rng = np.random.default_rng(5)
     typical = np.median([np.asarray(s.load_image().shape) * s.load_image().spacing_mm for s in test[:10]], axis=0)
     for kind, path in OTHER_KINDS.items():
@@ -161,13 +176,14 @@ def print_tables(results: list[dict[str, object]]) -> None:
                   f"{_f(b['auroc_4mm'])} | {_f(b['ece'])} | {_f(b.get('radius90_coverage'))} | "
                   f"{_f(b['review_burden'], '.1%')} |")
     print("\n| model | cut-off landmarks | not found (trust) | not found (detector alone) | still inside | "
-          "found (trust) | found (detector alone) | test images flagged |")
-    print("|---|---|---|---|---|---|---|---|")
+          "found (trust) | found (detector alone) | test images flagged | cut test images flagged |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = r["cut"]  # type: ignore[index]
         print(f"| {r['model']} | {c['cut_off']} | {_f(c['cut_off_not_found'], '.1%')} | "
               f"{_f(c['raw_cut_off_not_found'], '.1%')} | {c['inside']} | {_f(c['inside_found'], '.1%')} | "
-              f"{_f(c['raw_inside_found'], '.1%')} | {_f(r['image_check_test_flagged'], '.1%')} |")
+              f"{_f(c['raw_inside_found'], '.1%')} | {_f(r['image_check_test_flagged'], '.1%')} | "
+              f"{_f(r.get('image_check_cut_flagged'), '.1%')} |")
     print("\n| model | image | images | flagged | landmarks found | largest score |")
     print("|---|---|---|---|---|---|")
     for r in results:
@@ -182,7 +198,8 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
     rep = trust["report"]
     rule = rep["not_found_rule"]
     c, raw, cut = r["calibrated"], r["raw"], r["cut"]  # type: ignore[index]
-    kinds = r["other_kinds"]  # type: ignore[index]
+    kinds = dict(r["other_kinds"])  # type: ignore[call-overload]
+    inv = kinds.pop(INVERTED, None)
     flagged = sum(k["flagged"] * k["n"] for k in kinds.values())  # type: ignore[union-attr]
     total = sum(k["n"] for k in kinds.values())  # type: ignore[union-attr]
     whole = [k for k in kinds if "crops" not in k]
@@ -211,8 +228,13 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         f"{cut['cut_off']} reported not found (the detector alone: {_f(cut['raw_cut_off_not_found'], '.1%')}); of the "
         f"{cut['inside']} still inside, {_f(cut['inside_found'], '.1%')} found (alone: "
         f"{_f(cut['raw_inside_found'], '.1%')}). Image check: {_f(r['image_check_test_flagged'], '.1%')} of the test "
-        f"images flagged; {flagged:.0f} of {total} images of other kinds flagged ({', '.join(whole)}, and random "
-        "crops of the MPRAGE and the template the size of a training image; none used to fit).",
+        f"images flagged"
+        + (f" ({_f(r['image_check_cut_flagged'], '.1%')} of their cut variants)"
+           if "image_check_cut_flagged" in r else "")
+        + f"; {flagged:.0f} of {total} images of other kinds flagged ({', '.join(whole)}, and random "
+        "crops of the MPRAGE and the template the size of a training image; none used to fit)"
+        + (f"; the test images with their contrast inverted: {_f(inv['flagged'], '.1%')} flagged, the largest score "
+           f"of the others {_f(inv['max_score'], '.2f')}" if inv is not None else "") + ".",
         ""])
 
 
