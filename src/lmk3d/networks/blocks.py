@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmk3d.networks.conv import Conv3d
 from lmk3d.networks.pooling import MaxPool1d, MaxPool2d, MaxPool3d
 
 __all__ = ["Convolution", "FullyConnectedNet", "ResNet", "TwoConv", "act_layer", "conv_type", "conv_transpose_type",
@@ -35,7 +36,7 @@ __all__ = ["Convolution", "FullyConnectedNet", "ResNet", "TwoConv", "act_layer",
 
 LayerSpec = str | tuple[str, Mapping[str, Any]]
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAX_POOL = {1: MaxPool1d, 2: MaxPool2d, 3: MaxPool3d}
 _AVG_POOL = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
@@ -53,7 +54,7 @@ def _dims(table: Mapping[int, Any], spatial_dims: int, what: str) -> Any:
 
 
 def conv_type(spatial_dims: int) -> type[nn.Module]:
-    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d``."""
+    """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` (as :mod:`lmk3d.networks.conv` runs it: the same values)."""
     return _dims(_CONV, spatial_dims, "convolution")  # type: ignore[no-any-return]
 
 

@@ -74,14 +74,15 @@ def _network(n_landmarks: int, config: PresenceConfig) -> Any:
     import torch
     from torch import nn
 
+    from lmk3d.networks.conv import Conv3d
     from lmk3d.networks.pooling import MaxPool3d
 
     c = config.channels
     final = config.size // 8
     return nn.Sequential(
-        nn.Conv3d(2, c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
-        nn.Conv3d(c, 2 * c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
-        nn.Conv3d(2 * c, 4 * c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
+        Conv3d(2, c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
+        Conv3d(c, 2 * c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
+        Conv3d(2 * c, 4 * c, 3, padding=1), nn.ReLU(), MaxPool3d(2),
         nn.Flatten(), nn.Linear(4 * c * final ** 3, n_landmarks),
     ).to(torch.device("cpu"))
 
