@@ -394,3 +394,50 @@ def test_the_presence_networks_training_starts_no_epoch_that_its_last_epoch_says
     clock = iter(range(0, 1000, 10))
     # With the deadline at 30 s it ends in time; epoch 3 (40 to 50 s) would not.
     assert PresenceModel(("centre",), config).fit(volumes, truths, deadline=30.0)["epochs_run"] == 2
+
+
+def _oblique(rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    affine = np.eye(4)
+    affine[:3, :3] = q @ np.diag(spacing) @ np.diag(rng.choice([-1.0, 1.0], 3))
+    affine[:3, 3] = rng.normal(0, 20, 3)
+    return affine
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_scaling_only_the_voxels_read_gives_the_trust_checks_the_same_bits(case: int) -> None:
+    """The thumbnail and the presence network's input scale only the voxels their interpolation reads:
+    the same numbers as scaling every voxel first (what they did before)."""
+    from scipy import ndimage
+
+    from lmk3d.preprocessing import canonical_view
+    from lmk3d.trust import THUMB, image_descriptor
+    from lmk3d.trust.intensity import percentiles_1_99, scaled
+    from lmk3d.trust.presence import presence_input
+
+    rng = np.random.default_rng(100 + case)
+    shape = [(36, 48, 34), (200, 180, 60), (15, 9, 40), (17, 16, 33), (64, 64, 64), (5, 70, 31), (129, 31, 16),
+             (40, 40, 1)][case]
+    spacing = tuple(rng.uniform(0.4, 3.0, 3))
+    affine = np.diag([*spacing, 1.0]) if case % 2 else _oblique(rng, shape, spacing)
+    arr = (rng.normal(100, 60, shape) * (rng.random(shape) < 0.9)).astype(np.float32)
+    if case == 3:
+        arr = arr.transpose(2, 1, 0)[::-1].copy().transpose(2, 1, 0)  # another memory order, same shape
+    vol = Volume(arr, affine)
+    lo, hi = percentiles_1_99(vol.array)
+    a, _ = canonical_view(np.asarray(vol.array, dtype=np.float32), vol.affine)
+    full = scaled(np.asarray(a, dtype=np.float32), lo, hi)
+    t = ndimage.zoom(full, [THUMB / s for s in full.shape], order=1, grid_mode=True, mode="nearest")
+    t = t[:THUMB, :THUMB, :THUMB]
+    if t.shape != (THUMB,) * 3:
+        t = np.pad(t, [(0, THUMB - s) for s in t.shape], mode="edge")
+    np.testing.assert_array_equal(image_descriptor(vol), t.reshape(-1).astype(np.float64))
+    for box_mm, size in ((64.0, 40), (float(np.max(np.asarray(shape) * spacing)) * 1.3, 24)):
+        got = presence_input(vol, box_mm, size)
+        centre = vol.ijk_to_ras((np.asarray(vol.shape, dtype=np.float64) - 1.0) / 2.0).reshape(3)
+        ax = (np.arange(size) - (size - 1) / 2.0) * (box_mm / size)
+        grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3) + centre
+        ijk = vol.ras_to_ijk(grid).reshape(-1, 3).T
+        img = ndimage.map_coordinates(scaled(np.asarray(vol.array, dtype=np.float32), lo, hi), ijk, order=1,
+                                      mode="constant", cval=0.0)
+        np.testing.assert_array_equal(got[0], img.reshape((size,) * 3).astype(np.float32))

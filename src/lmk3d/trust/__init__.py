@@ -193,13 +193,13 @@ def image_descriptor(volume: Volume) -> np.ndarray:
     from scipy import ndimage
 
     from lmk3d.preprocessing import canonical_view
-    from lmk3d.trust.intensity import percentiles_1_99, scaled
+    from lmk3d.trust.intensity import percentiles_1_99, scaled_where_read, zoom_reads
 
     a, _ = canonical_view(np.asarray(volume.array, dtype=np.float32), volume.affine)
     a = np.asarray(a, dtype=np.float32)
     lo, hi = percentiles_1_99(volume.array)  # the same values in any voxel order
-    a = scaled(a, lo, hi)
     zoom = [THUMB / s for s in a.shape]
+    a = scaled_where_read(a, lo, hi, zoom_reads(a.shape, zoom))  # only the voxels the zoom reads are scaled
     t = ndimage.zoom(a, zoom, order=1, grid_mode=True, mode="nearest")
     t = t[:THUMB, :THUMB, :THUMB]
     if t.shape != (THUMB,) * 3:

@@ -104,3 +104,48 @@ def scaled(a: np.ndarray, lo: Any, hi: Any) -> np.ndarray:
     out = np.subtract(a, lo)
     np.divide(out, max(float(hi - lo), 1e-6), out=out)
     return np.clip(out, 0.0, 1.0, out=out)
+
+
+def scaled_where_read(a: np.ndarray, lo: Any, hi: Any, index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """:func:`scaled` at the voxels ``a[index]`` (integer index arrays), zero at every other voxel.
+
+    An order-1 interpolation reads only the voxels next to its sample points. Each voxel is scaled on
+    its own, so scaling just those (``index`` must hold every voxel it reads) gives the interpolation the
+    same values as :func:`scaled` of the whole image: 52 million voxels of a 512 x 512 x 200 CT are not
+    all scaled for a 16^3 thumbnail. The zeros are the kernel's untouched pages; only those the index
+    reaches are written.
+    """
+    out = np.zeros(a.shape, dtype=np.float32)
+    out[index] = scaled(np.asarray(a[index], dtype=np.float32), lo, hi)
+    return out
+
+
+def zoom_reads(shape: tuple[int, ...], factors: list[float]) -> tuple[np.ndarray, ...]:
+    """An ``np.ix_`` index of every voxel that ``ndimage.zoom(order=1, grid_mode=True)`` reads, and a margin.
+
+    scipy's output size is ``round(n * factor)``, and output index ``o`` reads about input position
+    ``(o + 0.5) n / size - 0.5``; its two neighbours, one more each side, clipped to the axis.
+    """
+    axes = []
+    for n, f in zip(shape, factors, strict=True):
+        size = max(int(round(n * f)), 1)
+        pos = (np.arange(size) + 0.5) * (n / size) - 0.5
+        base = np.floor(pos).astype(np.int64)
+        axes.append(np.unique(np.clip(np.concatenate([base - 1, base, base + 1, base + 2]), 0, n - 1)))
+    return np.ix_(*axes)
+
+
+def points_read(shape: tuple[int, ...], coords: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Index arrays of every voxel that ``ndimage.map_coordinates(order=1)`` reads at ``coords`` (``(3, P)``).
+
+    Each point reads the corners of the voxel cell around it (``floor`` and ``floor + 1`` on each axis),
+    those inside the image.
+    """
+    base = np.floor(coords).astype(np.int64)
+    corners = []
+    for offsets in np.ndindex(2, 2, 2):
+        corners.append(base + np.asarray(offsets, dtype=np.int64)[:, None])
+    allc = np.concatenate(corners, axis=1)
+    ok = np.all((allc >= 0) & (allc < np.asarray(shape)[:, None]), axis=0)
+    return tuple(allc[:, ok])
+

@@ -55,15 +55,16 @@ def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
     """
     from scipy import ndimage
 
-    from lmk3d.trust.intensity import percentiles_1_99, scaled
+    from lmk3d.trust.intensity import percentiles_1_99, points_read, scaled_where_read
 
-    a = scaled(np.asarray(volume.array, dtype=np.float32), *percentiles_1_99(volume.array))
+    a = np.asarray(volume.array, dtype=np.float32)
     centre_ijk = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
     centre = volume.ijk_to_ras(centre_ijk).reshape(3)
     step = box_mm / size
     ax = (np.arange(size) - (size - 1) / 2.0) * step
     grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3) + centre
     ijk = volume.ras_to_ijk(grid).reshape(-1, 3).T
+    a = scaled_where_read(a, *percentiles_1_99(volume.array), points_read(a.shape, ijk))  # only what is read
     img = ndimage.map_coordinates(a, ijk, order=1, mode="constant", cval=0.0)
     shape = np.asarray(volume.shape, dtype=np.float64)[:, None]
     mask = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=0).astype(np.float32)
