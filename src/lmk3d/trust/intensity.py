@@ -8,7 +8,8 @@ The image check (:func:`lmk3d.trust.image_descriptor`) and the presence network'
   kept alive), and a view or copy of it counts as another image; percentiles depend only on the
   multiset of values, so the pair of a flipped or transposed view is the same numbers;
 * for a large image the four order statistics that ``np.percentile`` interpolates between are selected
-  from two narrow bands of values (bounds from a sorted sample, then one partition of the voxels inside
+  from two narrow bands of values (bounds from a sorted sample; one pass over the voxels, a cache-sized
+  chunk at a time, counts the voxels below each band and gathers those inside; then one partition of
   each band), and combined by numpy's own interpolation: the same numbers as ``np.percentile``. Where
   a band misses its rank (or the image holds NaN or infinity) the plain ``np.percentile`` answers.
 """
@@ -26,6 +27,8 @@ _last: tuple[Any, Any, Any] | None = None
 SELECT_MIN_VOXELS = 1 << 20
 #: voxels in the sample that bounds the bands
 SAMPLE_SIZE = 1 << 16
+#: voxels per chunk of the one pass over the image (a megabyte of float32: they stay in the cache)
+CHUNK = 1 << 18
 QUANTILES = (1.0, 99.0)
 
 
@@ -59,28 +62,52 @@ def _select(flat: np.ndarray, quantiles: tuple[float, ...]) -> tuple[Any, ...] |
     ranks = np.concatenate([prev, nxt])
     if np.any(ranks < 0) or np.any(ranks >= n):
         return None
-    if not np.isfinite(np.sum(flat, dtype=np.float64)):
-        return None
     step = max(n // SAMPLE_SIZE, 1)
     sample = np.sort(flat[::step])
     m = sample.size
     margin = int(8 * np.sqrt(m)) + 64
+    wanted_ranks = sorted(set(ranks.tolist()))
+    bounds = {}  # rank -> its band of values, from the sample
+    for r in wanted_ranks:
+        pos = int(r / n * m)
+        bounds[r] = (sample[max(pos - margin, 0)], sample[min(pos + margin, m - 1)])
+    pairs = sorted(set(bounds.values()))
+    below = [0] * len(pairs)
+    count = [0] * len(pairs)
+    pieces: list[list[np.ndarray]] = [[] for _ in pairs]
+    # One pass over the voxels, a cache-sized chunk at a time: the finiteness check, then for each band the
+    # count of voxels below it and the voxels inside it (only counted where the band is one value, such as
+    # the air of a CT: every voxel in it is that value).
+    for start in range(0, n, CHUNK):
+        chunk = flat[start:start + CHUNK]
+        if not (np.isfinite(chunk.min()) and np.isfinite(chunk.max())):  # NaN or infinity: np.percentile answers
+            return None
+        for i, (lo_b, hi_b) in enumerate(pairs):
+            inside = chunk >= lo_b
+            below[i] += chunk.size - int(np.count_nonzero(inside))
+            inside &= chunk <= hi_b
+            if lo_b == hi_b:
+                count[i] += int(np.count_nonzero(inside))
+            else:
+                pieces[i].append(chunk[inside])
+    bands = {pair: (below[i], count[i] if pair[0] == pair[1] else np.concatenate(pieces[i]))
+             for i, pair in enumerate(pairs)}
     value: dict[int, Any] = {}
-    for r in sorted(set(ranks.tolist())):
+    for r in wanted_ranks:
         if r in value:
             continue
-        pos = int(r / n * m)
-        lo_b, hi_b = sample[max(pos - margin, 0)], sample[min(pos + margin, m - 1)]
-        inside = flat >= lo_b
-        below = n - int(np.count_nonzero(inside))
-        inside &= flat <= hi_b
-        band = flat[inside]
-        wanted = [k for k in set(ranks.tolist()) if below <= k < below + band.size and k not in value]
+        lower, band = bands[bounds[r]]
+        size = band if isinstance(band, int) else band.size
+        wanted = [k for k in wanted_ranks if lower <= k < lower + size and k not in value]
         if r not in wanted:
             return None
-        band.partition([k - below for k in sorted(wanted)])
+        if isinstance(band, int):  # a band of one value: every rank in it is that value
+            for k in wanted:
+                value[k] = bounds[r][0]
+            continue
+        band.partition([k - lower for k in wanted])
         for k in wanted:
-            value[k] = band[k - below]
+            value[k] = band[k - lower]
     previous = np.array([value[int(k)] for k in prev], dtype=flat.dtype)
     following = np.array([value[int(k)] for k in nxt], dtype=flat.dtype)
     gamma = get_gamma(virtual, prev, method)
