@@ -63,9 +63,9 @@ def uses_reference_path(x: torch.Tensor, weight: torch.Tensor, stride: Sequence[
     PyTorch says which code it would run (``torch._C._select_conv_backend``: ``Slow3d`` for its reference
     code); this path takes CPU float32 inference of one image, without groups, stride or dilation, with
     zero padding and a kernel of more than one voxel, where that is the answer, within the matrix sizes
-    of :data:`OUT_CHANNELS` and :data:`MAX_ROW`. It pays when the reference
-    code's column matrix is larger than one slab (:data:`SLAB_BYTES`); below that the two take about the
-    same time (``benchmarks/bench_conv.py``).
+    of :data:`OUT_CHANNELS` and :data:`MAX_ROW`. It pays when the reference code's column matrix is larger
+    than one slab (:data:`SLAB_BYTES`); below that the two take about the same time
+    (``benchmarks/bench_conv.py``).
     """
     if (x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32 or x.dim() != 5
             or x.shape[0] != 1 or groups != 1 or isinstance(padding, str) or not x.is_contiguous()

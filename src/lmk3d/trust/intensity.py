@@ -175,4 +175,3 @@ def points_read(shape: tuple[int, ...], coords: np.ndarray) -> tuple[np.ndarray,
     allc = np.concatenate(corners, axis=1)
     ok = np.all((allc >= 0) & (allc < np.asarray(shape)[:, None]), axis=0)
     return tuple(allc[:, ok])
-
