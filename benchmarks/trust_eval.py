@@ -131,8 +131,8 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     out["image_check_test_flagged"] = flagged / len(test)
     out["image_check_cut_flagged"] = cut_flagged / max(cut_images, 1)
     kinds = {INVERTED: {"flagged": float(np.mean(inverted["flagged"])), "n": len(test),
-                                                "max_score": float(np.max(inverted["max_score"])),
-                                                "found": int(np.sum(inverted["found"])), "reason": ""}}
+                        "max_score": float(np.max(inverted["max_score"])),
+                        "found": int(np.sum(inverted["found"])), "reason": ""}}
     crop_rng = np.random.default_rng(5)
     typical = np.median([np.asarray(s.load_image().shape) * s.load_image().spacing_mm for s in test[:10]], axis=0)
     for kind, path in OTHER_KINDS.items():
