@@ -29,6 +29,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -192,6 +193,14 @@ def print_tables(results: list[dict[str, object]]) -> None:
                   f"{_f(k['max_score'], '.2f')} |")
 
 
+def _presence_kind(report: dict[str, Any]) -> str:
+    """What the serving presence network looks at, in words (from its training config)."""
+    config = (report.get("presence_training") or {}).get("config") or {}
+    if config.get("mode") == "local":
+        return f"a {config['box_mm']:g} mm patch around each point"
+    return f"one {config['box_mm']:g} mm box on the whole image" if config else "none"
+
+
 def card_section(r: dict[str, object], model_dir: Path) -> str:
     """The model card's "Trust" section: how it was fitted (trust.json) and what it gave on the test split."""
     trust = json.loads((model_dir / "trust.json").read_text())
@@ -208,7 +217,8 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         "",
         f"`trust.json` and `presence.pt` (docs/trust.md), fitted by `{rep.get('command', 'lmk3d calibrate')}` on the "
         f"{len(rep['calibration_cases'])} validation cases and their cut variants ({rep['calibration_points']} "
-        f"calibration points; the presence network trained on the {rep['training_cases']} training cases). "
+        f"calibration points; the presence network, {_presence_kind(rep)}, trained on "
+        f"{(rep.get('presence_training') or {}).get('training_cases', rep['training_cases'])} training cases). "
         f"Tolerance {trust['tolerance_mm']:g} mm; 90 % radius = {trust['q90']:.2f} x the point's error scale; "
         f"not found: presence < {rule['presence_threshold']}, closer than {rule['face_mm']} mm to a face"
         + (f", or placed beyond a face by the shape model by > {rule['shape_outside_mm']} mm"

@@ -319,7 +319,7 @@ class _FixedPresence:
     def __init__(self, table: dict[int, np.ndarray]) -> None:
         self.table = table
 
-    def probabilities(self, volume: Volume) -> np.ndarray:
+    def for_answer(self, volume: Volume, answer: LandmarkSet) -> np.ndarray:
         return self.table[id(volume)]
 
 
@@ -441,3 +441,81 @@ def test_scaling_only_the_voxels_read_gives_the_trust_checks_the_same_bits(case:
         img = ndimage.map_coordinates(scaled(np.asarray(vol.array, dtype=np.float32), lo, hi), ijk, order=1,
                                       mode="constant", cval=0.0)
         np.testing.assert_array_equal(got[0], img.reshape((size,) * 3).astype(np.float32))
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_local_presence_patches_are_centred_on_their_world_points_like_nibabel(case: int) -> None:
+    """An image whose intensity is a linear function of the world position (nibabel maps each voxel): every
+    patch voxel holds the scaled world R coordinate of its grid point, on oblique, flipped and anisotropic
+    grids; the mask is 1 inside the field of view and 0 outside."""
+    from nibabel.affines import apply_affine
+
+    from lmk3d.trust.intensity import percentiles_1_99
+    from lmk3d.trust.presence import presence_patches
+
+    rng = np.random.default_rng(300 + case)
+    shape = [(40, 50, 30), (64, 20, 33), (30, 30, 30), (25, 60, 41)][case]
+    spacing = tuple(rng.uniform(0.6, 2.5, 3))
+    affine = np.diag([*spacing, 1.0]) if case == 0 else _oblique(rng, shape, spacing)
+    ijk = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).reshape(-1, 3)
+    arr = apply_affine(affine, ijk)[:, 0].reshape(shape).astype(np.float32)  # world R of each voxel
+    vol = Volume(arr, affine)
+    lo, hi = percentiles_1_99(vol.array)
+    centres = apply_affine(affine, np.array([[s / 2.0 for s in shape], [2.0, shape[1] / 3.0, 1.0]]))  # 2nd: a corner
+    box_mm, size = 12.0, 8
+    got = presence_patches(vol, box_mm, size, centres)
+    assert got.shape == (2, 2, size, size, size) and got.dtype == np.float32
+    ax = (np.arange(size) - (size - 1) / 2.0) * (box_mm / size)
+    offsets = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), -1)
+    for k, c in enumerate(centres):
+        world = offsets + c
+        back = apply_affine(np.linalg.inv(affine), world.reshape(-1, 3)).reshape(world.shape)
+        inside = np.all((back >= 0) & (back <= np.asarray(shape) - 1), axis=-1)
+        outside = np.any((back < -0.5 - 1e-6) | (back > np.asarray(shape) - 0.5 + 1e-6), axis=-1)
+        assert inside.any() and (k == 0 or outside.any())
+        expect = np.clip((world[..., 0] - lo) / (hi - lo), 0.0, 1.0)
+        np.testing.assert_allclose(got[k, 0][inside], expect[inside], atol=2e-5)
+        assert np.all(got[k, 1][inside] == 1.0) and np.all(got[k, 1][outside] == 0.0)
+    # one patch centred on the image's centre is the global input
+    from lmk3d.trust.presence import presence_input
+
+    middle = vol.ijk_to_ras((np.asarray(shape, dtype=np.float64) - 1.0) / 2.0).reshape(1, 3)
+    np.testing.assert_array_equal(presence_patches(vol, 30.0, 10, middle)[0], presence_input(vol, 30.0, 10))
+
+
+def test_a_local_presence_network_answers_per_point_and_keeps_its_kind_when_saved(tmp_path: object) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(4)
+    vol = _blob(rng)
+    names = ("a", "b", "c")
+    model = PresenceModel(names, PresenceConfig(mode="local", box_mm=24.0, size=16, channels=2))
+    points = np.array([[10.0, 20, 15], [18, 24, 17], [30, 40, 30]])
+    p = model.probabilities(vol, points)
+    assert p.shape == (3,) and np.all((p > 0) & (p < 1))
+    # each point is answered from its own patch, by its own output: moving one point changes its answer only
+    moved = points.copy()
+    moved[2] = [5.0, 5, 5]
+    q = model.probabilities(vol, moved)
+    np.testing.assert_allclose(q[:2], p[:2], rtol=1e-6)
+    assert q[2] != p[2]
+    # a point not found has nothing to call cut off
+    gone = points.copy()
+    gone[1] = np.nan
+    r = model.probabilities(vol, gone)
+    assert r[1] == 1.0
+    np.testing.assert_allclose(r[[0, 2]], p[[0, 2]], rtol=1e-6)
+    with pytest.raises(ValueError, match="needs the detector's points"):
+        model.probabilities(vol)
+    answer = LandmarkSet(names, gone, found=np.array([True, False, True]))
+    np.testing.assert_array_equal(model.for_answer(vol, answer), r)
+    model.fitted = True
+    model.save(Path(str(tmp_path)))
+    back = PresenceModel.load(Path(str(tmp_path)))
+    assert back is not None and back.config.mode == "local" and back.config == model.config
+    np.testing.assert_array_equal(back.probabilities(vol, points), p)

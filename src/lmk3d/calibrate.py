@@ -42,6 +42,10 @@ DEFAULT_TOLERANCE_MM = 3.0
 PRESENCE_EPOCHS = 30
 #: The fewest training cases with every landmark placed that the server trains a presence network on.
 MIN_PRESENCE_CASES = 5
+#: The patch of a local presence network (``--train-presence local``): 48 mm on 32 voxels (1.5 mm), wide
+#: enough for the 8 mm crop planes of its training either side of a point plus the detectors' error.
+LOCAL_BOX_MM = 48.0
+LOCAL_SIZE = 32
 
 
 def add_calibrate(p: argparse.ArgumentParser) -> None:
@@ -52,8 +56,13 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
                    help="a score is the probability that the error is within MM (default 3)")
     p.add_argument("--presence-epochs", type=int, default=30, metavar="N",
                    help="epochs of the presence network (0: no network; cut-off landmarks then only by geometry)")
-    p.add_argument("--presence", metavar="DIR", help="reuse the presence network (presence.pt) in DIR, e.g. another "
-                   "detector's model folder on the same data, instead of training one")
+    p.add_argument("--presence", metavar="DIR", nargs="+",
+                   help="reuse the presence network (presence.pt) in DIR, e.g. another detector's model folder on the "
+                   "same data, instead of training one; with several (or with --train-presence), the one whose "
+                   "not-found rule does best on the validation cases' cut variants serves (ties: the first)")
+    p.add_argument("--train-presence", choices=("global", "local"),
+                   help="with --presence: also train a network of this kind (global: one box on the whole image; "
+                   "local: a patch around each point) as a candidate; alone: the kind to train (default global)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
     p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
 
@@ -83,23 +92,30 @@ def run_calibrate(args: argparse.Namespace) -> int:
     det = load_detector(model_dir, args.device)
     det.trust = None  # calibrate the detector's own answer
     predict = own_answer(det)
-    presence = None
-    if args.presence:
-        presence = PresenceModel.load(args.presence)
-        if presence is None:
-            raise LandmarkError(f"--presence {args.presence}: no presence.pt there")
-        if presence.landmark_names != det.landmark_names:
-            raise LandmarkError(f"--presence {args.presence}: its landmarks ({', '.join(presence.landmark_names)}) "
+    candidates: list[PresenceModel | None] = []
+    for folder in args.presence or ():
+        loaded = PresenceModel.load(folder)
+        if loaded is None:
+            raise LandmarkError(f"--presence {folder}: no presence.pt there")
+        if loaded.landmark_names != det.landmark_names:
+            raise LandmarkError(f"--presence {folder}: its landmarks ({', '.join(loaded.landmark_names)}) "
                                 f"are not the model's ({', '.join(det.landmark_names)})")
-    elif args.presence_epochs > 0:
-        presence = PresenceModel(det.landmark_names, PresenceConfig(epochs=args.presence_epochs, seed=args.seed,
-                                                                    box_mm=_box_mm(train)))
+        candidates.append(loaded)
+    if (args.train_presence or not args.presence) and args.presence_epochs > 0:
+        local = args.train_presence == "local"
+        config = (PresenceConfig(epochs=args.presence_epochs, seed=args.seed, mode="local", box_mm=LOCAL_BOX_MM,
+                                 size=LOCAL_SIZE) if local else
+                  PresenceConfig(epochs=args.presence_epochs, seed=args.seed, box_mm=_box_mm(train)))
+        candidates.append(PresenceModel(det.landmark_names, config))
     t0 = time.monotonic()
-    trust = fit_trust(predict, train, val, det.modality_fitted, args.tolerance_mm, args.seed, presence,
-                      log=lambda line: print(line, flush=True), names=det.landmark_names)
+    trust = fit_trust(predict, train, val, det.modality_fitted, args.tolerance_mm, args.seed,
+                      candidates[0] if len(candidates) == 1 else None,
+                      log=lambda line: print(line, flush=True), names=det.landmark_names,
+                      presence_candidates=candidates if len(candidates) > 1 else ())
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
-                               + (f" --presence {args.presence}" if args.presence else ""))
+                               + (f" --presence {' '.join(args.presence)}" if args.presence else "")
+                               + (f" --train-presence {args.train_presence}" if args.train_presence else ""))
     trust.report["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out) if args.out else model_dir
     out.mkdir(parents=True, exist_ok=True)

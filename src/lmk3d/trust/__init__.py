@@ -448,7 +448,9 @@ def apply_trust(trust: TrustModel, final: LandmarkSet, first: LandmarkSet | None
                             f"{', '.join(final.names)}")
     verdict = verdict if verdict is not None else check_image(trust, volume)
     feats = point_features(final, first, trust.shape, volume)
-    presence = trust.presence.probabilities(volume) if trust.presence is not None and verdict.in_distribution else None
+    presence = None
+    if trust.presence is not None and verdict.in_distribution:
+        presence = trust.presence.for_answer(volume, final)
     s = trust.scale(feats)
     cut = trust.cut_off(feats, presence) & final.found
     found = final.found & ~cut

@@ -69,7 +69,7 @@ def records_for(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | Non
         for kind, v in variants:
             final, first = predict(v)
             inside = v.contains_ras(np.nan_to_num(truth.xyz_mm_ras), margin=0.5) & truth.found
-            probs = presence.probabilities(v) if presence is not None else None
+            probs = presence.for_answer(v, final) if presence is not None else None
             out.append(Record(s.case, kind, final, first, v, truth, inside, probs))
     return out
 
@@ -163,7 +163,7 @@ def choose_presence(records: Sequence[Record], shape: ShapeModel | None,
     probs: list[list[np.ndarray | None]] = []
     best = 0
     for i, cand in enumerate(candidates):
-        p = [cand.probabilities(r.volume) if cand is not None else None for r in records]
+        p = [cand.for_answer(r.volume, r.final) if cand is not None else None for r in records]
         for r, q in zip(records, p, strict=True):
             r.presence = q
         *_, rule = _not_found_thresholds(records, feats)

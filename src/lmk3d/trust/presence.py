@@ -9,6 +9,12 @@ field-of-view mask, 0 outside the image), and gives each landmark the probabilit
 It is trained on the training cases with crop planes drawn near each landmark (inside or beyond it by up
 to ``cut_mm``), so it learns where the anatomy it needs is truncated; it never sees a validation or test
 case. Its weights are saved beside the trust model (``presence.pt``, read weights-only).
+
+A box that holds a whole large image has coarse voxels (a 260 mm field of view on 40 voxels: 6.5 mm),
+coarser than the few millimetres by which a crop plane cuts a landmark off. The ``local`` mode therefore
+looks around each point instead: landmark *k* gets a small patch centred on the detector's point for
+it, and the network's output *k* on that patch. It is trained on patches centred on the true positions
+(moved into the field of view when cut off) with a random offset of the detectors' typical error.
 """
 
 from __future__ import annotations
@@ -27,14 +33,18 @@ import numpy as np
 from lmk3d.io.image import Volume
 from lmk3d.trust.cuts import crop
 
-__all__ = ["PRESENCE_FILE", "PresenceConfig", "PresenceModel", "presence_input"]
+__all__ = ["PRESENCE_FILE", "PresenceConfig", "PresenceModel", "presence_input", "presence_patches"]
 
 PRESENCE_FILE = "presence.pt"
 
 
 @dataclass(frozen=True)
 class PresenceConfig:
-    """The box the network sees (``size`` voxels of ``box_mm / size`` mm, centred on the image) and training."""
+    """The box the network sees (``size`` voxels of ``box_mm / size`` mm) and its training.
+
+    ``mode``: ``"global"``, one box centred on the image; ``"local"``, one box per landmark centred on its
+    point (training: on its true position, offset by ``jitter_mm`` per axis, Gaussian).
+    """
 
     box_mm: float = 64.0
     size: int = 40
@@ -45,6 +55,8 @@ class PresenceConfig:
     lr: float = 2e-3
     cut_mm: float = 8.0
     seed: int = 0
+    mode: str = "global"
+    jitter_mm: float = 2.0
 
 
 def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
@@ -53,22 +65,43 @@ def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
     The box is aligned with the world axes (R, A, S) and centred on the centre of the image's field of
     view, so the same anatomy lands in the same place whatever the image's voxel order.
     """
+    centre_ijk = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
+    return presence_patches(volume, box_mm, size, volume.ijk_to_ras(centre_ijk).reshape(1, 3))[0]
+
+
+def presence_patches(volume: Volume, box_mm: float, size: int, centres: np.ndarray) -> np.ndarray:
+    """``(K, 2, size, size, size)`` float32: :func:`presence_input`'s two channels on boxes centred on ``centres``.
+
+    ``centres``: ``(K, 3)`` RAS mm. The intensities are scaled by the whole image's 1st and 99th
+    percentiles, whatever the patch.
+    """
     from scipy import ndimage
 
     from lmk3d.trust.intensity import percentiles_1_99, points_read, scaled_where_read
 
     a = np.asarray(volume.array, dtype=np.float32)
-    centre_ijk = (np.asarray(volume.shape, dtype=np.float64) - 1.0) / 2.0
-    centre = volume.ijk_to_ras(centre_ijk).reshape(3)
     step = box_mm / size
     ax = (np.arange(size) - (size - 1) / 2.0) * step
-    grid = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3) + centre
+    box = np.stack(np.meshgrid(ax, ax, ax, indexing="ij"), axis=-1).reshape(-1, 3)
+    k = len(centres)
+    grid = (box[None] + np.asarray(centres, dtype=np.float64)[:, None]).reshape(-1, 3)
     ijk = volume.ras_to_ijk(grid).reshape(-1, 3).T
     a = scaled_where_read(a, *percentiles_1_99(volume.array), points_read(a.shape, ijk))  # only what is read
     img = ndimage.map_coordinates(a, ijk, order=1, mode="constant", cval=0.0)
     shape = np.asarray(volume.shape, dtype=np.float64)[:, None]
     mask = np.all((ijk >= -0.5) & (ijk <= shape - 0.5), axis=0).astype(np.float32)
-    return np.stack([img.reshape((size,) * 3), mask.reshape((size,) * 3)]).astype(np.float32)
+    out = np.stack([img.reshape((k,) + (size,) * 3), mask.reshape((k,) + (size,) * 3)], axis=1)
+    return out.astype(np.float32)
+
+
+def _inside_point(volume: Volume, xyz: np.ndarray) -> np.ndarray:
+    """``(N, 3)`` RAS: each point moved to the nearest voxel centre inside ``volume`` when it lies outside."""
+    ijk = volume.ras_to_ijk(xyz).reshape(-1, 3)
+    top = np.asarray(volume.shape, dtype=np.float64) - 1.0
+    clipped = np.clip(ijk, 0.0, top)
+    moved = np.any(clipped != ijk, axis=1)
+    clipped[moved] = np.round(clipped[moved])
+    return volume.ijk_to_ras(clipped).reshape(-1, 3)
 
 
 def _network(n_landmarks: int, config: PresenceConfig) -> Any:
@@ -128,14 +161,46 @@ class PresenceModel:
         #: what :meth:`fit` adds to its report (e.g. the training data's fingerprint, the weights it started from)
         self.provenance: dict[str, Any] = {}
 
-    def probabilities(self, volume: Volume) -> np.ndarray:
-        """``(N,)`` probability that each landmark lies inside ``volume``'s field of view."""
+    def probabilities(self, volume: Volume, points: np.ndarray | None = None) -> np.ndarray:
+        """``(N,)`` probability that each landmark lies inside ``volume``'s field of view.
+
+        ``points``: ``(N, 3)`` RAS, the detector's answer; the ``local`` mode needs it (a point not found,
+        NaN, gets probability 1: there is nothing to call cut off).
+        """
         import torch
 
-        x = torch.from_numpy(presence_input(volume, self.config.box_mm, self.config.size))[None]
         self.net.eval()
-        with torch.no_grad():
-            return torch.sigmoid(self.net(x))[0].double().numpy()
+        c = self.config
+        if c.mode != "local":
+            x = torch.from_numpy(presence_input(volume, c.box_mm, c.size))[None]
+            with torch.no_grad():
+                return torch.sigmoid(self.net(x))[0].double().numpy()
+        if points is None:
+            raise ValueError("a local presence network needs the detector's points")
+        points = np.asarray(points, dtype=np.float64).reshape(len(self.landmark_names), 3)
+        ok = np.all(np.isfinite(points), axis=1)
+        out = np.ones(len(points))
+        if ok.any():
+            x = torch.from_numpy(presence_patches(volume, c.box_mm, c.size, points[ok]))
+            with torch.no_grad():
+                logits = self.net(x)
+            idx = torch.from_numpy(np.flatnonzero(ok))
+            out[ok] = torch.sigmoid(logits[torch.arange(len(idx)), idx]).double().numpy()
+        return out
+
+    def for_answer(self, volume: Volume, answer: Any) -> np.ndarray:
+        """:meth:`probabilities` for a detector's answer (a ``LandmarkSet``; its points not found are NaN)."""
+        return self.probabilities(volume, np.where(answer.found[:, None], answer.xyz_mm_ras, np.nan))
+
+    def _examples(self, volume: Volume, truth: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+        """One training variant's inputs, labels (and for ``local``, each patch's landmark index)."""
+        c = self.config
+        inside = volume.contains_ras(truth, margin=0.5).astype(np.float32)
+        if c.mode != "local":
+            return presence_input(volume, c.box_mm, c.size)[None], inside[None], np.zeros(1, dtype=np.int64)
+        centres = _inside_point(volume, truth) + rng.normal(0.0, c.jitter_mm, size=truth.shape)
+        x = presence_patches(volume, c.box_mm, c.size, centres)
+        return x, inside[:, None], np.arange(len(truth), dtype=np.int64)
 
     def fit(self, volumes: Sequence[Volume], truths: Sequence[np.ndarray], log: Any = None,
             deadline: float | None = None) -> dict[str, Any]:
@@ -159,14 +224,17 @@ class PresenceModel:
                 if log is not None:
                     log(f"presence network: stopped after {epoch} of {c.epochs} epochs (the training's time is up)")
                 break
-            xs, ys = [], []
+            xs: list[np.ndarray] = []
+            ys: list[np.ndarray] = []
+            ks: list[np.ndarray] = []
             for v, t in zip(volumes, truths, strict=True):
                 for j in range(c.variants_per_case):
                     cut = v if j == 0 and rng.random() < 0.5 else _random_cut(v, t, rng, c.cut_mm)
-                    x = presence_input(cut, c.box_mm, c.size)
-                    x[0] *= rng.uniform(0.85, 1.15)  # contrast jitter: the scaling by percentiles is not exact
-                    xs.append(x)
-                    ys.append(cut.contains_ras(t, margin=0.5).astype(np.float32))
+                    x, y, k = self._examples(cut, t, rng)
+                    x[:, 0] *= rng.uniform(0.85, 1.15)  # contrast jitter: the scaling by percentiles is not exact
+                    xs.extend(x)
+                    ys.extend(y)
+                    ks.extend(k)
             order = rng.permutation(len(xs))
             self.net.train()
             losses = []
@@ -174,7 +242,11 @@ class PresenceModel:
                 idx = order[i:i + c.batch_size]
                 xb = torch.from_numpy(np.stack([xs[j] for j in idx]))
                 yb = torch.from_numpy(np.stack([ys[j] for j in idx]))
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.net(xb), yb)
+                logits = self.net(xb)
+                if c.mode == "local":  # each patch answers for its own landmark
+                    kb = torch.from_numpy(np.asarray([ks[j] for j in idx]))
+                    logits = logits[torch.arange(len(idx)), kb][:, None]
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, yb)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
