@@ -519,3 +519,5 @@ def test_a_local_presence_network_answers_per_point_and_keeps_its_kind_when_save
     back = PresenceModel.load(Path(str(tmp_path)))
     assert back is not None and back.config.mode == "local" and back.config == model.config
     np.testing.assert_array_equal(back.probabilities(vol, points), p)
+    with pytest.raises(ValueError, match="mode 'patch'"):
+        PresenceConfig(mode="patch")

@@ -1,4 +1,4 @@
-"""Is each landmark inside the field of view? A small network that looks at the whole image.
+"""Is each landmark inside the field of view? A small network that looks at the whole image (or around each point).
 
 The detectors were trained on images that hold every landmark, so when a crop plane cuts one off they
 still place it somewhere inside (often on another structure, not on the border). The presence network
@@ -57,6 +57,10 @@ class PresenceConfig:
     seed: int = 0
     mode: str = "global"
     jitter_mm: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("global", "local"):
+            raise ValueError(f"presence network mode {self.mode!r}: give 'global' or 'local'")
 
 
 def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
