@@ -521,3 +521,27 @@ def test_a_local_presence_network_answers_per_point_and_keeps_its_kind_when_save
     np.testing.assert_array_equal(back.probabilities(vol, points), p)
     with pytest.raises(ValueError, match="mode 'patch'"):
         PresenceConfig(mode="patch")
+
+
+def test_a_presence_networks_first_weights_depend_on_its_seed_only() -> None:
+    """Two networks with the same config start from the same weights whatever drew from torch's generator
+    before (a calibration that loads other networks first trains the same one), and the caller's generator
+    is left as it was."""
+    import torch
+
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    config = PresenceConfig(mode="local", box_mm=24.0, size=16, channels=2, seed=3)
+    torch.manual_seed(0)
+    first = PresenceModel(("a", "b"), config)
+    state = torch.random.get_rng_state()
+    torch.rand(1000)
+    second = PresenceModel(("a", "b"), config)
+    other = PresenceModel(("a", "b"), dataclasses.replace(config, seed=4))
+    for (name, a), b in zip(first.net.state_dict().items(), second.net.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(first.net.state_dict().values(),
+                                                     other.net.state_dict().values(), strict=True))
+    torch.manual_seed(0)
+    PresenceModel(("a", "b"), config)
+    assert torch.equal(torch.random.get_rng_state(), state)

@@ -157,7 +157,11 @@ class PresenceModel:
     def __init__(self, landmark_names: Sequence[str], config: PresenceConfig | None = None) -> None:
         self.landmark_names = tuple(landmark_names)
         self.config = config or PresenceConfig()
-        self.net = _network(len(self.landmark_names), self.config)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # the same first weights for the same seed, whatever ran before
+            torch.manual_seed(self.config.seed)
+            self.net = _network(len(self.landmark_names), self.config)
         #: True once trained or loaded
         self.fitted = False
         #: how it was trained (epochs, cases, final loss), saved with the weights
