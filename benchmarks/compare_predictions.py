@@ -184,6 +184,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         todo = jobs(t, args.models)
+        if not todo:  # a pass over nothing proves nothing
+            sys.exit(f"no model folder under models/ matches {' '.join(args.models)} (globs of folder names)")
         (t / "jobs.json").write_text(json.dumps(todo))
         subprocess.run(["git", "worktree", "add", "--detach", str(t / "ref"), commit], cwd=ROOT, check=True,
                        capture_output=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import torch
 from lmk3d.data.samples import Sample
 from lmk3d.detectors import detector_class, load_detector
 from lmk3d.detectors.cascade import CascadeDetector
+from lmk3d.detectors.cascade.stages import lattice_offsets
 from lmk3d.detectors.cascade.training import fit_step_weights, stage1_estimates
 from lmk3d.io import read_image, read_table, write_image
 from lmk3d.io.image import Volume
@@ -426,3 +428,61 @@ def test_fit_options_are_checked() -> None:
         det.fit([], bogus=1)
     with pytest.raises(ValueError, match="init must be"):
         det.fit([], init="warm")
+
+
+def test_lattice_shapes() -> None:
+    cube = lattice_offsets(1.5, "cube")
+    # The cube is the 27 points of {-a, 0, a}^3 in C order (the shipped models' averaging order).
+    expected = 1.5 * np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], dtype=float)
+    assert np.array_equal(cube, expected)
+    cross = lattice_offsets(1.5, "cross")
+    assert cross.shape == (7, 3) and np.array_equal(cross.sum(axis=0), np.zeros(3))
+    assert sorted(map(tuple, cross)) == sorted([(0.0, 0.0, 0.0)] + [tuple(s * 1.5 * np.eye(3)[a])
+                                                                   for a in range(3) for s in (-1.0, 1.0)])
+    assert np.array_equal(lattice_offsets(0.0, "cross"), np.zeros((1, 3)))
+    with pytest.raises(ValueError, match="refine_lattice"):
+        CascadeDetector.create(["a"], "tiny", refine_lattice="sphere")
+
+
+def test_cross_lattice_averages_its_seven_patches_and_is_saved(
+        trained: tuple[CascadeDetector, list[Sample], list[Sample]], tmp_path: Path) -> None:
+    det, _, test = trained
+    image = test[0].load_image()
+    crossed = copy.deepcopy(det)
+    crossed.config = crossed.stage1.config = crossed.stage2.config = dataclasses.replace(
+        det.config, refine_lattice="cross")
+    prepared = crossed.prepare(image)
+    s1 = crossed.stage1(prepared, None)
+    centres = s1.xyz_mm_ras
+    seen: list[int] = []
+    original = crossed.stage2.displacements
+
+    def counting(patches: torch.Tensor) -> torch.Tensor:
+        seen.append(int(patches.shape[0]))
+        return original(patches)
+
+    crossed.stage2.displacements = counting  # type: ignore[method-assign]
+    d, _ = crossed.stage2.refine(prepared, centres)
+    assert sum(seen) == 7
+    # By hand: each of the 7 patch centres' own clamped estimate, averaged, clamped again.
+    stage2 = crossed.stage2
+    offsets = lattice_offsets(det.config.refine_lattice_mm, "cross")
+    each = []
+    for off in offsets:
+        starts = centres + off
+        with torch.no_grad():
+            patches = torch.stack([prepared.sample(stage2.patch_grids(starts[i:i + 1]), det.config.pixdim)[:, 0]
+                                   for i in range(len(centres))], dim=1)
+            raw = original(patches).double().numpy()[0]
+        each.append(starts + stage2.clamped(raw[None])[0][0])
+    by_hand, _ = stage2.clamped((np.mean(each, axis=0) - centres)[None])
+    np.testing.assert_allclose(d, by_hand[0], atol=1e-5)
+    # The cube's answer differs: the lattice is used, not ignored.
+    d_cube, _ = det.stage2.refine(det.prepare(image), centres)
+    assert not np.allclose(d, d_cube, atol=1e-6)
+    crossed.stage2.displacements = original  # type: ignore[method-assign]
+    crossed.save(tmp_path / "crossed")
+    loaded = load_detector(tmp_path / "crossed", device="cpu")
+    assert isinstance(loaded, CascadeDetector) and loaded.config.refine_lattice == "cross"
+    a, b = crossed.predict(image), loaded.predict(image)
+    assert np.array_equal(a.xyz_mm_ras, b.xyz_mm_ras) and np.array_equal(a.scores, b.scores)

@@ -9,6 +9,9 @@ from lmk3d.detectors.base import freeze_sequences
 from lmk3d.errors import LandmarkError
 from lmk3d.training.cascade_losses import SIDE_WEIGHTS
 
+#: Shapes of stage 2's lattice of patch centres (``CascadeConfig.refine_lattice``).
+LATTICES = ("cube", "cross")
+
 
 @dataclass(frozen=True)
 class CascadeConfig:
@@ -41,6 +44,9 @@ class CascadeConfig:
         refine_lattice_mm: 0 runs stage 2 once, on the patch centred at ``S0`` (the paper). A positive
             ``a`` also centres patches on the 3x3x3 lattice ``S0 + {-a, 0, a}^3`` and averages the 27
             estimates (test-time averaging: less variance at 27 times stage 2's small cost).
+        refine_lattice: the lattice's shape when ``refine_lattice_mm`` is positive: ``"cube"`` (the 27
+            points above) or ``"cross"`` (``S0`` and its 6 face neighbours at distance ``a``: 7 patches,
+            about a quarter of the cost).
         shape_decode, decode_candidates: let stage 1 choose among ``decode_candidates`` local maxima per
             channel with the pairwise shape prior (see the module docstring) when that beats the paper's
             per-channel maximum on the validation images; False always takes the maximum (the paper).
@@ -82,6 +88,7 @@ class CascadeConfig:
     range_scale: float = 1.5
     min_range_mm: float = 2.0
     refine_lattice_mm: float = 1.5
+    refine_lattice: str = "cube"
     fit_step_weights: bool = True
     shape_decode: bool = True
     decode_candidates: int = 3
@@ -113,6 +120,9 @@ class CascadeConfig:
         if len(self.side_weights) > len(self.channels) - 1:
             raise LandmarkError(f"cascade: {len(self.side_weights)} side outputs need at least "
                                 f"{len(self.side_weights) + 1} U-Net levels, got channels={self.channels}")
+        if self.refine_lattice not in LATTICES:
+            raise LandmarkError(f"cascade: unknown refine_lattice {self.refine_lattice!r}; choose "
+                                f"{' or '.join(LATTICES)}")
         if self.decode_candidates < 1:
             raise LandmarkError(f"cascade: decode_candidates must be at least 1, got {self.decode_candidates}")
         if not 0.0 < self.heatmap_height <= 1.0:
@@ -148,4 +158,4 @@ TINY = CascadeConfig(
 
 PROFILES = {"paper": PAPER, "cpu": CPU, "cpu_ct": CPU_CT, "tiny": TINY}
 
-__all__ = ["CPU", "CPU_CT", "PAPER", "PROFILES", "TINY", "CascadeConfig"]
+__all__ = ["CPU", "CPU_CT", "LATTICES", "PAPER", "PROFILES", "TINY", "CascadeConfig"]

@@ -26,7 +26,7 @@ where they are in world space, and stage 2's targets are expressed along the mov
 Three additions to the paper, all switched off in the ``paper`` profile:
 
 - stage 2 may average its estimates over a small lattice of patch centres around ``S0``
-  (``refine_lattice_mm``);
+  (``refine_lattice_mm``, ``refine_lattice``);
 - after training, the share ``w_n`` of stage 2's displacement kept for landmark ``n`` is chosen on the
   validation images (``fit_step_weights``): the prediction is ``S0 + w_n * d``, so a refinement network
   that does not beat stage 1 on held-out images is damped or switched off instead of making things worse;

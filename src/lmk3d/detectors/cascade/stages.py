@@ -125,6 +125,23 @@ class HeatmapStage(Stage):
         return LandmarkSet(self.landmark_names, xyz[0], score[0], score[0] >= self.config.min_peak)
 
 
+def lattice_offsets(spacing_mm: float, shape: str = "cube") -> np.ndarray:
+    """Stage 2's patch centres relative to ``S0``, ``(K, 3)`` mm: ``(0, 0, 0)`` alone when ``spacing_mm`` is 0.
+
+    ``"cube"``: the 27 points of ``{-a, 0, a}^3`` in C order; ``"cross"``: the 7 of them with at most one
+    non-zero coordinate (``S0`` and its face neighbours), in the same order.
+    """
+    a = float(spacing_mm)
+    if a <= 0:
+        return np.zeros((1, 3))
+    cube = a * np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3, indexing="ij"), -1).reshape(-1, 3)
+    if shape == "cube":
+        return cube
+    if shape == "cross":
+        return cube[np.count_nonzero(cube, axis=1) <= 1]
+    raise LandmarkError(f"cascade: unknown lattice {shape!r}")
+
+
 class DisplacementStage(Stage):
     """Stage 2 (``stage2_displacement``): per landmark, a patch around stage 1's answer -> a displacement.
 
@@ -196,9 +213,7 @@ class DisplacementStage(Stage):
         the CPU.
         """
         self.cnn.eval()
-        a = float(self.config.refine_lattice_mm)
-        offsets = np.zeros((1, 3)) if a <= 0 else a * np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3,
-                                                                              indexing="ij"), -1).reshape(-1, 3)
+        offsets = lattice_offsets(self.config.refine_lattice_mm, self.config.refine_lattice)
         starts = centres[None] + offsets[:, None, :]  # (K, N, 3): one patch per landmark and lattice point
         n = len(self.landmark_names)
         with torch.no_grad():
@@ -232,4 +247,4 @@ class DisplacementStage(Stage):
         return LandmarkSet(self.landmark_names, xyz, scores, prev.found & known)
 
 
-__all__ = ["DECODES", "DisplacementStage", "HeatmapStage"]
+__all__ = ["DECODES", "DisplacementStage", "HeatmapStage", "lattice_offsets"]
