@@ -15,7 +15,7 @@ from lmk3d.data.samples import Sample
 from lmk3d.detectors import detector_class, load_detector
 from lmk3d.detectors.cascade import CascadeDetector
 from lmk3d.detectors.cascade.stages import lattice_offsets
-from lmk3d.detectors.cascade.training import fit_step_weights, stage1_estimates
+from lmk3d.detectors.cascade.training import choose_lattice, fit_step_weights, stage1_estimates
 from lmk3d.io import read_image, read_table, write_image
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
@@ -440,8 +440,39 @@ def test_lattice_shapes() -> None:
     assert sorted(map(tuple, cross)) == sorted([(0.0, 0.0, 0.0)] + [tuple(s * 1.5 * np.eye(3)[a])
                                                                    for a in range(3) for s in (-1.0, 1.0)])
     assert np.array_equal(lattice_offsets(0.0, "cross"), np.zeros((1, 3)))
+    assert np.array_equal(lattice_offsets(1.5, "centre"), np.zeros((1, 3)))
     with pytest.raises(ValueError, match="refine_lattice"):
         CascadeDetector.create(["a"], "tiny", refine_lattice="sphere")
+
+
+def test_the_lattice_rule_by_hand() -> None:
+    def row(patches: int, mre: float, over: int) -> dict[str, float]:
+        return {"patches": patches, "val_mre_mm": mre, "val_over_mm": over}
+
+    cube = row(27, 1.00, 3)
+    # The fewest patches within 2 % of the cube's MRE and with no more points over 3 mm.
+    assert choose_lattice({"cube": cube, "cross": row(7, 1.019, 3), "centre": row(1, 1.0201, 3)}) == "cross"
+    assert choose_lattice({"cube": cube, "cross": row(7, 0.90, 3), "centre": row(1, 0.90, 4)}) == "cross"
+    assert choose_lattice({"cube": cube, "cross": row(7, 1.05, 3), "centre": row(1, 0.95, 2)}) == "centre"
+    assert choose_lattice({"cube": cube, "cross": row(7, 1.03, 2), "centre": row(1, 1.00, 4)}) == "cube"
+    # No validation points at all: nothing passes, the cube stays.
+    nan = float("nan")
+    assert choose_lattice({"cube": row(27, nan, 0), "cross": row(7, nan, 0), "centre": row(1, nan, 0)}) == "cube"
+
+
+def test_training_chooses_the_lattice_on_validation_and_saves_it(
+        trained: tuple[CascadeDetector, list[Sample], list[Sample]], tmp_path: Path) -> None:
+    det, _, _ = trained
+    report = det.training["lattice"]
+    rows = report["candidates"]
+    assert set(rows) == {"cube", "cross", "centre"}
+    assert [rows[n]["patches"] for n in ("cube", "cross", "centre")] == [27, 7, 1]
+    assert report["chosen"] == choose_lattice(rows) == det.config.refine_lattice
+    assert det.stage1.config is det.config and det.stage2.config is det.config
+    det.save(tmp_path / "model")
+    assert load_detector(tmp_path / "model", device="cpu").config.refine_lattice == report["chosen"]
+    # The paper profile keeps its single patch: nothing to choose.
+    assert not CascadeDetector.profiles["paper"].fit_lattice
 
 
 def test_cross_lattice_averages_its_seven_patches_and_is_saved(
@@ -449,6 +480,7 @@ def test_cross_lattice_averages_its_seven_patches_and_is_saved(
     det, _, test = trained
     image = test[0].load_image()
     crossed = copy.deepcopy(det)
+    assert det.config.refine_lattice_mm == 1.5
     crossed.config = crossed.stage1.config = crossed.stage2.config = dataclasses.replace(
         det.config, refine_lattice="cross")
     prepared = crossed.prepare(image)
@@ -478,7 +510,9 @@ def test_cross_lattice_averages_its_seven_patches_and_is_saved(
     by_hand, _ = stage2.clamped((np.mean(each, axis=0) - centres)[None])
     np.testing.assert_allclose(d, by_hand[0], atol=1e-5)
     # The cube's answer differs: the lattice is used, not ignored.
-    d_cube, _ = det.stage2.refine(det.prepare(image), centres)
+    cubed = copy.deepcopy(det)
+    cubed.config = cubed.stage1.config = cubed.stage2.config = dataclasses.replace(det.config, refine_lattice="cube")
+    d_cube, _ = cubed.stage2.refine(cubed.prepare(image), centres)
     assert not np.allclose(d, d_cube, atol=1e-6)
     crossed.stage2.displacements = original  # type: ignore[method-assign]
     crossed.save(tmp_path / "crossed")

@@ -10,7 +10,7 @@ from lmk3d.errors import LandmarkError
 from lmk3d.training.cascade_losses import SIDE_WEIGHTS
 
 #: Shapes of stage 2's lattice of patch centres (``CascadeConfig.refine_lattice``).
-LATTICES = ("cube", "cross")
+LATTICES = ("cube", "cross", "centre")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,11 @@ class CascadeConfig:
             ``a`` also centres patches on the 3x3x3 lattice ``S0 + {-a, 0, a}^3`` and averages the 27
             estimates (test-time averaging: less variance at 27 times stage 2's small cost).
         refine_lattice: the lattice's shape when ``refine_lattice_mm`` is positive: ``"cube"`` (the 27
-            points above) or ``"cross"`` (``S0`` and its 6 face neighbours at distance ``a``: 7 patches,
-            about a quarter of the cost).
+            points above), ``"cross"`` (``S0`` and its 6 face neighbours at distance ``a``: 7 patches,
+            about a quarter of the cost) or ``"centre"`` (``S0`` alone, as with 0).
+        fit_lattice: at the end of training, choose ``refine_lattice`` among the three on the validation
+            images (``fit_lattice`` in ``training.py``: the fewest patches whose validation MRE is within
+            2 % of the cube's, with no more points over 3 mm); False keeps the configured one.
         shape_decode, decode_candidates: let stage 1 choose among ``decode_candidates`` local maxima per
             channel with the pairwise shape prior (see the module docstring) when that beats the paper's
             per-channel maximum on the validation images; False always takes the maximum (the paper).
@@ -89,6 +92,7 @@ class CascadeConfig:
     min_range_mm: float = 2.0
     refine_lattice_mm: float = 1.5
     refine_lattice: str = "cube"
+    fit_lattice: bool = True
     fit_step_weights: bool = True
     shape_decode: bool = True
     decode_candidates: int = 3
@@ -137,8 +141,8 @@ PAPER = CascadeConfig(
     roi_size=(64, 64, 64), pixdim=0.4, cnn_channels=(32, 64, 128, 256), cnn_hidden=512, cnn_norm=None,
     lr=1e-3, patch_lr=1e-3, batch_size=4, max_epochs=1, min_iterations=11250, patience=100_000,
     patch_batch_size=4, patch_epochs=1, patch_min_iterations=45000, patches_per_case=1,
-    rotation_deg=0.0, scale_range=(1.0, 1.0), translation_mm=0.0, refine_lattice_mm=0.0, fit_step_weights=False,
-    shape_decode=False,
+    rotation_deg=0.0, scale_range=(1.0, 1.0), translation_mm=0.0, refine_lattice_mm=0.0, fit_lattice=False,
+    fit_step_weights=False, shape_decode=False,
 )
 #: Sized for this 2-core CPU: the 140 hippocampus training cases train in about 20 minutes of one
 #: thread (32^3 stage-1 grid); whole CT gets a 48^3 grid (about 5 mm) and the same number of steps.

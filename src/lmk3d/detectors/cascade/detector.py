@@ -183,6 +183,9 @@ class CascadeDetector(Detector):
         s2.step_weights = np.ones(len(self.landmark_names))
         if val_cases and self.config.fit_step_weights:
             report["step_weights"] = tr.fit_step_weights(s2, val_cases)
+        if val_cases and self.config.fit_lattice and self.config.refine_lattice_mm > 0:
+            chosen, report["lattice"] = tr.fit_lattice(s2, val_cases)
+            self.config = s1.config = s2.config = chosen
         report["seconds"] = time.monotonic() - t0
         return report
 

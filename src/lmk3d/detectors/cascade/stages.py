@@ -126,13 +126,14 @@ class HeatmapStage(Stage):
 
 
 def lattice_offsets(spacing_mm: float, shape: str = "cube") -> np.ndarray:
-    """Stage 2's patch centres relative to ``S0``, ``(K, 3)`` mm: ``(0, 0, 0)`` alone when ``spacing_mm`` is 0.
+    """Stage 2's patch centres relative to ``S0``, ``(K, 3)`` mm.
 
     ``"cube"``: the 27 points of ``{-a, 0, a}^3`` in C order; ``"cross"``: the 7 of them with at most one
-    non-zero coordinate (``S0`` and its face neighbours), in the same order.
+    non-zero coordinate (``S0`` and its face neighbours), in the same order; ``"centre"``, or a spacing
+    of 0: ``(0, 0, 0)`` alone.
     """
     a = float(spacing_mm)
-    if a <= 0:
+    if a <= 0 or shape == "centre":
         return np.zeros((1, 3))
     cube = a * np.stack(np.meshgrid(*[[-1.0, 0.0, 1.0]] * 3, indexing="ij"), -1).reshape(-1, 3)
     if shape == "cube":

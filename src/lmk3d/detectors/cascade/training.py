@@ -9,6 +9,7 @@ through ``trainer.forward``; budgets and fitted state (ranges, priors) use every
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import torch
 
 from lmk3d.data.samples import Sample
 from lmk3d.detectors.cascade.config import CascadeConfig
-from lmk3d.detectors.cascade.stages import DisplacementStage, HeatmapStage
+from lmk3d.detectors.cascade.stages import DisplacementStage, HeatmapStage, lattice_offsets
 from lmk3d.errors import LandmarkError
 from lmk3d.preprocessing import PreparedImage
 from lmk3d.shape.pairwise import PairwisePrior
@@ -241,5 +242,65 @@ def fit_step_weights(stage: DisplacementStage, val: Sequence[CascadeCase]) -> di
     return table
 
 
-__all__ = ["PHASES", "CascadeCase", "augment", "fit_decode", "fit_ranges", "fit_stage1", "fit_stage2",
-           "fit_step_weights", "pair_prior_from", "stage1_estimates", "training_cases"]
+#: Stage 2's lattice candidates (``CascadeConfig.refine_lattice``), at the configured spacing.
+LATTICE_CANDIDATES = ("cube", "cross", "centre")
+#: A smaller lattice serves if its validation MRE is at most this share above the cube's ...
+LATTICE_MRE_TOLERANCE = 0.02
+#: ... and it has no more validation points farther than this (mm) from the truth.
+LATTICE_ERROR_MM = 3.0
+
+
+def lattice_candidates(config: CascadeConfig) -> dict[str, CascadeConfig]:
+    """The configs of :data:`LATTICE_CANDIDATES` built from ``config`` (only the lattice differs)."""
+    return {name: dataclasses.replace(config, refine_lattice=name) for name in LATTICE_CANDIDATES}
+
+
+def choose_lattice(rows: dict[str, dict[str, Any]]) -> str:
+    """The rule (docs/benchmarks.md, "Stage 2's lattice"): the candidate with the fewest patches whose
+    ``val_mre_mm`` is at most :data:`LATTICE_MRE_TOLERANCE` above the cube's and whose ``val_over_mm``
+    count is not larger; the cube when no other passes. ``rows``: per candidate name, ``patches``,
+    ``val_mre_mm`` and ``val_over_mm``.
+    """
+    ref = rows["cube"]
+    passing = [name for name, r in rows.items() if name == "cube" or (
+        r["val_mre_mm"] <= ref["val_mre_mm"] * (1.0 + LATTICE_MRE_TOLERANCE)
+        and r["val_over_mm"] <= ref["val_over_mm"])]
+    return min(passing, key=lambda name: rows[name]["patches"])
+
+
+def fit_lattice(stage: DisplacementStage, val: Sequence[CascadeCase]) -> tuple[CascadeConfig, dict[str, Any]]:
+    """Stage 2's lattice chosen on held-out cases by :func:`choose_lattice` (what training does at its end).
+
+    Needs ``case.stage1`` on every case and the fitted ranges and step weights (kept as they are). Each
+    candidate moves every labelled point from its stage-1 estimate by ``w_n * d`` (found or not, as
+    :func:`fit_step_weights` measures). Leaves ``stage.config`` as it was; returns the chosen config and
+    the table (per candidate: patches, validation MRE, points over :data:`LATTICE_ERROR_MM`, ``chosen``).
+    """
+    base = stage.config
+    rows: dict[str, dict[str, Any]] = {}
+    configs = lattice_candidates(base)
+    try:
+        for name, config in configs.items():
+            stage.config = config
+            errors = []
+            for k in val:
+                assert k.stage1 is not None
+                d, _ = stage.refine(k.image, k.stage1)
+                moved = k.stage1 + stage.step_weights[:, None] * d
+                errors.append(np.linalg.norm(moved - np.nan_to_num(k.xyz), axis=1)[k.present])
+            e = np.concatenate(errors) if errors else np.zeros(0)
+            rows[name] = {"patches": len(lattice_offsets(config.refine_lattice_mm, config.refine_lattice)),
+                          "val_mre_mm": float(e.mean()) if len(e) else float("nan"),
+                          "val_over_mm": int(np.count_nonzero(e > LATTICE_ERROR_MM))}
+    finally:
+        stage.config = base
+    chosen = choose_lattice(rows)
+    for name, row in rows.items():
+        row["chosen"] = name == chosen
+    return configs[chosen], {"candidates": rows, "chosen": chosen, "error_mm": LATTICE_ERROR_MM,
+                             "mre_tolerance": LATTICE_MRE_TOLERANCE}
+
+
+__all__ = ["LATTICE_CANDIDATES", "LATTICE_ERROR_MM", "LATTICE_MRE_TOLERANCE", "PHASES", "CascadeCase", "augment",
+           "choose_lattice", "fit_decode", "fit_lattice", "fit_ranges", "fit_stage1", "fit_stage2",
+           "fit_step_weights", "lattice_candidates", "pair_prior_from", "stage1_estimates", "training_cases"]
