@@ -42,11 +42,12 @@ class CascadeConfig:
         cnn_channels, cnn_hidden, cnn_norm: the displacement CNN's 4 conv widths, FC width and norm.
         range_quantile, range_scale, min_range_mm: how the stage-2 range ``r_n`` follows the stage-1 errors.
         refine_lattice_mm: 0 runs stage 2 once, on the patch centred at ``S0`` (the paper). A positive
-            ``a`` also centres patches on the 3x3x3 lattice ``S0 + {-a, 0, a}^3`` and averages the 27
-            estimates (test-time averaging: less variance at 27 times stage 2's small cost).
+            ``a`` is the spacing of a lattice of patch centres around ``S0`` (``refine_lattice``) whose
+            estimates are averaged (test-time averaging: less variance at the cost of one stage-2 pass
+            per patch).
         refine_lattice: the lattice's shape when ``refine_lattice_mm`` is positive: ``"cube"`` (the 27
-            points above), ``"cross"`` (``S0`` and its 6 face neighbours at distance ``a``: 7 patches,
-            about a quarter of the cost) or ``"centre"`` (``S0`` alone, as with 0).
+            points of ``S0 + {-a, 0, a}^3``), ``"cross"`` (``S0`` and its 6 face neighbours at distance
+            ``a``: 7 patches) or ``"centre"`` (``S0`` alone, as with 0).
         fit_lattice: at the end of training, choose ``refine_lattice`` among the three on the validation
             images (``fit_lattice`` in ``training.py``: the fewest patches whose validation MRE is within
             2 % of the cube's, with no more points over 3 mm); False keeps the configured one.
