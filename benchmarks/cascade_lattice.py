@@ -55,14 +55,15 @@ def main() -> int:
     if shipped.refine_lattice_mm <= 0:
         sys.exit(f"{args.model}: refine_lattice_mm is 0 (one patch, the paper's): no lattice to choose")
 
+    images = {s.case: s.load_image() for s in [*val, *test]}  # read once, scored by every candidate
+
     def score(samples: list, config: CascadeConfig) -> tuple[dict[str, float], Evaluation]:
         det.config = det.stage1.config = det.stage2.config = config
         truth = {s.case: s.landmarks for s in samples if s.landmarks is not None}
         preds, seconds = {}, []
         for s in samples:
-            image = s.load_image()
             t0 = time.perf_counter()
-            preds[s.case] = det.predict_all(image, trust=False).landmarks
+            preds[s.case] = det.predict_all(images[s.case], trust=False).landmarks
             seconds.append(time.perf_counter() - t0)
         ev = evaluate(preds, truth)
         e = ev.errors_mm[~ev.missing]
