@@ -28,7 +28,8 @@ __all__ = ["Record", "choose_presence", "fit_from_records", "fit_trust", "record
 
 FACE_GRID = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
 SHAPE_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, math.inf)
-PRESENCE_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2))
+# Finer near 1: a network that gives cut-off landmarks high probabilities of lying inside needs a threshold there.
+PRESENCE_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2)) + (0.96, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
 
 
 @dataclass
