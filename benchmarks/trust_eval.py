@@ -70,6 +70,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     flagged = cut_flagged = cut_images = 0
     inverted: dict[str, list[float]] = {"flagged": [], "max_score": [], "found": []}
     cut_out_nf, cut_in_f, raw_out_nf, raw_in_f = [], [], [], []
+    cut_inside: dict[str, list[np.ndarray]] = {"score": [], "err": [], "found": []}  # their points still inside
     t0 = time.perf_counter()
     for s in test:
         vol = s.load_image()
@@ -102,6 +103,9 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
             inside = cut.volume.contains_ras(truth.xyz_mm_ras, margin=0.5)
             cut_out_nf += list(~pc.landmarks.found[~inside])
             cut_in_f += list(pc.landmarks.found[inside])
+            cut_inside["score"].append(pc.landmarks.scores[inside])
+            cut_inside["err"].append(np.linalg.norm(pc.raw.xyz_mm_ras - truth.xyz_mm_ras, axis=1)[inside])
+            cut_inside["found"].append(pc.landmarks.found[inside])
             raw_out_nf += list(~pc.raw.found[~inside])
             raw_in_f += list(pc.raw.found[inside])
     seconds = time.perf_counter() - t0
@@ -126,6 +130,9 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     out["raw"] = block(raw_sc, raw_err, raw_fnd)
     out["raw"]["mre_mm"] = float(np.mean(err[raw_fnd])) if raw_fnd.any() else float("nan")
     out["raw"]["found"] = float(np.mean(raw_fnd))
+    c_sc, c_err, c_fnd = (np.concatenate(cut_inside[k]) for k in ("score", "err", "found"))
+    # the calibrated scores of the cut variants' landmarks still inside (a point not found: an error, score 0)
+    out["cut_calibrated"] = block(c_sc, np.where(c_fnd, c_err, np.inf), c_fnd)
     out["cut"] = {"cut_off": len(cut_out_nf), "inside": len(cut_in_f),
                   "cut_off_not_found": float(np.mean(cut_out_nf)), "inside_found": float(np.mean(cut_in_f)),
                   "raw_cut_off_not_found": float(np.mean(raw_out_nf)), "raw_inside_found": float(np.mean(raw_in_f))}
@@ -176,6 +183,16 @@ def print_tables(results: list[dict[str, object]]) -> None:
             print(f"| {r['model']} | {kind} | {b['errors_over_3mm']} / {b['errors_over_4mm']} | {_f(b['auroc_3mm'])} | "
                   f"{_f(b['auroc_4mm'])} | {_f(b['ece'])} | {_f(b.get('radius90_coverage'))} | "
                   f"{_f(b['review_burden'], '.1%')} |")
+    print("\n| model | cut variants: landmarks still inside | errors >3 / >4 mm (or not found) | AUROC >3 mm | "
+          "AUROC >4 mm | ECE | review burden |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        if "cut_calibrated" not in r:  # a results file written before these were measured
+            continue
+        b, c = r["cut_calibrated"], r["cut"]
+        assert isinstance(b, dict) and isinstance(c, dict)
+        print(f"| {r['model']} | {c['inside']} | {b['errors_over_3mm']} / {b['errors_over_4mm']} | "
+              f"{_f(b['auroc_3mm'])} | {_f(b['auroc_4mm'])} | {_f(b['ece'])} | {_f(b['review_burden'], '.1%')} |")
     print("\n| model | cut-off landmarks | not found (trust) | not found (detector alone) | still inside | "
           "found (trust) | found (detector alone) | test images flagged | cut test images flagged |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -223,7 +240,11 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         f"not found: presence < {rule['presence_threshold']}, closer than {rule['face_mm']} mm to a face"
         + (f", or placed beyond a face by the shape model by > {rule['shape_outside_mm']} mm"
            if rule.get("shape_outside_mm") is not None else "") + "; image check threshold "
-        f"{trust['image']['threshold']:.2f}. Test split ({r['test_cases']} cases, split seed 0, never used to fit; "
+        f"{trust['image']['threshold']:.2f}; error scale: "
+        + (f"the base features and the distance to the nearest face (leave-one-case-out AUROC on the calibration "
+           f"points {es['loco_auroc']['face']:.3f} against {es['loco_auroc']['base']:.3f})"
+           if trust.get("features") == "face" and (es := rep.get("error_scale")) else "the base features")
+        + f". Test split ({r['test_cases']} cases, split seed 0, never used to fit; "
         f"`benchmarks/trust_eval.py`, cut seed {r['cut_seed']}):",
         "",
         "| | AUROC >3 mm | AUROC >4 mm | ECE | 90 % radius coverage | review burden (95 % of >3 mm) |",
@@ -232,6 +253,9 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         f"{_f(c['radius90_coverage'], '.1%')} | {_f(c['review_burden'], '.1%')} |",
         f"| detector's raw score | {_f(raw['auroc_3mm'])} | {_f(raw['auroc_4mm'])} | {_f(raw['ece'])} | - | "
         f"{_f(raw['review_burden'], '.1%')} |",
+        *([f"| calibrated score, cut variants' landmarks still inside (not found counts as an error) | "
+           f"{_f(cc['auroc_3mm'])} | {_f(cc['auroc_4mm'])} | {_f(cc['ece'])} | - | {_f(cc['review_burden'], '.1%')} |"]
+          if (cc := r.get("cut_calibrated")) is not None else []),  # type: ignore[index]
         "",
         f"Errors over 3 / 4 mm on the test split: {c['errors_over_3mm']} / {c['errors_over_4mm']} of {r['points']} "
         f"points. Cut off by a crop plane 2-8 mm beyond them: {_f(cut['cut_off_not_found'], '.1%')} of "

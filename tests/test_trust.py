@@ -17,7 +17,7 @@ from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, 
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.trust import OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust
 from lmk3d.trust.cuts import crop, cut_outside, distance_to_faces_mm
-from lmk3d.trust.fit import Record, choose_presence
+from lmk3d.trust.fit import FACE_AUROC_MARGIN, Record, choose_presence, fit_from_records
 
 OBLIQUE = np.array([[0.0, -0.9, 0.3, 40.0], [1.1, 0.0, 0.1, -20.0], [0.05, 0.35, -1.4, 7.0], [0, 0, 0, 1]])
 
@@ -190,6 +190,60 @@ def test_trust_model_round_trips_through_json(tmp_path) -> None:
     (tmp_path / "trust.json").write_text("{not json")
     with pytest.raises(Exception, match="cannot read the trust model"):
         load_trust(tmp_path)
+
+
+def test_a_trust_file_without_a_feature_set_uses_the_base_one_and_an_unknown_one_is_refused(tmp_path) -> None:
+    trust = _trust(None, None)
+    doc = trust.to_json()
+    assert doc["features"] == "base"
+    del doc["features"]  # as every trust.json written before the face feature
+    again = TrustModel.from_json(doc)
+    feats = {"raw": np.array([0.9, 0.2, 0.5, 0.7]), "d_stage": np.zeros(4), "d_shape": np.zeros(4),
+             "face_mm": np.array([0.5, 3.0, 20.0, np.nan])}
+    assert again.features == "base"
+    np.testing.assert_array_equal(again.scale(feats), trust.scale(feats))
+    with pytest.raises(Exception, match="'bogus'"):
+        TrustModel.from_json({**doc, "features": "bogus"})
+    face = dataclasses.replace(trust, weights=np.append(trust.weights, -0.5), features="face")
+    save_trust(tmp_path, face)
+    loaded = load_trust(tmp_path)
+    assert loaded is not None and loaded.features == "face"
+    # log1p of the face distance, 0 for a point without a position: nearer a face, a larger scale
+    expected = trust.scale(feats) * np.exp(-0.5 * np.log1p(np.array([0.5, 3.0, 20.0, 0.0])))
+    np.testing.assert_allclose(loaded.scale(feats), expected, rtol=1e-12)
+
+
+def _face_records(errors_near_faces: bool) -> list[Record]:
+    """One image per case, three points placed 1-18 mm from the low x face, the raw score saying nothing.
+    The error is large near the face when ``errors_near_faces``, else larger for landmark "c" wherever it is."""
+    rng = np.random.default_rng(21)
+    names = ("a", "b", "c")
+    out = []
+    for i in range(20):
+        vol = Volume(np.zeros((40, 40, 40), dtype=np.float32), np.eye(4))
+        placed = np.column_stack([rng.uniform(1.0, 18.0, 3), np.full(3, 20.0), np.full(3, 20.0)])
+        face = distance_to_faces_mm(vol, placed).min(axis=1)
+        size = (np.where(face < 5.0, 5.0, 1.0) if errors_near_faces else np.array([1.0, 1.0, 5.0]))
+        size = size * rng.uniform(0.7, 1.3, 3)
+        truth = placed + np.column_stack([np.zeros(3), size * np.cos(a := rng.uniform(0, 2 * np.pi, 3)),
+                                          size * np.sin(a)])
+        out.append(Record(f"case{i}", "normal", LandmarkSet(names, placed, np.full(3, 0.8)), None, vol,
+                          LandmarkSet(names, truth), vol.contains_ras(truth, margin=0.5)))
+    return out
+
+
+def test_the_face_distance_joins_the_error_scale_only_when_it_ranks_errors_better_out_of_sample() -> None:
+    near = fit_from_records(_face_records(True), None, None)
+    report = near.report["error_scale"]
+    assert near.features == "face" and report["features"] == "face"
+    assert report["loco_auroc"]["face"] >= report["loco_auroc"]["base"] + FACE_AUROC_MARGIN
+    feats = {"raw": np.full(3, 0.8), "d_stage": np.zeros(3), "d_shape": np.zeros(3),
+             "face_mm": np.array([1.5, 8.0, 16.0]), "shape_face_mm": np.full(3, np.nan)}
+    s = near.scale(feats)
+    assert s[0] > 2 * s[1] and s[0] > 2 * s[2]  # the point by the face gets the wide radius
+    elsewhere = fit_from_records(_face_records(False), None, None)
+    assert elsewhere.features == "base" and elsewhere.report["error_scale"]["features"] == "base"
+    assert len(elsewhere.weights) == 3 + 3  # three intercepts and the three base features
 
 
 def _calibrated() -> LandmarkSet:

@@ -16,7 +16,9 @@ How the numbers are made (fixed before any test case was looked at; the history 
 - Each point's error scale is ``s = exp(w . f)``, a least-squares fit of ``log(error + 0.5 mm)`` on
   features ``f``: a per-landmark intercept, ``-log`` of the detector's raw score, ``log(1 + d_stage)``
   (how far the last stage moved the first stage's point) and ``log(1 + d_shape)`` (how far the point lies
-  from where the other landmarks put it, by a linear shape model fitted on the training truth). The
+  from where the other landmarks put it, by a linear shape model fitted on the training truth), and,
+  when it ranks the calibration errors better out of sample (:func:`lmk3d.trust.fit.fit_from_records`),
+  ``log(1 + distance to the nearest face of the field of view)``. The
   normalised errors ``u = error / s`` of the calibration points give the rest: ``score = F(tol / s)`` with
   ``F`` their empirical distribution function, ``radius_mm = q90 * s`` with ``q90`` the split-conformal
   quantile (the ``ceil(0.9 (n + 1))``-th smallest ``u``).
@@ -63,6 +65,8 @@ FORMAT = 1
 THUMB = 16
 #: the probability the 90 % radius is made for
 COVERAGE = 0.9
+# The error scale's feature sets (:func:`design_matrix`); a trust.json that names none uses "base".
+FEATURE_SETS = ("base", "face")
 #: the score an image judged not of the model's kind may keep, at most
 OOD_SCORE_CAP = 0.2
 
@@ -155,13 +159,23 @@ def point_features(final: LandmarkSet, first: LandmarkSet | None, shape: ShapeMo
             "shape_face_mm": shape_face}
 
 
-def design_matrix(features: dict[str, np.ndarray], n_landmarks: int) -> np.ndarray:
-    """``(N, n_landmarks + 3)``: one-hot landmark intercepts, ``-log raw``, ``log1p d_stage``, ``log1p d_shape``."""
+def design_matrix(features: dict[str, np.ndarray], n_landmarks: int, feature_set: str = "base") -> np.ndarray:
+    """The error scale's features, one row per point.
+
+    ``base`` (``(N, n_landmarks + 3)``): one-hot landmark intercepts, ``-log raw``, ``log1p d_stage``,
+    ``log1p d_shape``. ``face`` adds ``log1p`` of the distance to the nearest face of the field of view
+    (0 outside it, and for a point without a position, which is reported not found anyway).
+    """
+    if feature_set not in FEATURE_SETS:
+        raise LandmarkError(f"error-scale features {feature_set!r}: expected one of {', '.join(FEATURE_SETS)}")
     n = len(features["raw"])
     onehot = np.zeros((n, n_landmarks))
     onehot[np.arange(n), np.arange(n) % n_landmarks] = 1.0
     raw = np.clip(features["raw"], 1e-3, 1.0)
-    return np.column_stack([onehot, -np.log(raw), np.log1p(features["d_stage"]), np.log1p(features["d_shape"])])
+    columns = [onehot, -np.log(raw), np.log1p(features["d_stage"]), np.log1p(features["d_shape"])]
+    if feature_set == "face":
+        columns.append(np.log1p(np.clip(np.nan_to_num(features["face_mm"], nan=0.0), 0.0, None)))
+    return np.column_stack(columns)
 
 
 # --- the image verdict ---------------------------------------------------------------------------------
@@ -376,9 +390,10 @@ class TrustModel:
     report: dict[str, Any]
     presence_threshold: float = 0.0
     presence: PresenceModel | None = None
+    features: str = "base"  # the error scale's feature set (:data:`FEATURE_SETS`)
 
     def scale(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        return np.exp(design_matrix(features, len(self.landmark_names)) @ self.weights)
+        return np.exp(design_matrix(features, len(self.landmark_names), self.features) @ self.weights)
 
     def probability_within(self, scale: np.ndarray, tolerance_mm: float | None = None) -> np.ndarray:
         """``F(tol / s)``: the share of calibration points whose normalised error is at most ``tol / s``."""
@@ -397,7 +412,7 @@ class TrustModel:
         return {"format": FORMAT, "landmark_names": list(self.landmark_names), "tolerance_mm": self.tolerance_mm,
                 "coverage": COVERAGE, "weights": self.weights.tolist(), "normalised": self.normalised.tolist(),
                 "q90": self.q90, "face_mm": self.face_mm, "shape_outside_mm": self.shape_outside_mm,
-                "presence_threshold": self.presence_threshold,
+                "presence_threshold": self.presence_threshold, "features": self.features,
                 "shape": None if self.shape is None else self.shape.to_json(),
                 "image": None if self.image is None else self.image.to_json(), "report": self.report}
 
@@ -409,7 +424,13 @@ class TrustModel:
                    np.asarray(d["normalised"], dtype=np.float64), float(d["q90"]), float(d["face_mm"]),
                    float(d["shape_outside_mm"]), None if d.get("shape") is None else ShapeModel.from_json(d["shape"]),
                    None if d.get("image") is None else ImageModel.from_json(d["image"]), dict(d.get("report") or {}),
-                   float(d.get("presence_threshold", 0.0)))
+                   float(d.get("presence_threshold", 0.0)), features=_feature_set(d.get("features", "base")))
+
+
+def _feature_set(name: Any) -> str:
+    if name not in FEATURE_SETS:
+        raise LandmarkError(f"trust.json: error-scale features {name!r}: expected one of {', '.join(FEATURE_SETS)}")
+    return str(name)
 
 
 @dataclass

@@ -20,7 +20,16 @@ from lmk3d.data.samples import Sample
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
-from lmk3d.trust import COVERAGE, ImageModel, ShapeModel, TrustModel, cut_rule, design_matrix, point_features
+from lmk3d.trust import (
+    COVERAGE,
+    FEATURE_SETS,
+    ImageModel,
+    ShapeModel,
+    TrustModel,
+    cut_rule,
+    design_matrix,
+    point_features,
+)
 from lmk3d.trust.cuts import cut_outside
 from lmk3d.trust.presence import PresenceModel
 
@@ -30,6 +39,9 @@ FACE_GRID = tuple(np.round(np.arange(0.0, 4.01, 0.25), 2))
 SHAPE_GRID = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, math.inf)
 # Finer near 1: a network that gives cut-off landmarks high probabilities of lying inside needs a threshold there.
 PRESENCE_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2)) + (0.96, 0.97, 0.98, 0.99, 0.995, 0.998, 0.999)
+
+#: how much higher the "face" error scale's leave-one-case-out AUROC must be for it to serve (docs/trust.md)
+FACE_AUROC_MARGIN = 0.02
 
 
 @dataclass
@@ -83,32 +95,75 @@ def _errors(r: Record) -> np.ndarray:
 
 def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image: ImageModel | None,
                      tolerance_mm: float = 3.0) -> TrustModel:
-    """The error scale, its distribution, the not-found thresholds, from the calibration records."""
+    """The error scale, its distribution, the not-found thresholds, from the calibration records.
+
+    The error scale's feature set: ``face`` (the base features and the distance to the nearest face) serves
+    when its leave-one-case-out AUROC for errors over the tolerance beats ``base``'s by
+    :data:`FACE_AUROC_MARGIN` (:func:`_loco_auroc`); the served weights are then fitted on every point.
+    """
     if not records:
         raise LandmarkError("trust: no calibration cases")
     names = tuple(records[0].final.names)
     n = len(names)
     feats = [point_features(r.final, r.first, shape, r.volume) for r in records]
     errors = np.concatenate([_errors(r) for r in records])
-    x = np.concatenate([design_matrix(f, n) for f in feats])
     ok = np.isfinite(errors)
-    if ok.sum() < 2 * x.shape[1]:
-        raise LandmarkError(f"trust: {int(ok.sum())} calibration points are too few to fit {x.shape[1]} weights")
-    y = np.log(errors[ok] + 0.5)
-    # a little ridge keeps the weights finite when a feature never varies (one-stage detectors: d_stage 0)
-    a = x[ok]
-    weights = np.linalg.solve(a.T @ a + 1e-3 * np.eye(a.shape[1]), a.T @ y)
+    xs = {fs: np.concatenate([design_matrix(f, n, fs) for f in feats]) for fs in FEATURE_SETS}
+    if ok.sum() < 2 * xs["base"].shape[1]:
+        raise LandmarkError(f"trust: {int(ok.sum())} calibration points are too few to fit "
+                            f"{xs['base'].shape[1]} weights")
+    cases = np.repeat([r.case for r in records], n)
+    loco = {fs: _loco_auroc(x, errors, cases, tolerance_mm) if ok.sum() >= 2 * x.shape[1] else math.nan
+            for fs, x in xs.items()}
+    # NaN (no error over the tolerance, or too few points) keeps the base set
+    chosen = "face" if loco["face"] - loco["base"] >= FACE_AUROC_MARGIN - 1e-12 else "base"
+    x = xs[chosen]
+    weights = _scale_weights(x[ok], errors[ok])
     scale = np.exp(x @ weights)
     u = np.sort(errors[ok] / scale[ok])
     k = min(len(u), math.ceil(COVERAGE * (len(u) + 1))) - 1
     q90 = float(u[k])
     face_mm, shape_out, presence_thr, rule = _not_found_thresholds(records, feats)
     trust = TrustModel(names, float(tolerance_mm), weights, u, q90, face_mm, shape_out, shape, image, {},
-                       presence_thr)
+                       presence_thr, features=chosen)
     trust.report = {"calibration_cases": sorted({r.case for r in records}),
                     "calibration_points": int(ok.sum()), "normal_images": sum(r.kind == "normal" for r in records),
-                    "cut_images": sum(r.kind == "cut" for r in records), "not_found_rule": rule}
+                    "cut_images": sum(r.kind == "cut" for r in records), "not_found_rule": rule,
+                    "error_scale": {"features": chosen,
+                                    "loco_auroc": {fs: None if math.isnan(a) else a for fs, a in loco.items()},
+                                    "rule": f"face when its leave-one-case-out AUROC (errors over {tolerance_mm:g} mm,"
+                                            f" all calibration points) is at least {FACE_AUROC_MARGIN} above base's"}}
     return trust
+
+
+def _scale_weights(a: np.ndarray, errors: np.ndarray) -> np.ndarray:
+    """Least squares of ``log(error + 0.5 mm)`` on the rows of ``a``."""
+    y = np.log(errors + 0.5)
+    # a little ridge keeps the weights finite when a feature never varies (one-stage detectors: d_stage 0)
+    return np.linalg.solve(a.T @ a + 1e-3 * np.eye(a.shape[1]), a.T @ y)
+
+
+def _loco_auroc(x: np.ndarray, errors: np.ndarray, cases: np.ndarray, tolerance_mm: float) -> float:
+    """AUROC of (1 - score) for errors over the tolerance, each case's points (its image and its cut variants)
+    scored by a fit on the other cases' points, as :func:`fit_from_records` fits and
+    :meth:`TrustModel.probability_within` scores. NaN without errors on both sides of the tolerance."""
+    from lmk3d.review import auroc
+
+    ok = np.isfinite(errors)
+    score = np.full(len(errors), np.nan)
+    for case in np.unique(cases[ok]):
+        train = ok & (cases != case)
+        held = ok & (cases == case)
+        if train.sum() < x.shape[1]:
+            return math.nan
+        w = _scale_weights(x[train], errors[train])
+        s = np.exp(x @ w)
+        u = np.sort(errors[train] / s[train])
+        score[held] = np.searchsorted(u, tolerance_mm / s[held], side="right") / (len(u) + 1.0)
+    over = errors[ok] > tolerance_mm
+    if over.all() or not over.any():
+        return math.nan
+    return auroc(1.0 - score[ok], over)
 
 
 def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, np.ndarray]]
