@@ -17,7 +17,7 @@ from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, 
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.trust import OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust
 from lmk3d.trust.cuts import crop, cut_outside, distance_to_faces_mm
-from lmk3d.trust.fit import FACE_AUROC_MARGIN, Record, choose_presence, fit_from_records
+from lmk3d.trust.fit import FACE_AUROC_MARGIN, MIN_GROUP_POINTS, Record, choose_presence, fit_from_records
 
 OBLIQUE = np.array([[0.0, -0.9, 0.3, 40.0], [1.1, 0.0, 0.1, -20.0], [0.05, 0.35, -1.4, 7.0], [0, 0, 0, 1]])
 
@@ -244,6 +244,53 @@ def test_the_face_distance_joins_the_error_scale_only_when_it_ranks_errors_bette
     elsewhere = fit_from_records(_face_records(False), None, None)
     assert elsewhere.features == "base" and elsewhere.report["error_scale"]["features"] == "base"
     assert len(elsewhere.weights) == 3 + 3  # three intercepts and the three base features
+
+
+def _group_records(partial_errs_more: bool) -> list[Record]:
+    """Per case an uncut image and a cut variant whose landmark "c" lies outside, which the detector reports
+    not found (so the variant is a partial image); the points still inside err 3 times as much there when
+    ``partial_errs_more``, alike otherwise. The raw score and the features say nothing of it."""
+    rng = np.random.default_rng(31)
+    names = ("a", "b", "c")
+    out = []
+    for i in range(60):
+        for kind in ("normal", "cut"):
+            vol = Volume(np.zeros((40, 40, 40), dtype=np.float32), np.eye(4))
+            placed = np.column_stack([np.full(3, 20.0), rng.uniform(12.0, 28.0, 3), np.full(3, 20.0)])
+            size = rng.gamma(2.0, 0.6, 3) * (3.0 if kind == "cut" and partial_errs_more else 1.0)
+            truth = placed + np.column_stack([size, np.zeros(3), np.zeros(3)])
+            found = np.array([True, True, kind == "normal"])
+            if kind == "cut":
+                truth[2] = [20.0, 20.0, 45.0]  # beyond the high z face
+            final = LandmarkSet(names, np.where(found[:, None], placed, np.nan), np.full(3, 0.8), found)
+            out.append(Record(f"case{i}", kind, final, None, vol, LandmarkSet(names, truth),
+                              vol.contains_ras(truth, margin=0.5)))
+    return out
+
+
+def test_images_with_a_landmark_not_found_are_calibrated_apart_when_that_calibrates_better() -> None:
+    grouped = fit_from_records(_group_records(True), None, None)
+    report = grouped.report["groups"]
+    assert report["calibration"] == "grouped" and report["loco_brier"]["grouped"] < report["loco_brier"]["pooled"]
+    assert report["partial_points"] == 120 and report["complete_points"] == 180 >= MIN_GROUP_POINTS
+    assert grouped.partial_normalised is not None and grouped.partial_q90 is not None
+    s = np.array([1.0, 1.0])
+    complete, partial = grouped.probability_within(s), grouped.probability_within(s, partial=True)
+    assert np.all(partial < complete)  # the same error scale is less likely within 3 mm in a partial image
+    assert grouped.quantile(True) > 2 * grouped.quantile(False)
+    # apply_trust puts an image in its group by what it reports found
+    vol = Volume(np.zeros((40, 40, 40), dtype=np.float32), np.eye(4))
+    xyz = np.array([[20.0, 15, 20], [20, 25, 20], [20, 20, 20]])
+    whole = apply_trust(grouped, LandmarkSet(("a", "b", "c"), xyz, np.full(3, 0.8)), None, vol).landmarks
+    missing = apply_trust(grouped, LandmarkSet(("a", "b", "c"), xyz, np.full(3, 0.8), np.array([True, True, False])),
+                          None, vol).landmarks
+    assert np.all(missing.scores[:2] < whole.scores[:2]) and np.all(missing.radius_mm[:2] > whole.radius_mm[:2])
+    doc = json.loads(json.dumps(grouped.to_json()))
+    np.testing.assert_array_equal(TrustModel.from_json(doc).partial_normalised, grouped.partial_normalised)
+    del doc["partial"]  # as every trust.json written before the groups: one distribution
+    assert TrustModel.from_json(doc).partial_normalised is None
+    alike = fit_from_records(_group_records(False), None, None)
+    assert alike.report["groups"]["calibration"] == "pooled" and alike.partial_normalised is None
 
 
 def _calibrated() -> LandmarkSet:

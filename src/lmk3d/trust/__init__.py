@@ -21,7 +21,9 @@ How the numbers are made (fixed before any test case was looked at; the history 
   ``log(1 + distance to the nearest face of the field of view)``. The
   normalised errors ``u = error / s`` of the calibration points give the rest: ``score = F(tol / s)`` with
   ``F`` their empirical distribution function, ``radius_mm = q90 * s`` with ``q90`` the split-conformal
-  quantile (the ``ceil(0.9 (n + 1))``-th smallest ``u``).
+  quantile (the ``ceil(0.9 (n + 1))``-th smallest ``u``). When it calibrates better out of sample, an
+  image with a landmark not found takes ``F`` and ``q90`` from such calibration images only, and a
+  complete image from complete ones (Mondrian: the two groups err differently).
 - Not found: the presence network (:mod:`lmk3d.trust.presence`) gives the landmark a probability below
   ``presence_threshold`` of lying inside, or the point is closer than ``face_mm`` to a face of the field of
   view, or its shape-model position lies beyond a face by more than ``shape_outside_mm``. The thresholds
@@ -381,7 +383,7 @@ class TrustModel:
     landmark_names: tuple[str, ...]
     tolerance_mm: float
     weights: np.ndarray  # (n_landmarks + 3,)
-    normalised: np.ndarray  # sorted calibration u = error / s
+    normalised: np.ndarray  # sorted calibration u = error / s (of the complete images when partial_* is set)
     q90: float
     face_mm: float
     shape_outside_mm: float
@@ -391,16 +393,29 @@ class TrustModel:
     presence_threshold: float = 0.0
     presence: PresenceModel | None = None
     features: str = "base"  # the error scale's feature set (:data:`FEATURE_SETS`)
+    # Mondrian calibration: the normalised errors and 90 % quantile of the images with a landmark not found
+    # (None: one distribution for every image)
+    partial_normalised: np.ndarray | None = None
+    partial_q90: float | None = None
 
     def scale(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return np.exp(design_matrix(features, len(self.landmark_names), self.features) @ self.weights)
 
-    def probability_within(self, scale: np.ndarray, tolerance_mm: float | None = None) -> np.ndarray:
-        """``F(tol / s)``: the share of calibration points whose normalised error is at most ``tol / s``."""
+    def probability_within(self, scale: np.ndarray, tolerance_mm: float | None = None,
+                           partial: bool = False) -> np.ndarray:
+        """``F(tol / s)``: the share of calibration points whose normalised error is at most ``tol / s``.
+
+        ``partial``: the points belong to an image with a landmark not found (their own distribution, when
+        the model has one).
+        """
         tol = self.tolerance_mm if tolerance_mm is None else tolerance_mm
-        u = self.normalised
+        u = self.partial_normalised if partial and self.partial_normalised is not None else self.normalised
         n = len(u)
         return np.searchsorted(u, tol / scale, side="right") / (n + 1.0) if n else np.full(len(scale), 0.5)
+
+    def quantile(self, partial: bool = False) -> float:
+        """The 90 % radius in units of the error scale (for an image with a landmark not found: its own)."""
+        return self.partial_q90 if partial and self.partial_q90 is not None else self.q90
 
     def cut_off(self, features: dict[str, np.ndarray], presence: np.ndarray | None) -> np.ndarray:
         """Points the field of view cuts off: the presence network says so, the point is on the border,
@@ -413,6 +428,8 @@ class TrustModel:
                 "coverage": COVERAGE, "weights": self.weights.tolist(), "normalised": self.normalised.tolist(),
                 "q90": self.q90, "face_mm": self.face_mm, "shape_outside_mm": self.shape_outside_mm,
                 "presence_threshold": self.presence_threshold, "features": self.features,
+                "partial": None if self.partial_normalised is None else
+                {"normalised": self.partial_normalised.tolist(), "q90": self.partial_q90},
                 "shape": None if self.shape is None else self.shape.to_json(),
                 "image": None if self.image is None else self.image.to_json(), "report": self.report}
 
@@ -424,7 +441,10 @@ class TrustModel:
                    np.asarray(d["normalised"], dtype=np.float64), float(d["q90"]), float(d["face_mm"]),
                    float(d["shape_outside_mm"]), None if d.get("shape") is None else ShapeModel.from_json(d["shape"]),
                    None if d.get("image") is None else ImageModel.from_json(d["image"]), dict(d.get("report") or {}),
-                   float(d.get("presence_threshold", 0.0)), features=_feature_set(d.get("features", "base")))
+                   float(d.get("presence_threshold", 0.0)), features=_feature_set(d.get("features", "base")),
+                   partial_normalised=None if not d.get("partial") else
+                   np.asarray(d["partial"]["normalised"], dtype=np.float64),
+                   partial_q90=None if not d.get("partial") else float(d["partial"]["q90"]))
 
 
 def _feature_set(name: Any) -> str:
@@ -475,10 +495,11 @@ def apply_trust(trust: TrustModel, final: LandmarkSet, first: LandmarkSet | None
     s = trust.scale(feats)
     cut = trust.cut_off(feats, presence) & final.found
     found = final.found & ~cut
+    partial = not found.all()  # the image's calibration group
     if not verdict.in_distribution:
         found = np.zeros(len(final), dtype=bool)
-    p = np.where(found, trust.probability_within(s), 0.0)
-    radius = np.where(found, trust.q90 * s, np.nan)
+    p = np.where(found, trust.probability_within(s, partial=partial), 0.0)
+    radius = np.where(found, trust.quantile(partial) * s, np.nan)
     xyz = np.where(found[:, None], final.xyz_mm_ras, np.nan)
     out = LandmarkSet(final.names, xyz, np.clip(p, 0.0, 1.0), found, radius, trust.tolerance_mm)
     return Trusted(out, verdict, final, cut, presence)

@@ -42,6 +42,9 @@ PRESENCE_GRID = tuple(np.round(np.arange(0.0, 0.951, 0.05), 2)) + (0.96, 0.97, 0
 
 #: how much higher the "face" error scale's leave-one-case-out AUROC must be for it to serve (docs/trust.md)
 FACE_AUROC_MARGIN = 0.02
+#: the fewest calibration points of a group (complete images, images with a landmark not found) that get a
+#: distribution of their own; a smaller group takes every point's
+MIN_GROUP_POINTS = 20
 
 
 @dataclass
@@ -100,6 +103,8 @@ def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image:
     The error scale's feature set: ``face`` (the base features and the distance to the nearest face) serves
     when its leave-one-case-out AUROC for errors over the tolerance beats ``base``'s by
     :data:`FACE_AUROC_MARGIN` (:func:`_loco_auroc`); the served weights are then fitted on every point.
+    The normalised errors are taken apart for complete images and for images with a landmark not found
+    (after the not-found rule) when that lowers the leave-one-case-out Brier score (:func:`_loco_brier`).
     """
     if not records:
         raise LandmarkError("trust: no calibration cases")
@@ -120,20 +125,39 @@ def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image:
     x = xs[chosen]
     weights = _scale_weights(x[ok], errors[ok])
     scale = np.exp(x @ weights)
-    u = np.sort(errors[ok] / scale[ok])
-    k = min(len(u), math.ceil(COVERAGE * (len(u) + 1))) - 1
-    q90 = float(u[k])
     face_mm, shape_out, presence_thr, rule = _not_found_thresholds(records, feats)
+    partial = np.repeat([not (r.final.found & ~cut_rule(f["face_mm"], f["shape_face_mm"], r.presence, face_mm,
+                                                        shape_out, presence_thr)).all()
+                         for r, f in zip(records, feats, strict=True)], n)
+    brier = {g: _loco_brier(x, errors, cases, tolerance_mm, partial if g == "grouped" else None)
+             for g in ("pooled", "grouped")}
+    grouped = brier["grouped"] < brier["pooled"] - 1e-12  # NaN keeps one distribution
+    u, q90 = _normalised(errors / scale, ok & ~partial if grouped else ok, ok)
+    up, qp = _normalised(errors / scale, ok & partial, ok) if grouped else (None, None)
     trust = TrustModel(names, float(tolerance_mm), weights, u, q90, face_mm, shape_out, shape, image, {},
-                       presence_thr, features=chosen)
+                       presence_thr, features=chosen, partial_normalised=up, partial_q90=qp)
     trust.report = {"calibration_cases": sorted({r.case for r in records}),
                     "calibration_points": int(ok.sum()), "normal_images": sum(r.kind == "normal" for r in records),
                     "cut_images": sum(r.kind == "cut" for r in records), "not_found_rule": rule,
                     "error_scale": {"features": chosen,
                                     "loco_auroc": {fs: None if math.isnan(a) else a for fs, a in loco.items()},
                                     "rule": f"face when its leave-one-case-out AUROC (errors over {tolerance_mm:g} mm,"
-                                            f" all calibration points) is at least {FACE_AUROC_MARGIN} above base's"}}
+                                            f" all calibration points) is at least {FACE_AUROC_MARGIN} above base's"},
+                    "groups": {"calibration": "grouped" if grouped else "pooled",
+                               "loco_brier": {g: None if math.isnan(v) else v for g, v in brier.items()},
+                               "complete_points": int((ok & ~partial).sum()),
+                               "partial_points": int((ok & partial).sum()),
+                               "rule": "grouped (images with a landmark not found apart) when its leave-one-case-out"
+                                       " Brier score, all calibration points, is lower than pooled's"}}
     return trust
+
+
+def _normalised(u: np.ndarray, group: np.ndarray, every: np.ndarray) -> tuple[np.ndarray, float]:
+    """The sorted normalised errors of ``group`` (all of ``every`` when the group has fewer than
+    :data:`MIN_GROUP_POINTS`) and their split-conformal 90 % quantile."""
+    v = np.sort(u[group if group.sum() >= MIN_GROUP_POINTS else every])
+    k = min(len(v), math.ceil(COVERAGE * (len(v) + 1))) - 1
+    return v, float(v[k])
 
 
 def _scale_weights(a: np.ndarray, errors: np.ndarray) -> np.ndarray:
@@ -143,27 +167,48 @@ def _scale_weights(a: np.ndarray, errors: np.ndarray) -> np.ndarray:
     return np.linalg.solve(a.T @ a + 1e-3 * np.eye(a.shape[1]), a.T @ y)
 
 
-def _loco_auroc(x: np.ndarray, errors: np.ndarray, cases: np.ndarray, tolerance_mm: float) -> float:
-    """AUROC of (1 - score) for errors over the tolerance, each case's points (its image and its cut variants)
-    scored by a fit on the other cases' points, as :func:`fit_from_records` fits and
-    :meth:`TrustModel.probability_within` scores. NaN without errors on both sides of the tolerance."""
-    from lmk3d.review import auroc
-
+def _loco_scores(x: np.ndarray, errors: np.ndarray, cases: np.ndarray, tolerance_mm: float,
+                 partial: np.ndarray | None = None) -> np.ndarray | None:
+    """Each case's points (its image and its cut variants) scored by a fit on the other cases' points, as
+    :func:`fit_from_records` fits and :meth:`TrustModel.probability_within` scores (``partial``: the
+    points' calibration groups, else one). None when a fold has too few points."""
     ok = np.isfinite(errors)
     score = np.full(len(errors), np.nan)
     for case in np.unique(cases[ok]):
         train = ok & (cases != case)
         held = ok & (cases == case)
         if train.sum() < x.shape[1]:
-            return math.nan
+            return None
         w = _scale_weights(x[train], errors[train])
         s = np.exp(x @ w)
-        u = np.sort(errors[train] / s[train])
-        score[held] = np.searchsorted(u, tolerance_mm / s[held], side="right") / (len(u) + 1.0)
+        for group in ((None,) if partial is None else (False, True)):
+            into = held if group is None else held & (partial == group)
+            u, _ = _normalised(errors / s, train if group is None else train & (partial == group), train)
+            score[into] = np.searchsorted(u, tolerance_mm / s[into], side="right") / (len(u) + 1.0)
+    return score
+
+
+def _loco_auroc(x: np.ndarray, errors: np.ndarray, cases: np.ndarray, tolerance_mm: float) -> float:
+    """AUROC of (1 - score) for errors over the tolerance, scored leave one case out (:func:`_loco_scores`).
+    NaN without errors on both sides of the tolerance."""
+    from lmk3d.review import auroc
+
+    ok = np.isfinite(errors)
+    score = _loco_scores(x, errors, cases, tolerance_mm)
     over = errors[ok] > tolerance_mm
-    if over.all() or not over.any():
+    if score is None or over.all() or not over.any():
         return math.nan
     return auroc(1.0 - score[ok], over)
+
+
+def _loco_brier(x: np.ndarray, errors: np.ndarray, cases: np.ndarray, tolerance_mm: float,
+                partial: np.ndarray | None) -> float:
+    """Brier score (mean squared difference from the outcome, within the tolerance or not) of the scores made
+    leave one case out (:func:`_loco_scores`). A proper score: unlike the ECE, which bins points by score and
+    so cannot see two groups given the same score, it rewards scores that tell the groups apart."""
+    ok = np.isfinite(errors)
+    score = _loco_scores(x, errors, cases, tolerance_mm, partial)
+    return math.nan if score is None else float(np.mean((score[ok] - (errors[ok] <= tolerance_mm)) ** 2))
 
 
 def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, np.ndarray]]
