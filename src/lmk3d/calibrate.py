@@ -124,7 +124,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(f"calibrated {det.name} on {len(val)} validation cases ({trust.report['calibration_points']} points): "
           f"90 % radius = {trust.q90:.2f} x scale; not found below face {rule['face_mm']} mm, presence < "
           f"{rule['presence_threshold']}; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
-          f" -> {path}")
+          f"; error scale: {trust.features} features"
+          + (f", images with a landmark not found calibrated apart (90 % radius {trust.partial_q90:.2f} x scale)"
+             if trust.partial_q90 is not None else "") + f" -> {path}")
     return 0
 
 
