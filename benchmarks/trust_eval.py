@@ -233,7 +233,10 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         "## Trust (calibrated scores, not found, image check)",
         "",
         f"`trust.json` and `presence.pt` (docs/trust.md), fitted by `{rep.get('command', 'lmk3d calibrate')}` on the "
-        f"{len(rep['calibration_cases'])} validation cases and their cut variants ({rep['calibration_points']} "
+        f"{len(rep['calibration_cases'])} "
+        + (f"cases of `{rep['calibration_data']}` (none trained on)" if rep.get("calibration_data") else
+           "validation cases")
+        + f" and their cut variants ({rep['calibration_points']} "
         f"calibration points; the presence network, {_presence_kind(rep)}, trained on "
         f"{(rep.get('presence_training') or {}).get('training_cases', rep['training_cases'])} training cases). "
         f"Tolerance {trust['tolerance_mm']:g} mm; 90 % radius = {trust['q90']:.2f} x the point's error scale"

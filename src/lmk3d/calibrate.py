@@ -63,6 +63,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-presence", choices=("global", "local"),
                    help="with --presence: also train a network of this kind (global: one box on the whole image; "
                    "local: a patch around each point) as a candidate; alone: the kind to train (default global)")
+    p.add_argument("--calibration-data", metavar="DIR",
+                   help="calibrate on every case with landmarks in this dataset instead of the model's validation "
+                   "cases (cases that trained nothing, e.g. a site's own; not the model's own dataset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
     p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
 
@@ -85,10 +88,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise LandmarkError(f"{model_dir}: split.json names no dataset; give --data")
     ds = load_dataset(data)
     train = list(ds.subset(split.train))
-    val = list(ds.subset(split.val))
+    if args.calibration_data:
+        if Path(args.calibration_data).resolve() == Path(data).resolve():
+            raise LandmarkError(f"--calibration-data {args.calibration_data}: that is the model's own dataset, whose "
+                                "validation cases are the default calibration; give cases that trained nothing")
+        val = [s for s in load_dataset(args.calibration_data) if s.landmarks is not None]
+        where = f"--calibration-data {args.calibration_data}: {len(val)} case(s) with landmarks"
+    else:
+        val = list(ds.subset(split.val))
+        where = f"{model_dir}: {len(val)} validation case(s)"
     if len(val) < MIN_CALIBRATION_CASES:
-        raise LandmarkError(f"{model_dir}: {len(val)} validation case(s); calibration needs at least "
-                            f"{MIN_CALIBRATION_CASES}")
+        raise LandmarkError(f"{where}; calibration needs at least {MIN_CALIBRATION_CASES}")
     det = load_detector(model_dir, args.device)
     det.trust = None  # calibrate the detector's own answer
     predict = own_answer(det)
@@ -115,13 +125,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
                                + (f" --presence {' '.join(args.presence)}" if args.presence else "")
-                               + (f" --train-presence {args.train_presence}" if args.train_presence else ""))
+                               + (f" --train-presence {args.train_presence}" if args.train_presence else "")
+                               + (f" --calibration-data {args.calibration_data}" if args.calibration_data else ""))
+    if args.calibration_data:
+        trust.report["calibration_data"] = str(args.calibration_data)
     trust.report["seconds"] = round(time.monotonic() - t0, 1)
     out = Path(args.out) if args.out else model_dir
     out.mkdir(parents=True, exist_ok=True)
     path = save_trust(out, trust)
     rule = trust.report["not_found_rule"]
-    print(f"calibrated {det.name} on {len(val)} validation cases ({trust.report['calibration_points']} points): "
+    kind = "calibration" if args.calibration_data else "validation"
+    print(f"calibrated {det.name} on {len(val)} {kind} cases ({trust.report['calibration_points']} points): "
           f"90 % radius = {trust.q90:.2f} x scale; not found below face {rule['face_mm']} mm, presence < "
           f"{rule['presence_threshold']}; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
           f"; error scale: {trust.features} features"

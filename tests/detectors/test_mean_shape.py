@@ -128,6 +128,27 @@ def test_cli_train_predict_evaluate_chain(tiny_set: Path, tmp_path: Path) -> Non
     assert scored["overall"]["mre"] == pytest.approx(trained["overall"]["mre"], abs=1e-3)
 
 
+def test_cli_calibrates_on_cases_that_trained_nothing_and_refuses_its_own_dataset(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, site, cal = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
+    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
+                 "--out", str(model), "--no-progress"]) == 0
+    assert main(["phantoms", "--out", str(site), "--n", "6", "--seed", "5", "--profile", "small",
+                 "--size", "40,40,28"]) == 0
+    capsys.readouterr()
+    assert main(["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "0",
+                 "--calibration-data", str(tiny_set)]) == 2
+    assert "the model's own dataset" in capsys.readouterr().err
+    assert not (model / "trust.json").exists()
+    assert main(["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "0",
+                 "--calibration-data", str(site), "--out", str(cal)]) == 0
+    assert "on 6 calibration cases" in capsys.readouterr().out
+    report = json.loads((cal / "trust.json").read_text())["report"]
+    assert report["calibration_data"] == str(site) and "--calibration-data" in report["command"]
+    labelled = [s.case for s in load_dataset(site) if s.landmarks is not None]
+    assert sorted(report["calibration_cases"]) == sorted(labelled) and len(labelled) == 6
+
+
 @pytest.mark.parametrize("fmt", ["fcsv", "json", "csv"])
 def test_cli_predict_images_in_each_format(tiny_set: Path, tmp_path: Path, fmt: str) -> None:
     model = tmp_path / "model"
