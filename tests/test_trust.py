@@ -204,6 +204,8 @@ def test_a_trust_file_without_a_feature_set_uses_the_base_one_and_an_unknown_one
     np.testing.assert_array_equal(again.scale(feats), trust.scale(feats))
     with pytest.raises(Exception, match="'bogus'"):
         TrustModel.from_json({**doc, "features": "bogus"})
+    with pytest.raises(Exception, match="7 error-scale weights; face features on 4 landmarks need 8"):
+        TrustModel.from_json({**doc, "features": "face"})  # the weights of the base set
     face = dataclasses.replace(trust, weights=np.append(trust.weights, -0.5), features="face")
     save_trust(tmp_path, face)
     loaded = load_trust(tmp_path)

@@ -382,7 +382,7 @@ class TrustModel:
 
     landmark_names: tuple[str, ...]
     tolerance_mm: float
-    weights: np.ndarray  # (n_landmarks + 3,)
+    weights: np.ndarray  # (n_landmarks + 3,), one more with the face feature set
     normalised: np.ndarray  # sorted calibration u = error / s (of the complete images when partial_* is set)
     q90: float
     face_mm: float
@@ -437,11 +437,16 @@ class TrustModel:
     def from_json(cls, d: dict[str, Any]) -> TrustModel:
         if d.get("format") != FORMAT:
             raise LandmarkError(f"trust.json format {d.get('format')!r} is not {FORMAT}")
+        features = _feature_set(d.get("features", "base"))
+        width = len(d["landmark_names"]) + 3 + (features == "face")
+        if len(d["weights"]) != width:
+            raise LandmarkError(f"trust.json: {len(d['weights'])} error-scale weights; {features} features on "
+                                f"{len(d['landmark_names'])} landmarks need {width}")
         return cls(tuple(d["landmark_names"]), float(d["tolerance_mm"]), np.asarray(d["weights"], dtype=np.float64),
                    np.asarray(d["normalised"], dtype=np.float64), float(d["q90"]), float(d["face_mm"]),
                    float(d["shape_outside_mm"]), None if d.get("shape") is None else ShapeModel.from_json(d["shape"]),
                    None if d.get("image") is None else ImageModel.from_json(d["image"]), dict(d.get("report") or {}),
-                   float(d.get("presence_threshold", 0.0)), features=_feature_set(d.get("features", "base")),
+                   float(d.get("presence_threshold", 0.0)), features=features,
                    partial_normalised=None if not d.get("partial") else
                    np.asarray(d["partial"]["normalised"], dtype=np.float64),
                    partial_q90=None if not d.get("partial") else float(d["partial"]["q90"]))
