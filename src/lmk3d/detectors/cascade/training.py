@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmk3d.data.samples import Sample
-from lmk3d.detectors.cascade.config import CascadeConfig
+from lmk3d.detectors.cascade.config import LATTICES, CascadeConfig
 from lmk3d.detectors.cascade.stages import DisplacementStage, HeatmapStage, lattice_offsets
 from lmk3d.errors import LandmarkError
 from lmk3d.preprocessing import PreparedImage
@@ -242,8 +242,8 @@ def fit_step_weights(stage: DisplacementStage, val: Sequence[CascadeCase]) -> di
     return table
 
 
-#: Stage 2's lattice candidates (``CascadeConfig.refine_lattice``), at the configured spacing.
-LATTICE_CANDIDATES = ("cube", "cross", "centre")
+#: Stage 2's lattice candidates: every shape ``CascadeConfig.refine_lattice`` takes, at the configured spacing.
+LATTICE_CANDIDATES = LATTICES
 #: A smaller lattice serves if its validation MRE is at most this share above the cube's ...
 LATTICE_MRE_TOLERANCE = 0.02
 #: ... and it has no more validation points farther than this (mm) from the truth.
