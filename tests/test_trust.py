@@ -626,6 +626,66 @@ def test_a_local_presence_network_answers_per_point_and_keeps_its_kind_when_save
         PresenceConfig(mode="patch")
 
 
+@pytest.mark.parametrize("mode", ["global", "local"])
+def test_an_ensemble_of_presence_networks_answers_their_mean_and_keeps_every_member_when_saved(
+        tmp_path: object, mode: str) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from lmk3d.trust.presence import PRESENCE_FILE, PresenceConfig, PresenceModel
+
+    vol = _blob(np.random.default_rng(4))
+    names = ("a", "b", "c")
+    points = np.array([[10.0, 20, 15], [18, 24, 17], [np.nan, np.nan, np.nan]])
+    members = [PresenceModel(names, PresenceConfig(mode=mode, box_mm=24.0, size=16, channels=2, seed=s))
+               for s in (0, 1, 2)]
+    for m in members:
+        m.fitted = True
+    alone = [m.probabilities(vol, points) for m in members]
+    assert not np.allclose(alone[0], alone[1])  # other first weights, other answers
+    ensemble = PresenceModel.mean_of(members)
+    assert ensemble.members == 3 and members[0].members == 1
+    p = ensemble.probabilities(vol, points)
+    np.testing.assert_allclose(p, np.mean(alone, axis=0), rtol=1e-12)
+    if mode == "local":
+        assert p[2] == 1.0  # a point not found stays "nothing to call cut off"
+    ensemble.save(Path(str(tmp_path)))
+    back = PresenceModel.load(Path(str(tmp_path)))
+    assert back is not None and back.members == 3 and back.config == members[0].config
+    np.testing.assert_array_equal(back.probabilities(vol, points), p)
+    assert back.report["members"] == 3 and len(back.report["ensemble"]) == 3
+    # a presence.pt written before ensembles (no "ensemble" entry) loads as one network, answering as before
+    doc = torch.load(Path(str(tmp_path)) / PRESENCE_FILE, weights_only=True)
+    del doc["ensemble"]
+    old = Path(str(tmp_path)) / "old"
+    old.mkdir()
+    torch.save(doc, old / PRESENCE_FILE)
+    single = PresenceModel.load(old)
+    assert single is not None and single.members == 1
+    np.testing.assert_array_equal(single.probabilities(vol, points), alone[0])
+    # only single networks of the same settings, for the same landmarks, from other seeds, make an ensemble
+    with pytest.raises(ValueError, match="at least two"):
+        PresenceModel.mean_of(members[:1])
+    with pytest.raises(ValueError, match="same seed"):
+        PresenceModel.mean_of([members[0], members[0]])
+    other = PresenceModel(names, PresenceConfig(mode=mode, box_mm=32.0, size=16, channels=2, seed=5))
+    other.fitted = True
+    with pytest.raises(ValueError, match="other settings"):
+        PresenceModel.mean_of([members[0], other])
+    fewer = PresenceModel(names[:2], PresenceConfig(mode=mode, box_mm=24.0, size=16, channels=2, seed=5))
+    fewer.fitted = True
+    with pytest.raises(ValueError, match="other landmarks"):
+        PresenceModel.mean_of([members[0], fewer])
+    with pytest.raises(ValueError, match="single networks"):
+        PresenceModel.mean_of([ensemble, other])
+    untrained = PresenceModel(names, PresenceConfig(mode=mode, box_mm=24.0, size=16, channels=2, seed=7))
+    with pytest.raises(ValueError, match="must be trained"):
+        PresenceModel.mean_of([members[0], untrained])
+    with pytest.raises(ValueError, match="train its members apart"):
+        ensemble.fit([vol], [np.zeros((3, 3))])
+
+
 def test_a_presence_networks_first_weights_depend_on_its_seed_only() -> None:
     """Two networks with the same config start from the same weights whatever drew from torch's generator
     before (a calibration that loads other networks first trains the same one), and the caller's generator

@@ -60,6 +60,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
                    help="reuse the presence network (presence.pt) in DIR, e.g. another detector's model folder on the "
                    "same data, instead of training one; with several (or with --train-presence), the one whose "
                    "not-found rule does best on the validation cases' cut variants serves (ties: the first)")
+    p.add_argument("--presence-ensemble", action="store_true",
+                   help="with several --presence networks of the same settings and other seeds: the candidates are "
+                   "the first and the mean of them all (an ensemble saved as one presence.pt)")
     p.add_argument("--train-presence", choices=("global", "local"),
                    help="with --presence: also train a network of this kind (global: one box on the whole image; "
                    "local: a patch around each point) as a candidate; alone: the kind to train (default global)")
@@ -111,6 +114,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raise LandmarkError(f"--presence {folder}: its landmarks ({', '.join(loaded.landmark_names)}) "
                                 f"are not the model's ({', '.join(det.landmark_names)})")
         candidates.append(loaded)
+    if args.presence_ensemble:
+        if len(candidates) < 2 or args.train_presence:
+            raise LandmarkError("--presence-ensemble: give two or more --presence networks (and no --train-presence)")
+        try:
+            candidates = [candidates[0], PresenceModel.mean_of([c for c in candidates if c is not None])]
+        except ValueError as e:
+            raise LandmarkError(f"--presence-ensemble: {e}") from e
     if (args.train_presence or not args.presence) and args.presence_epochs > 0:
         local = args.train_presence == "local"
         config = (PresenceConfig(epochs=args.presence_epochs, seed=args.seed, mode="local", box_mm=LOCAL_BOX_MM,
@@ -125,6 +135,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
                                + (f" --presence {' '.join(args.presence)}" if args.presence else "")
+                               + (" --presence-ensemble" if args.presence_ensemble else "")
                                + (f" --train-presence {args.train_presence}" if args.train_presence else "")
                                + (f" --calibration-data {args.calibration_data}" if args.calibration_data else ""))
     if args.calibration_data:
@@ -137,7 +148,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     kind = "calibration" if args.calibration_data else "validation"
     print(f"calibrated {det.name} on {len(val)} {kind} cases ({trust.report['calibration_points']} points): "
           f"90 % radius = {trust.q90:.2f} x scale; not found below face {rule['face_mm']} mm, presence < "
-          f"{rule['presence_threshold']}; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
+          f"{rule['presence_threshold']}"
+          + (f" (the mean of {trust.presence.members} networks)" if trust.presence and trust.presence.members > 1
+             else "") + f"; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
           f"; error scale: {trust.features} features"
           + (f", images with a landmark not found calibrated apart (90 % radius {trust.partial_q90:.2f} x scale)"
              if trust.partial_q90 is not None else "") + f" -> {path}")

@@ -149,6 +149,35 @@ def test_cli_calibrates_on_cases_that_trained_nothing_and_refuses_its_own_datase
     assert sorted(report["calibration_cases"]) == sorted(labelled) and len(labelled) == 6
 
 
+def test_cli_calibrates_with_an_ensemble_of_presence_networks_only_of_other_seeds(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmk3d.trust.presence import PresenceModel
+
+    model, site = tmp_path / "model", tmp_path / "site"
+    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
+                 "--out", str(model), "--no-progress"]) == 0
+    assert main(["phantoms", "--out", str(site), "--n", "6", "--seed", "5", "--profile", "small",
+                 "--size", "40,40,28"]) == 0
+    nets = [tmp_path / f"net{s}" for s in (1, 2)]
+    for s, net in zip((1, 2), nets, strict=True):
+        assert main(["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "1",
+                     "--seed", str(s), "--calibration-data", str(site), "--out", str(net)]) == 0
+    capsys.readouterr()
+    common = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site)]
+    assert main([*common, "--presence", str(nets[0]), "--presence-ensemble"]) == 2
+    assert "two or more --presence networks" in capsys.readouterr().err
+    assert main([*common, "--presence", str(nets[0]), str(nets[0]), "--presence-ensemble"]) == 2
+    assert "same seed" in capsys.readouterr().err
+    assert not (model / "trust.json").exists()
+    out = tmp_path / "ens"
+    assert main([*common, "--presence", str(nets[0]), str(nets[1]), "--presence-ensemble", "--out", str(out)]) == 0
+    report = json.loads((out / "trust.json").read_text())["report"]
+    assert "--presence-ensemble" in report["command"] and len(report["presence_choice"]) == 2
+    served = PresenceModel.load(out)
+    assert served is not None
+    assert served.members == (2 if report["presence_choice"][1]["chosen"] else 1)
+
+
 @pytest.mark.parametrize("fmt", ["fcsv", "json", "csv"])
 def test_cli_predict_images_in_each_format(tiny_set: Path, tmp_path: Path, fmt: str) -> None:
     model = tmp_path / "model"

@@ -15,6 +15,10 @@ coarser than the few millimetres by which a crop plane cuts a landmark off. The 
 looks around each point instead: landmark *k* gets a small patch centred on the detector's point for
 it, and the network's output *k* on that patch. It is trained on patches centred on the true positions
 (moved into the field of view when cut off) with a random offset of the detectors' typical error.
+
+Several networks of the same settings, trained from different first weights (seeds), can serve together
+(:meth:`PresenceModel.mean_of`): a landmark's probability is then the mean of theirs, which carries less of
+any one network's noise. Their weights share one ``presence.pt``.
 """
 
 from __future__ import annotations
@@ -125,6 +129,11 @@ def _network(n_landmarks: int, config: PresenceConfig) -> Any:
     ).to(torch.device("cpu"))
 
 
+def _mean(probs: Sequence[np.ndarray]) -> np.ndarray:
+    """The members' mean probability (one member: its own, unchanged)."""
+    return probs[0] if len(probs) == 1 else np.mean(np.stack(probs), axis=0)
+
+
 def _random_cut(volume: Volume, xyz: np.ndarray, rng: np.random.Generator, cut_mm: float) -> Volume:
     """A crop of one face plane drawn within ``cut_mm`` of a random landmark (either side of it).
 
@@ -162,6 +171,8 @@ class PresenceModel:
         with torch.random.fork_rng(devices=[]):  # the same first weights for the same seed, whatever ran before
             torch.manual_seed(self.config.seed)
             self.net = _network(len(self.landmark_names), self.config)
+        #: the ensemble's further networks (:meth:`mean_of`), empty for one network; :meth:`fit` trains ``net`` only
+        self.others: list[Any] = []
         #: True once trained or loaded
         self.fitted = False
         #: how it was trained (epochs, cases, final loss), saved with the weights
@@ -177,12 +188,14 @@ class PresenceModel:
         """
         import torch
 
-        self.net.eval()
+        nets = [self.net, *self.others]
+        for net in nets:
+            net.eval()
         c = self.config
         if c.mode != "local":
             x = torch.from_numpy(presence_input(volume, c.box_mm, c.size))[None]
             with torch.no_grad():
-                return torch.sigmoid(self.net(x))[0].double().numpy()
+                return _mean([torch.sigmoid(net(x))[0].double().numpy() for net in nets])
         if points is None:
             raise ValueError("a local presence network needs the detector's points")
         points = np.asarray(points, dtype=np.float64).reshape(len(self.landmark_names), 3)
@@ -190,11 +203,49 @@ class PresenceModel:
         out = np.ones(len(points))
         if ok.any():
             x = torch.from_numpy(presence_patches(volume, c.box_mm, c.size, points[ok]))
-            with torch.no_grad():
-                logits = self.net(x)
             idx = torch.from_numpy(np.flatnonzero(ok))
-            out[ok] = torch.sigmoid(logits[torch.arange(len(idx)), idx]).double().numpy()
+            rows = torch.arange(len(idx))
+            with torch.no_grad():
+                out[ok] = _mean([torch.sigmoid(net(x)[rows, idx]).double().numpy() for net in nets])
         return out
+
+    @classmethod
+    def mean_of(cls, models: Sequence[PresenceModel]) -> PresenceModel:
+        """One presence model whose probabilities are the mean of ``models``' (each fitted, one network each).
+
+        They must answer for the same landmarks with the same settings but their seeds (the same box, mode
+        and training), so that their probabilities mean the same thing.
+        """
+        if len(models) < 2:
+            raise ValueError("an ensemble of presence networks needs at least two")
+        first = models[0]
+        for m in models:
+            if m.others:
+                raise ValueError("an ensemble's members are single networks, not ensembles")
+            if not m.fitted:
+                raise ValueError("an ensemble's members must be trained")
+            if m.landmark_names != first.landmark_names:
+                raise ValueError(f"presence networks for other landmarks ({', '.join(m.landmark_names)} against "
+                                 f"{', '.join(first.landmark_names)}) cannot be averaged")
+            if dataclasses.replace(m.config, seed=0) != dataclasses.replace(first.config, seed=0):
+                raise ValueError(f"presence networks of other settings cannot be averaged: {m.config} against "
+                                 f"{first.config}")
+        seeds = [m.config.seed for m in models]
+        if len(set(seeds)) < len(seeds):  # the same settings and seed train the same network
+            raise ValueError(f"presence networks of the same seed in an ensemble (seeds {seeds}): give networks "
+                             "trained from different first weights")
+        out = cls(first.landmark_names, first.config)
+        out.net = first.net
+        out.others = [m.net for m in models[1:]]
+        out.fitted = True
+        out.report = {"ensemble": [m.report for m in models], "members": len(models),
+                      "rule": "the mean of the members' probabilities"}
+        return out
+
+    @property
+    def members(self) -> int:
+        """How many networks answer (1 unless an ensemble)."""
+        return 1 + len(self.others)
 
     def for_answer(self, volume: Volume, answer: Any) -> np.ndarray:
         """:meth:`probabilities` for a detector's answer (a ``LandmarkSet``; its points not found are NaN)."""
@@ -220,6 +271,8 @@ class PresenceModel:
         """
         import torch
 
+        if self.others:
+            raise ValueError("an ensemble of presence networks is not trained as one; train its members apart")
         c = self.config
         rng = np.random.default_rng(c.seed)
         torch.manual_seed(c.seed)
@@ -281,7 +334,8 @@ class PresenceModel:
 
         buf = io.BytesIO()
         torch.save({"landmark_names": list(self.landmark_names), "config": dataclasses.asdict(self.config),
-                    "state_dict": self.net.state_dict(), "report": json.dumps(self.report)}, buf)
+                    "state_dict": self.net.state_dict(), "report": json.dumps(self.report),
+                    "ensemble": [net.state_dict() for net in self.others]}, buf)
         return atomic_write_bytes(Path(directory) / PRESENCE_FILE, buf.getvalue())
 
     @classmethod
@@ -296,6 +350,11 @@ class PresenceModel:
         model = cls(doc["landmark_names"], PresenceConfig(**doc["config"]))
         model.net.load_state_dict(doc["state_dict"])
         model.net.eval()
+        for state in doc.get("ensemble") or ():
+            net = _network(len(model.landmark_names), model.config)
+            net.load_state_dict(state)
+            net.eval()
+            model.others.append(net)
         model.fitted = True
         model.report = json.loads(doc.get("report") or "{}")
         return model
