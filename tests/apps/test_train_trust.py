@@ -348,8 +348,17 @@ def test_which_presence_network_the_server_trains() -> None:
     tuned = _presence_to_train(names, samples, parent, Path("parent"), 12, 0, said.append)
     assert tuned is not None and not tuned.fitted and tuned.provenance["fine_tuned_from"] == "parent"
     assert tuned.config == dataclasses.replace(parent.config, epochs=12, seed=0)
-    for key, value in parent.net.state_dict().items():
+    for key, value in parent.net.state_dict().items():  # an ensemble's first member when the parent serves one
         assert torch.equal(tuned.net.state_dict()[key], value), key
+    assert tuned.members == 1
+    # a parent serving an ensemble: the new network starts from its first member
+    other = PresenceModel(names, dataclasses.replace(parent.config, seed=parent.config.seed + 9))
+    other.fitted = True
+    ensemble = PresenceModel.mean_of([parent, other]) if parent.members == 1 else parent
+    from_ensemble = _presence_to_train(names, samples, ensemble, Path("parent"), 12, 0, said.append)
+    assert from_ensemble is not None and from_ensemble.members == 1
+    for key, value in ensemble.net.state_dict().items():
+        assert torch.equal(from_ensemble.net.state_dict()[key], value), key
     parent.report["data_fingerprint"] = fingerprint  # trained on these very cases: kept as it is
     assert _presence_to_train(names, samples, parent, Path("parent"), 12, 0, said.append) is None
     assert said[-1] == "presence network: the one of parent was trained on these cases; kept as it is"
