@@ -664,6 +664,14 @@ def test_an_ensemble_of_presence_networks_answers_their_mean_and_keeps_every_mem
     single = PresenceModel.load(old)
     assert single is not None and single.members == 1
     np.testing.assert_array_equal(single.probabilities(vol, points), alone[0])
+    # and one network is saved as it was before ensembles, with no "ensemble" entry
+    single.save(old)
+    assert "ensemble" not in torch.load(old / PRESENCE_FILE, weights_only=True)
+    # loading an ensemble leaves torch's generator as it was
+    torch.manual_seed(0)
+    state = torch.random.get_rng_state()
+    PresenceModel.load(Path(str(tmp_path)))
+    assert torch.equal(torch.random.get_rng_state(), state)
     # only single networks of the same settings, for the same landmarks, from other seeds, make an ensemble
     with pytest.raises(ValueError, match="at least two"):
         PresenceModel.mean_of(members[:1])

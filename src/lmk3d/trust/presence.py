@@ -333,9 +333,11 @@ class PresenceModel:
         from lmk3d.io.atomic import atomic_write_bytes
 
         buf = io.BytesIO()
-        torch.save({"landmark_names": list(self.landmark_names), "config": dataclasses.asdict(self.config),
-                    "state_dict": self.net.state_dict(), "report": json.dumps(self.report),
-                    "ensemble": [net.state_dict() for net in self.others]}, buf)
+        doc = {"landmark_names": list(self.landmark_names), "config": dataclasses.asdict(self.config),
+               "state_dict": self.net.state_dict(), "report": json.dumps(self.report)}
+        if self.others:  # one network's file stays as it was before ensembles
+            doc["ensemble"] = [net.state_dict() for net in self.others]
+        torch.save(doc, buf)
         return atomic_write_bytes(Path(directory) / PRESENCE_FILE, buf.getvalue())
 
     @classmethod
@@ -351,7 +353,8 @@ class PresenceModel:
         model.net.load_state_dict(doc["state_dict"])
         model.net.eval()
         for state in doc.get("ensemble") or ():
-            net = _network(len(model.landmark_names), model.config)
+            with torch.random.fork_rng(devices=[]):  # its first weights are overwritten: leave the generator be
+                net = _network(len(model.landmark_names), model.config)
             net.load_state_dict(state)
             net.eval()
             model.others.append(net)
