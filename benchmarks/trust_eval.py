@@ -210,12 +210,22 @@ def print_tables(results: list[dict[str, object]]) -> None:
                   f"{_f(k['max_score'], '.2f')} |")
 
 
+def _presence_members(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training reports of the serving presence network's members (one unless an ensemble; none: [])."""
+    training = report.get("presence_training") or {}
+    return list(training.get("ensemble") or ([training] if training else []))
+
+
 def _presence_kind(report: dict[str, Any]) -> str:
     """What the serving presence network looks at, in words (from its training config)."""
-    config = (report.get("presence_training") or {}).get("config") or {}
-    if config.get("mode") == "local":
-        return f"a {config['box_mm']:g} mm patch around each point"
-    return f"one {config['box_mm']:g} mm box on the whole image" if config else "none"
+    members = _presence_members(report)
+    config = members[0].get("config") or {} if members else {}
+    kind = (f"a {config['box_mm']:g} mm patch around each point" if config.get("mode") == "local" else
+            f"one {config['box_mm']:g} mm box on the whole image" if config else "none")
+    if len(members) > 1:
+        seeds = ", ".join(str((m.get("config") or {}).get("seed")) for m in members)
+        return f"the mean of {len(members)} networks of seeds {seeds}, each {kind}"
+    return kind
 
 
 def card_section(r: dict[str, object], model_dir: Path) -> str:
@@ -238,7 +248,7 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
            "validation cases")
         + f" and their cut variants ({rep['calibration_points']} "
         f"calibration points; the presence network, {_presence_kind(rep)}, trained on "
-        f"{(rep.get('presence_training') or {}).get('training_cases', rep['training_cases'])} training cases). "
+        f"{(_presence_members(rep) or [{}])[0].get('training_cases', rep['training_cases'])} training cases). "
         f"Tolerance {trust['tolerance_mm']:g} mm; 90 % radius = {trust['q90']:.2f} x the point's error scale"
         + (f" ({trust['partial']['q90']:.2f} x in an image with a landmark not found: such images are calibrated "
            f"apart, leave-one-case-out Brier score {gr['loco_brier']['grouped']:.4f} against "
