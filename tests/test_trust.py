@@ -459,6 +459,36 @@ def test_the_presence_network_that_tells_cut_off_landmarks_is_chosen_and_ties_ke
     assert all(np.array_equal(r.presence, r.truth_inside.astype(float)) for r in records)
 
 
+def test_the_not_found_rule_weighs_the_landmarks_inside_cut_images_not_those_of_uncut_ones() -> None:
+    """20 cases, each uncut and cut (landmark 0 beyond a face). A threshold of 0.35 catches 85 % of the cut-off
+    landmarks and keeps 90 % of those inside the cut images; 0.55 catches 95 % and keeps 80 %. Counting the
+    uncut images' landmarks (all found) as "inside" would make 0.55 look best (92 % kept); the rule must
+    balance the cut images' own shares and choose 0.35."""
+    names = ("a", "b", "c")
+    rng = np.random.default_rng(5)
+    records, table = [], {}
+    for i in range(20):
+        for kind in ("normal", "cut"):
+            vol = Volume(rng.normal(size=(40, 40, 40)).astype(np.float32), np.eye(4))
+            placed = np.array([[12.0, 20, 20], [20, 20, 20], [28, 20, 20]])
+            truth = LandmarkSet(names, placed + [[-20.0 if kind == "cut" else 0.0, 0, 0], [0, 0, 0], [0, 0, 0]])
+            prob = np.ones(3)
+            if kind == "cut":
+                prob[0] = 0.3 if i < 17 else 0.5 if i < 19 else 1.0
+                prob[1] = 0.29 if i < 4 else 0.45 if i < 8 else 1.0
+            records.append(Record(f"case{i}", kind, LandmarkSet(names, placed), None, vol, truth,
+                                  vol.contains_ras(truth.xyz_mm_ras, margin=0.5)))
+            table[id(vol)] = prob
+    _, results = choose_presence(records, None, [_FixedPresence(table)])  # type: ignore[list-item]
+    rule = results[0]
+    assert rule["presence_threshold"] == pytest.approx(0.35)
+    assert rule["calibration_cut_off_not_found"] == pytest.approx(0.85)
+    assert rule["calibration_inside_found"] == pytest.approx(0.9)
+    fitted = fit_from_records(records, None, None)  # without presence: geometry only, the same counts reported
+    assert fitted.report["not_found_rule"]["calibration_inside_landmarks"] == 40
+    assert fitted.report["not_found_rule"]["calibration_cut_off_landmarks"] == 20
+
+
 def test_the_presence_networks_training_starts_no_epoch_after_its_deadline() -> None:
     import time
 

@@ -215,6 +215,8 @@ def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, n
                           ) -> tuple[float, float, float, dict[str, Any]]:
     """The thresholds that maximise the smaller of two shares on the calibration cut images: cut-off
     landmarks reported not found, and landmarks still inside reported found (the two targets weigh alike).
+    Both count the cut variants only: the uncut images' landmarks, nearly always found, would make the
+    second share look better than a cut image's.
 
     Ties go to the first in grid order: the smallest face distance, then the smallest shape margin, then the
     lowest presence threshold.
@@ -223,8 +225,9 @@ def _not_found_thresholds(records: Sequence[Record], feats: Sequence[dict[str, n
     shape_face = np.concatenate([f["shape_face_mm"] for f in feats])
     has_presence = all(r.presence is not None for r in records)
     presence = np.concatenate([r.presence for r in records]) if has_presence else None  # type: ignore[misc]
-    inside = np.concatenate([r.truth_inside for r in records])
-    outside = np.concatenate([~r.truth_inside & r.truth.reorder(r.final.names).found for r in records])
+    is_cut = np.concatenate([np.full(len(r.truth_inside), r.kind == "cut") for r in records])
+    inside = np.concatenate([r.truth_inside for r in records]) & is_cut
+    outside = np.concatenate([~r.truth_inside & r.truth.reorder(r.final.names).found for r in records]) & is_cut
     found = np.concatenate([r.final.found for r in records])
     best: tuple[float, float, float, float, float] | None = None
     for fm in FACE_GRID:
