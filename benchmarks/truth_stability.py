@@ -31,7 +31,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
-from scipy.stats import rankdata
+
+from lmk3d.review import auroc
 
 NAMES = ["HIPPO_ANTERIOR_CENTROID", "HIPPO_POSTERIOR_CENTROID", "HIPPO_ANTERIOR_TIP", "HIPPO_POSTERIOR_TIP"]
 SHORT = {"HIPPO_ANTERIOR_CENTROID": "anterior centroid", "HIPPO_POSTERIOR_CENTROID": "posterior centroid",
@@ -109,18 +110,6 @@ def changes(lab: np.ndarray, n_seeds: int, p: float):
 
 
 # ---------------------------------------------------------------- statistics
-def auroc(risk, positive) -> float:
-    """P(risk of a positive > risk of a negative), ties one half (as lmk3d.review.auroc)."""
-    r = np.asarray(risk, float)
-    pos = np.asarray(positive, bool)
-    n1 = int(pos.sum())
-    n0 = len(pos) - n1
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = rankdata(r)
-    return float((ranks[pos].sum() - n1 * (n1 + 1) / 2.0) / (n1 * n0))
-
-
 def boot_ci(risk, positive, cases, n_boot: int, seed: int = 0) -> tuple[float, float]:
     """95 % interval of the AUROC over case-level bootstrap resamples (resamples without both classes skipped)."""
     risk, positive, cases = np.asarray(risk, float), np.asarray(positive, bool), np.asarray(cases)
