@@ -69,6 +69,8 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-data", metavar="DIR",
                    help="calibrate on every case with landmarks in this dataset instead of the model's validation "
                    "cases (cases that trained nothing, e.g. a site's own; not the model's own dataset)")
+    p.add_argument("--anatomy-check", action="store_true",
+                   help="also fit the image check on the anatomy around the detector's points (lmk3d.trust.anatomy)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
     p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
 
@@ -131,11 +133,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     trust = fit_trust(predict, train, val, det.modality_fitted, args.tolerance_mm, args.seed,
                       candidates[0] if len(candidates) == 1 else None,
                       log=lambda line: print(line, flush=True), names=det.landmark_names,
-                      presence_candidates=candidates if len(candidates) > 1 else ())
+                      presence_candidates=candidates if len(candidates) > 1 else (),
+                      anatomy_check=args.anatomy_check)
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
                                + (f" --presence {' '.join(args.presence)}" if args.presence else "")
                                + (" --presence-ensemble" if args.presence_ensemble else "")
+                               + (" --anatomy-check" if args.anatomy_check else "")
                                + (f" --train-presence {args.train_presence}" if args.train_presence else "")
                                + (f" --calibration-data {args.calibration_data}" if args.calibration_data else ""))
     if args.calibration_data:
@@ -151,7 +155,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
           f"{rule['presence_threshold']}"
           + (f" (the mean of {trust.presence.members} networks)" if trust.presence and trust.presence.members > 1
              else "") + f"; image threshold {trust.image.threshold if trust.image else float('nan'):.2f}"
-          f"; error scale: {trust.features} features"
+          + (f", anatomy threshold {trust.anatomy.threshold:.2f}" if trust.anatomy is not None else "")
+          + f"; error scale: {trust.features} features"
           + (f", images with a landmark not found calibrated apart (90 % radius {trust.partial_q90:.2f} x scale)"
              if trust.partial_q90 is not None else "") + f" -> {path}")
     return 0

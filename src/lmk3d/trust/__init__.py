@@ -35,7 +35,9 @@ How the numbers are made (fixed before any test case was looked at; the history 
   cut variant): a Mahalanobis distance in the principal components of their thumbnails plus the residual
   outside them. The threshold is 1.25 x the largest distance of a calibration image (the calibration cases
   and their cut variants: a cut image is still of the model's kind). The verdict's score is the share of
-  calibration images at least as far (1.0 for a typical image, near 0 far outside).
+  calibration images at least as far (1.0 for a typical image, near 0 far outside). A model may also
+  carry a second check made after the detector has run, on the anatomy around its points, blind to what a
+  crop removed (:mod:`lmk3d.trust.anatomy`); the verdict is then the two checks' together.
 
 Everything fitted is plain numbers, saved as ``trust.json`` beside the checkpoint (:func:`save_trust`,
 :func:`load_trust`); nothing here is pickled.
@@ -56,11 +58,12 @@ import numpy as np
 from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
+from lmk3d.trust.anatomy import AnatomyModel
 from lmk3d.trust.cuts import distance_to_faces_mm
 from lmk3d.trust.presence import PresenceModel
 
-__all__ = ["TRUST_FILE", "ImageModel", "ImageVerdict", "ShapeModel", "TrustModel", "apply_trust", "check_image",
-           "image_descriptor", "load_trust", "point_features", "refused", "save_trust"]
+__all__ = ["TRUST_FILE", "AnatomyModel", "ImageModel", "ImageVerdict", "ShapeModel", "TrustModel", "anatomy_verdict",
+           "apply_trust", "check_image", "image_descriptor", "load_trust", "point_features", "refused", "save_trust"]
 
 TRUST_FILE = "trust.json"
 FORMAT = 1
@@ -190,17 +193,23 @@ class ImageVerdict:
         score: the share of calibration images at least as far from the training images (1 typical, 0 far).
         reason: in words, for the clients.
         distance: the thumbnail distance (NaN when a cheap check already failed).
+        anatomy_distance: the anatomy check's distance (NaN when the model has none or it was not reached);
+            in the JSON only when known.
     """
 
     in_distribution: bool
     score: float
     reason: str
     distance: float = float("nan")
+    anatomy_distance: float = float("nan")
 
     def to_json(self) -> dict[str, Any]:
-        return {"in_distribution": self.in_distribution, "score": round(float(self.score), 4),
-                "reason": self.reason, "distance": None if not math.isfinite(self.distance) else
-                round(float(self.distance), 3)}
+        out: dict[str, Any] = {"in_distribution": self.in_distribution, "score": round(float(self.score), 4),
+                               "reason": self.reason, "distance": None if not math.isfinite(self.distance) else
+                               round(float(self.distance), 3)}
+        if math.isfinite(self.anatomy_distance):
+            out["anatomy_distance"] = round(float(self.anatomy_distance), 3)
+        return out
 
 
 def image_descriptor(volume: Volume) -> np.ndarray:
@@ -397,6 +406,7 @@ class TrustModel:
     # (None: one distribution for every image)
     partial_normalised: np.ndarray | None = None
     partial_q90: float | None = None
+    anatomy: AnatomyModel | None = None  # the image check on the anatomy around the points, if fitted
 
     def scale(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return np.exp(design_matrix(features, len(self.landmark_names), self.features) @ self.weights)
@@ -431,7 +441,8 @@ class TrustModel:
                 "partial": None if self.partial_normalised is None else
                 {"normalised": self.partial_normalised.tolist(), "q90": self.partial_q90},
                 "shape": None if self.shape is None else self.shape.to_json(),
-                "image": None if self.image is None else self.image.to_json(), "report": self.report}
+                "image": None if self.image is None else self.image.to_json(),
+                **({} if self.anatomy is None else {"anatomy": self.anatomy.to_json()}), "report": self.report}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrustModel:
@@ -449,7 +460,37 @@ class TrustModel:
                    float(d.get("presence_threshold", 0.0)), features=features,
                    partial_normalised=None if not d.get("partial") else
                    np.asarray(d["partial"]["normalised"], dtype=np.float64),
-                   partial_q90=None if not d.get("partial") else float(d["partial"]["q90"]))
+                   partial_q90=None if not d.get("partial") else float(d["partial"]["q90"]),
+                   anatomy=_anatomy(d.get("anatomy")))
+
+
+def _anatomy(doc: Any) -> AnatomyModel | None:
+    if doc is None:
+        return None
+    try:
+        return AnatomyModel.from_json(doc)
+    except (KeyError, TypeError, ValueError) as e:
+        raise LandmarkError(f"trust.json: the anatomy check cannot be read ({e})") from None
+
+
+def anatomy_verdict(trust: TrustModel, verdict: ImageVerdict, final: LandmarkSet, volume: Volume) -> ImageVerdict:
+    """``verdict`` joined with the anatomy check on the detector's points ``final`` (unchanged without one).
+
+    Over the check's threshold the image is not of the model's kind, and the reason names the check;
+    otherwise the score is the smaller of the two checks'.
+    """
+    a = trust.anatomy
+    if a is None or not verdict.in_distribution:
+        return verdict
+    d = a.distance(volume, final)
+    if not math.isfinite(d):
+        return verdict
+    if d > a.threshold:
+        return ImageVerdict(False, a.score(d), f"the anatomy around the points is unlike the training images "
+                            f"(distance {d:.1f}; the threshold is {a.threshold:.1f}, 1.25 x the farthest "
+                            f"calibration case)", verdict.distance, d)
+    return ImageVerdict(True, min(verdict.score, a.score(d)), f"{verdict.reason}; the anatomy around the points "
+                        f"too (distance {d:.1f} <= {a.threshold:.1f})", verdict.distance, d)
 
 
 def _feature_set(name: Any) -> str:
@@ -492,7 +533,7 @@ def apply_trust(trust: TrustModel, final: LandmarkSet, first: LandmarkSet | None
     if tuple(final.names) != trust.landmark_names:
         raise LandmarkError(f"trust model is for {', '.join(trust.landmark_names)}; the prediction has "
                             f"{', '.join(final.names)}")
-    verdict = verdict if verdict is not None else check_image(trust, volume)
+    verdict = anatomy_verdict(trust, verdict if verdict is not None else check_image(trust, volume), final, volume)
     feats = point_features(final, first, trust.shape, volume)
     presence = None
     if trust.presence is not None and verdict.in_distribution:

@@ -30,6 +30,7 @@ from lmk3d.trust import (
     design_matrix,
     point_features,
 )
+from lmk3d.trust.anatomy import AnatomyModel
 from lmk3d.trust.cuts import cut_outside
 from lmk3d.trust.presence import PresenceModel
 
@@ -288,7 +289,7 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               presence: PresenceModel | None = None, log: Callable[[str], None] | None = None,
               names: Sequence[str] | None = None, image_prior: ImageModel | None = None,
               presence_candidates: Sequence[PresenceModel | None] = (),
-              presence_deadline: float | None = None) -> TrustModel:
+              presence_deadline: float | None = None, anatomy_check: bool = False) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -300,7 +301,9 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     ``presence_candidates`` (instead of ``presence``): networks to choose among (None: none), the untrained
     ones trained first like ``presence``; :func:`choose_presence` picks one on the calibration records,
     and ``report["presence_choice"]`` says how each did. ``presence_deadline``: when their training stops
-    (:meth:`PresenceModel.fit`).
+    (:meth:`PresenceModel.fit`). ``anatomy_check``: also fit the image check on the anatomy around the points
+    (:class:`lmk3d.trust.anatomy.AnatomyModel`: the training images boxed around their truth, the threshold
+    from the calibration records' own points).
     """
     if presence is not None and presence_candidates:
         raise ValueError("fit_trust: give presence or presence_candidates, not both")
@@ -345,6 +348,10 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         + f", {len(records)} calibration images (with cut variants)")
     image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality, prior=image_prior)
     trust = fit_from_records(records, shape, image, tolerance_mm)
+    if anatomy_check:
+        say(f"anatomy check: {len(vols_train)} training images, {len(records)} calibration images")
+        trust.anatomy = AnatomyModel.fit(list(zip(vols_train, truths, strict=True)),
+                                         [(r.volume, r.final) for r in records])
     trust.presence = presence
     trust.report["seed"] = seed
     trust.report["training_cases"] = len(labelled)
