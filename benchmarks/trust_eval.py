@@ -257,7 +257,9 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         f"not found: presence < {rule['presence_threshold']}, closer than {rule['face_mm']} mm to a face"
         + (f", or placed beyond a face by the shape model by > {rule['shape_outside_mm']} mm"
            if rule.get("shape_outside_mm") is not None else "") + "; image check threshold "
-        f"{trust['image']['threshold']:.2f}; error scale: "
+        f"{trust['image']['threshold']:.2f}"
+        + (f", then the anatomy around the points (threshold {trust['anatomy']['threshold']:.2f}, docs/trust.md)"
+           if trust.get("anatomy") else "") + "; error scale: "
         + (f"the base features and the distance to the nearest face (leave-one-case-out AUROC on the calibration "
            f"points {es['loco_auroc']['face']:.3f} against {es['loco_auroc']['base']:.3f})"
            if trust.get("features") == "face" and (es := rep.get("error_scale")) else "the base features")
