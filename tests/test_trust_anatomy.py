@@ -171,3 +171,44 @@ def test_the_anatomy_check_survives_trust_json_and_a_broken_one_is_refused(fitte
     (tmp_path / "trust.json").write_text(json.dumps(doc))
     with pytest.raises(LandmarkError, match="anatomy check"):
         load_trust(tmp_path)
+
+
+def test_a_merged_check_is_the_joint_fit_when_the_prior_kept_every_direction() -> None:
+    rng = np.random.default_rng(6)
+    d, k = 27, 6
+    old = rng.normal(0, 1, (5, d)) + 2.0  # 5 images: 4 directions, all kept by 6 components
+    new = rng.normal(0, 1, (9, d)) @ np.diag(rng.uniform(0.5, 2.0, d))
+    off_old, off_new = rng.normal(0, 5, (4, 3)), rng.normal(0, 5, (4, 3))
+    seen_old, seen_new = np.ones_like(old, dtype=bool), np.ones_like(new, dtype=bool)
+    prior = AnatomyModel._from_boxes(old, seen_old, 10.0, 3, k, off_old)
+    merged = prior.merged(new, seen_new, off_new, k)
+    joint = AnatomyModel._from_boxes(np.concatenate([old, new]), np.ones((14, d), dtype=bool), 10.0, 3, k, off_old)
+    assert merged.n_images == 14
+    np.testing.assert_allclose(merged.mean, joint.mean, atol=1e-10)
+    np.testing.assert_allclose(merged.variances, joint.variances, rtol=1e-8)
+    np.testing.assert_allclose(np.abs(merged.components @ joint.components.T), np.eye(k), atol=1e-6)
+    assert merged.noise == pytest.approx(joint.noise, rel=1e-6)
+    np.testing.assert_allclose(merged.offsets, (5 * off_old + 9 * off_new) / 14)
+    probe = rng.normal(0, 1, d)
+    assert merged.distance_of(probe, np.ones(d, dtype=bool)) == pytest.approx(
+        joint.distance_of(probe, np.ones(d, dtype=bool)), rel=1e-6)
+
+
+def test_a_fine_tuned_check_knows_the_new_kind_and_keeps_the_old(fitted: AnatomyModel) -> None:
+    rng = np.random.default_rng(7)
+
+    def inverted(case: tuple[Volume, LandmarkSet]) -> tuple[Volume, LandmarkSet]:
+        vol, truth = case
+        lo, hi = np.percentile(vol.array, [1.0, 99.0])
+        return Volume((lo + hi - vol.array).astype(np.float32), vol.affine), truth
+
+    new_train = [inverted(_case(rng)) for _ in range(12)]
+    calibration = [(v, _answer(t, rng)) for v, t in (inverted(_case(rng)) for _ in range(6))]
+    tuned = AnatomyModel.fit(new_train, calibration, prior=fitted)
+    assert tuned.n_images == fitted.n_images + 12 and (tuned.box_mm, tuned.size) == (fitted.box_mm, fitted.size)
+    for make in (lambda c: c, inverted):
+        vol, truth = make(_case(rng))
+        assert tuned.distance(vol, _answer(truth, rng)) <= tuned.threshold
+    alone = AnatomyModel.fit(new_train, calibration)
+    vol, truth = _case(rng)
+    assert alone.distance(vol, _answer(truth, rng)) > alone.threshold  # without the prior the old kind is refused

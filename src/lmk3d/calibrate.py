@@ -200,7 +200,10 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
       that folder's training images as well as ``train``'s (:meth:`lmk3d.trust.ImageModel.merged`): the
       fine-tuned weights still serve the kind of image they started from, and a check fitted on a few
       images of a new kind alone would refuse it (docs/trust.md). Without it (training from scratch, an
-      upload) the image model knows ``train`` only.
+      upload) the image model knows ``train`` only;
+    - the anatomy check (:mod:`lmk3d.trust.anatomy`) is fitted when the first ``trust.json`` of ``previous``
+      that has one exists (a model that carries the check keeps it in every version), knowing
+      ``images_from``'s training images too when that folder's check is there, else ``train``'s only.
 
     A ``trust.json`` of ``previous`` is never reused as it is: its error scale, radius and not-found
     thresholds describe the errors of the weights it was fitted on, not these.
@@ -223,7 +226,8 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         cases have labels. ``record`` is plain JSON data for the version's report: ``calibrated`` (bool),
         ``reason`` (one line: what it was fitted on, or why it was not), and when fitted
         ``tolerance_mm``, ``calibration_cases``, ``presence_from`` and ``images_from`` (folders or None),
-        ``presence`` (which network serves: ``"inherited"``, ``"trained"`` or ``"none"``) and ``seconds``.
+        ``presence`` (which network serves: ``"inherited"``, ``"trained"`` or ``"none"``), ``anatomy_from``
+        (the folder whose anatomy check was kept, or None) and ``seconds``.
 
     Raises:
         LandmarkError: the fit itself failed (too few points, unreadable images...).
@@ -256,11 +260,17 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
     if fine_tuned_from is not None and fine_tuned_from not in loaded:
         loaded[fine_tuned_from] = load_trust(fine_tuned_from)
     prior = _prior_images(loaded[fine_tuned_from]) if fine_tuned_from is not None else None
+    # The anatomy check is kept where the weights descend from a model that has one; a fine-tune's knows the
+    # images of the weights it started from too.
+    anatomy_from = next((f for f in folders if (t := _load(loaded, f)) is not None and t.anatomy is not None), None)
+    parent = loaded.get(fine_tuned_from) if fine_tuned_from is not None else None
+    anatomy_prior = parent.anatomy if anatomy_from is not None and parent is not None else None
     t0 = time.monotonic()
     trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed,
                       presence if trained is None else None, log=log, names=det.landmark_names, image_prior=prior,
                       presence_candidates=(presence, trained) if trained is not None else (),
-                      presence_deadline=presence_deadline)
+                      presence_deadline=presence_deadline, anatomy_check=anatomy_from is not None,
+                      anatomy_prior=anatomy_prior)
     seconds = round(time.monotonic() - t0, 1)
     images = str(images_from) if prior is not None else None
     inherited = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"
@@ -278,16 +288,30 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
         presence_from = None
     trust.report.update(seconds=seconds, presence_from=str(presence_from) if presence_from else None,
                         presence=served, images_from=images,
+                        anatomy_from=str(anatomy_from) if trust.anatomy is not None else None,
                         command="fitted by the server's training (lmk3d.calibrate.calibrate_new_weights)")
     known = (f"the image check knows the {prior.n_images} training images of {images_from} too" if prior is not None
              else "the image check knows these training images only")
+    if trust.anatomy is not None:
+        known += (f"; so does its anatomy check (kept from {anatomy_from})" if anatomy_prior is not None else
+                  f"; an anatomy check (kept from {anatomy_from}) on these training images")
     return trust, {"calibrated": True,
                    "reason": f"fitted on {len(labelled)} validation case(s) "
                              f"({trust.report['calibration_points']} points), tolerance {tolerance_mm:g} mm, "
                              f"{where}; {known}",
                    "tolerance_mm": tolerance_mm, "calibration_cases": [s.case for s in labelled],
                    "presence_from": str(presence_from) if presence_from else None, "presence": served,
-                   "images_from": images, "seconds": seconds}
+                   "images_from": images, "anatomy_from": str(anatomy_from) if trust.anatomy is not None else None,
+                   "seconds": seconds}
+
+
+def _load(loaded: dict[Path, TrustModel | None], folder: Path) -> TrustModel | None:
+    """``load_trust(folder)``, read once into ``loaded``."""
+    from lmk3d.trust import load_trust
+
+    if folder not in loaded:
+        loaded[folder] = load_trust(folder)
+    return loaded[folder]
 
 
 def _presence_to_train(names: Sequence[str], train: Sequence[Sample], inherited: PresenceModel | None,

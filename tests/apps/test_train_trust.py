@@ -169,6 +169,10 @@ def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib:
     assert trust["report"]["images_from"] == str(world.shipped)
     assert trust["image"]["n_images"] > 2 * parent["report"]["training_cases"]
     assert f"the image check knows the {2 * parent['report']['training_cases']} training images of" in lines
+    # The parent carries the anatomy check, so the version does, knowing the parent's images and its 6 own.
+    assert trust["anatomy"]["n_images"] == parent["anatomy"]["n_images"] + 6
+    assert trust["report"]["anatomy_from"] == str(world.shipped) and trust["anatomy"]["threshold"] > 0
+    assert f"so does its anatomy check (kept from {world.shipped})" in result["calibration"]
     (version,) = world.record.to_json()["versions"]
     assert version["calibrated"] is True and version["calibration"]["reason"] == result["calibration"]
     report = json.loads((v1 / "report.json").read_text())
@@ -249,6 +253,7 @@ def test_a_declared_mean_shape_models_first_version_gets_a_presence_network_trai
     trust = json.loads((v1 / "trust.json").read_text())
     assert trust["tolerance_mm"] == 3.0 and len(trust["report"]["calibration_cases"]) == 6
     assert trust["report"]["images_from"] is None and trust["image"]["n_images"] >= 2
+    assert "anatomy" not in trust and trust["report"]["anatomy_from"] is None  # nothing to keep it from
     _, trained = _checked_choice(trust)
     detector = load_detector(v1, "cpu")
     assert detector.trust is not None
@@ -306,6 +311,8 @@ def test_an_uploaded_checkpoint_is_calibrated_like_a_trained_version(app_lib: Si
     trust = json.loads((v1 / "trust.json").read_text())
     assert trust["tolerance_mm"] == PARENT_TOLERANCE_MM and trust["report"]["presence_from"] == str(world.shipped)
     assert trust["report"]["images_from"] is None  # an upload's own training images are unknown here
+    # the shipped model's anatomy check is kept, on the training cases the upload is calibrated beside
+    assert trust["anatomy"]["n_images"] == len(train_cases) and trust["report"]["anatomy_from"] == str(world.shipped)
     assert trust["report"]["calibration_cases"] == sorted(s.case for s in val)
     (version,) = world.record.to_json()["versions"]
     assert version["calibrated"] is True and version["calibration"]["reason"] == answer["calibration"]

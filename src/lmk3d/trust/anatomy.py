@@ -82,13 +82,17 @@ class AnatomyModel:
 
     @classmethod
     def fit(cls, train: Sequence[tuple[Volume, LandmarkSet]], calibration: Sequence[tuple[Volume, LandmarkSet]],
-            box_mm: float = 40.0, size: int = 16, n_components: int = 10) -> AnatomyModel:
+            box_mm: float = 40.0, size: int = 16, n_components: int = 10,
+            prior: AnatomyModel | None = None) -> AnatomyModel:
         """Fit on ``train`` (image, true landmarks); the threshold from ``calibration`` (image, the detector's points).
 
         Every landmark set is in the same order (the model's). A training box is centred on the mean of the
-        true landmarks.
+        true landmarks. ``prior``: the check of the weights these were fine-tuned from; the new one then knows
+        the prior's training images as well (:meth:`merged`; its box is the prior's).
         """
-        if len(train) < 2:
+        if prior is not None:
+            box_mm, size = prior.box_mm, prior.size
+        if len(train) < (1 if prior is not None else 2):
             raise ValueError(f"the anatomy check needs at least 2 training images, got {len(train)}")
         centres = [anchor(t, v) for v, t in train]
         rel = [np.where(np.asarray(t.found)[:, None], t.xyz_mm_ras - c, np.nan) for (_, t), c in zip(train, centres,
@@ -98,7 +102,10 @@ class AnatomyModel:
         pairs = [anatomy_descriptor(v, c, box_mm, size) for (v, _), c in zip(train, centres, strict=True)]
         x = np.stack([p[0] for p in pairs])
         seen = np.stack([p[1] for p in pairs])
-        model = cls._from_boxes(x, seen, box_mm, size, n_components, offsets)
+        if prior is None:
+            model = cls._from_boxes(x, seen, box_mm, size, n_components, offsets)
+        else:
+            model = prior.merged(x, seen, offsets, n_components)
         ref = np.sort([model.distance(v, lm) for v, lm in calibration])
         ref = ref[np.isfinite(ref)]
         model.reference = ref
@@ -128,6 +135,45 @@ class AnatomyModel:
         noise = float(np.sum((resid * seen) ** 2)) / observed + 1e-9
         var = np.maximum((s[:k] ** 2) / max(n - 1, 1), noise)
         return cls(box_mm, size, mean, comps, var, noise, float("inf"), np.zeros(0), n, np.asarray(offsets, float))
+
+    def merged(self, x: np.ndarray, seen: np.ndarray, offsets: np.ndarray, n_components: int = 10) -> AnatomyModel:
+        """This model's training images and the new ``(n, D)`` boxes ``x`` (``~seen`` missing), as one model.
+
+        As :meth:`lmk3d.trust.ImageModel.merged`: the images behind this model are known by their summary
+        only, so their scatter is rebuilt from it (one row ``sqrt((n - 1) variance) x component`` per component),
+        stacked with the new boxes about their own mean and one row for the difference of the two means; the
+        components come from the stack. The new boxes' missing voxels are filled by the merged model's own
+        reconstruction, as in :meth:`fit` (starting from this model's mean). The noise is the old noise over
+        the old images' voxels and the stack's energy outside the kept components over the new observed ones.
+        Where this model kept every direction of its images, and the new boxes miss nothing, the result is the
+        model fitted on all images at once. Offsets: the mean of both, weighted by their counts. Threshold and
+        reference are left to the caller.
+        """
+        n_old, n_new = self.n_images, len(x)
+        n = n_old + n_new
+        old_rows = np.sqrt(max(n_old - 1, 0) * np.maximum(self.variances, 0.0))[:, None] * self.components
+        filled = np.where(seen, x, self.mean[None, :])
+        k = min(n_components, n - 1)
+        for _ in range(EM_ROUNDS + 1):
+            mean_new = filled.mean(0)
+            mean = (n_old * self.mean + n_new * mean_new) / n
+            stack = np.concatenate([old_rows, filled - mean_new,
+                                    (np.sqrt(n_old * n_new / n) * (self.mean - mean_new))[None, :]])
+            _, s, vt = np.linalg.svd(stack, full_matrices=False)
+            comps = vt[:k]
+            recon = mean + ((filled - mean) @ comps.T) @ comps
+            filled = np.where(seen, x, recon)
+        k = min(k, len(s))
+        left = float(np.sum(s[k:] ** 2))
+        d = self.mean.size
+        noise = (self.noise * n_old * d + left) / (n_old * d + max(int(seen.sum()), 1)) + 1e-9
+        var = np.maximum((s[:k] ** 2) / max(n - 1, 1), noise)
+        with np.errstate(invalid="ignore"):
+            both = np.nansum(np.stack([n_old * self.offsets, n_new * np.asarray(offsets, dtype=np.float64)]), axis=0)
+            counts = n_old * np.isfinite(self.offsets) + n_new * np.isfinite(offsets)
+            merged_offsets = np.where(counts > 0, both / np.maximum(counts, 1), np.nan)
+        return AnatomyModel(self.box_mm, self.size, mean, comps[:k], var, noise, float("inf"), np.zeros(0), n,
+                            merged_offsets)
 
     def distance_of(self, values: np.ndarray, seen: np.ndarray) -> float:
         """``sqrt(r' C_oo^-1 r / |o|)`` over the observed voxels ``o`` (``C = V' (L - noise) V + noise I``).

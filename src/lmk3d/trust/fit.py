@@ -289,7 +289,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               presence: PresenceModel | None = None, log: Callable[[str], None] | None = None,
               names: Sequence[str] | None = None, image_prior: ImageModel | None = None,
               presence_candidates: Sequence[PresenceModel | None] = (),
-              presence_deadline: float | None = None, anatomy_check: bool = False) -> TrustModel:
+              presence_deadline: float | None = None, anatomy_check: bool = False,
+              anatomy_prior: AnatomyModel | None = None) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -303,7 +304,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     and ``report["presence_choice"]`` says how each did. ``presence_deadline``: when their training stops
     (:meth:`PresenceModel.fit`). ``anatomy_check``: also fit the image check on the anatomy around the points
     (:class:`lmk3d.trust.anatomy.AnatomyModel`: the training images boxed around their truth, the threshold
-    from the calibration records' own points).
+    from the calibration records' own points); ``anatomy_prior``: the anatomy check of the weights the detector
+    was fine-tuned from, whose images the new check knows too (:meth:`AnatomyModel.merged`).
     """
     if presence is not None and presence_candidates:
         raise ValueError("fit_trust: give presence or presence_candidates, not both")
@@ -349,9 +351,11 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality, prior=image_prior)
     trust = fit_from_records(records, shape, image, tolerance_mm)
     if anatomy_check:
-        say(f"anatomy check: {len(vols_train)} training images, {len(records)} calibration images")
+        say(f"anatomy check: {len(vols_train)} training images"
+            + (f" + the {anatomy_prior.n_images} of the weights fine-tuned from" if anatomy_prior is not None else "")
+            + f", {len(records)} calibration images")
         trust.anatomy = AnatomyModel.fit(list(zip(vols_train, truths, strict=True)),
-                                         [(r.volume, r.final) for r in records])
+                                         [(r.volume, r.final) for r in records], prior=anatomy_prior)
     trust.presence = presence
     trust.report["seed"] = seed
     trust.report["training_cases"] = len(labelled)
