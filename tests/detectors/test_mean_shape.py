@@ -142,12 +142,15 @@ def test_cli_calibrates_on_cases_that_trained_nothing_and_refuses_its_own_datase
     assert not (model / "trust.json").exists()
     assert main(["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "0",
                  "--calibration-data", str(site), "--anatomy-check", "--out", str(cal)]) == 0
-    assert "on 6 calibration cases" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "on 6 calibration cases" in out
     doc = json.loads((cal / "trust.json").read_text())
     report = doc["report"]
     assert report["calibration_data"] == str(site) and "--calibration-data" in report["command"]
     # the anatomy check: the 7 training images, a threshold over each calibration image (6 and their cut variants)
     assert "--anatomy-check" in report["command"] and doc["anatomy"]["n_images"] == 7
+    # mean_shape fixes no modality; the image check takes the one of its (CT-like) training images
+    assert doc["image"]["modality"] == "CT" and "image check: modality CT, from the training images" in out
     assert len(doc["anatomy"]["reference"]) > 6 and doc["anatomy"]["threshold"] > max(doc["anatomy"]["reference"])
     labelled = [s.case for s in load_dataset(site) if s.landmarks is not None]
     assert sorted(report["calibration_cases"]) == sorted(labelled) and len(labelled) == 6

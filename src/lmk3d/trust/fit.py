@@ -296,6 +296,9 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
     when ``presence`` is given untrained, the presence network's training; ``calibration`` (cases that
     trained nothing) gives the rest. A presence network whose ``fitted`` flag is set is used as it is.
+    ``modality``: the detector's (the image check refuses images of the other one); None where the detector
+    fixes none (``mean_shape`` never reads intensities): the one every training image shows
+    (:func:`lmk3d.preprocessing.guess_modality`), or none when they disagree.
     ``names``: the model's landmarks, in its order (a case may annotate fewer or list them in another order).
     ``image_prior``: the image model of the weights the detector was fine-tuned from; the new image model
     knows its images as well as ``train``'s (:meth:`ImageModel.merged`).
@@ -316,6 +319,13 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     truths = [s.landmarks.reorder(names) for s in labelled if s.landmarks is not None]
     shape = ShapeModel.fit([np.where(t.found[:, None], t.xyz_mm_ras, np.nan) for t in truths])
     vols_train = [s.load_image() for s in labelled]
+    if modality is None and vols_train:  # a detector that never reads intensities (mean_shape) fixes none
+        from lmk3d.preprocessing import guess_modality
+
+        seen = {guess_modality(np.asarray(v.array)) for v in vols_train}
+        modality = seen.pop() if len(seen) == 1 else None
+        say(f"image check: modality {modality or 'not checked (the training images disagree)'}, from the "
+            "training images")
     candidates = list(presence_candidates) or [presence]
     for cand in candidates:
         if cand is not None and not cand.fitted:
