@@ -360,7 +360,9 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         + f", {len(records)} calibration images (with cut variants)")
     image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality, prior=image_prior)
     trust = fit_from_records(records, shape, image, tolerance_mm)
-    if anatomy_check:
+    if anatomy_check and anatomy_prior is None and len(vols_train) < 2:
+        say("anatomy check: not fitted (it needs 2 training images, or the check of the weights fine-tuned from)")
+    elif anatomy_check:
         say(f"anatomy check: {len(vols_train)} training images"
             + (f" + the {anatomy_prior.n_images} of the weights fine-tuned from" if anatomy_prior is not None else "")
             + f", {len(records)} calibration images")
