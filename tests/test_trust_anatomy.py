@@ -217,7 +217,7 @@ def test_a_fine_tuned_check_knows_the_new_kind_and_keeps_the_old(fitted: Anatomy
 def test_one_training_image_is_too_few_alone_and_enough_beside_a_prior(fitted: AnatomyModel) -> None:
     rng = np.random.default_rng(8)
     one = [_case(rng)]
-    with pytest.raises(ValueError, match="at least 2 training images"):
+    with pytest.raises(ValueError, match="at least 2 training image"):
         AnatomyModel.fit(one, [])
     tuned = AnatomyModel.fit(one, [(v, _answer(t, rng)) for v, t in (_case(rng) for _ in range(3))], prior=fitted)
     assert tuned.n_images == fitted.n_images + 1 and math.isfinite(tuned.threshold)

@@ -20,7 +20,9 @@ must let those through. This check looks instead at a fixed box of the world aro
   (:meth:`AnatomyModel.distance`);
 - **threshold**: 1.25 x the farthest calibration image (the calibration cases and their cut variants, boxed
   around the detector's own points), as the thumbnail check's; the score is the share of calibration images
-  at least as far.
+  at least as far;
+- **fine-tuned weights**: the check knows the training images of the weights they started from as well as
+  their own (:meth:`AnatomyModel.merged`, from the parent's summary: its images are not kept).
 
 Plain numbers, saved in ``trust.json`` under ``"anatomy"``.
 """
@@ -92,8 +94,9 @@ class AnatomyModel:
         """
         if prior is not None:
             box_mm, size = prior.box_mm, prior.size
-        if len(train) < (1 if prior is not None else 2):
-            raise ValueError(f"the anatomy check needs at least 2 training images, got {len(train)}")
+        need = 1 if prior is not None else 2
+        if len(train) < need:
+            raise ValueError(f"the anatomy check needs at least {need} training image(s), got {len(train)}")
         centres = [anchor(t, v) for v, t in train]
         rel = [np.where(np.asarray(t.found)[:, None], t.xyz_mm_ras - c, np.nan) for (_, t), c in zip(train, centres,
                                                                                                       strict=True)]
