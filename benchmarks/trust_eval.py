@@ -16,7 +16,8 @@ For each model folder (with ``trust.json`` from ``lmk3d calibrate``) it reads th
   the MNI template, a spine T2, abdominal CT as NIfTI and DICOM, abdominal MR, 20 random crops of the
   MPRAGE and of the template the size of a typical test image, seed 5): share flagged and the largest
   landmark score given. None of these kinds was used to fit anything (the threshold comes from the
-  calibration cases alone).
+  calibration cases alone). For every set of images also the share judged atypical (of the model's kind, but
+  farther than nearly every calibration image: scores capped at 0.2, ``lmk3d.trust.atypical_verdict``).
 
 Run (1 thread): ``.venv/bin/python benchmarks/trust_eval.py models/cascade-hippocampus ... --out
 runs/trust_eval.json``; prints one table per block (markdown), the numbers go to docs/trust.md.
@@ -67,8 +68,8 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     test = list(ds.subset(split.test))
     rng = np.random.default_rng(cut_seed)
     normal = {"score": [], "raw": [], "err": [], "found": [], "raw_found": [], "radius": []}
-    flagged = cut_flagged = cut_images = 0
-    inverted: dict[str, list[float]] = {"flagged": [], "max_score": [], "found": []}
+    flagged = cut_flagged = cut_images = atypical = cut_atypical = 0
+    inverted: dict[str, list[float]] = {"flagged": [], "max_score": [], "found": [], "atypical": []}
     cut_out_nf, cut_in_f, raw_out_nf, raw_in_f = [], [], [], []
     cut_inside: dict[str, list[np.ndarray]] = {"score": [], "err": [], "found": []}  # their points still inside
     t0 = time.perf_counter()
@@ -78,6 +79,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
         assert truth is not None
         p = det.predict_all(vol)
         flagged += not p.verdict.in_distribution
+        atypical += p.verdict.atypical
         lm, raw = p.landmarks, p.raw
         err = np.linalg.norm(raw.xyz_mm_ras - truth.xyz_mm_ras, axis=1)
         normal["score"].append(lm.scores)
@@ -93,6 +95,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
         inverted["flagged"].append(float(not pi.verdict.in_distribution))
         inverted["max_score"].append(float(np.max(pi.landmarks.scores)))
         inverted["found"].append(float(pi.landmarks.found.sum()))
+        inverted["atypical"].append(float(pi.verdict.atypical))
         for t in range(len(truth)):
             cut = cut_outside(vol, truth.xyz_mm_ras, t, float(rng.uniform(2.0, 8.0)))
             if cut is None:
@@ -100,6 +103,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
             pc = det.predict_all(cut.volume)
             cut_images += 1
             cut_flagged += not pc.verdict.in_distribution
+            cut_atypical += pc.verdict.atypical
             inside = cut.volume.contains_ras(truth.xyz_mm_ras, margin=0.5)
             cut_out_nf += list(~pc.landmarks.found[~inside])
             cut_in_f += list(pc.landmarks.found[inside])
@@ -138,9 +142,12 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
                   "raw_cut_off_not_found": float(np.mean(raw_out_nf)), "raw_inside_found": float(np.mean(raw_in_f))}
     out["image_check_test_flagged"] = flagged / len(test)
     out["image_check_cut_flagged"] = cut_flagged / max(cut_images, 1)
+    out["image_check_test_atypical"] = atypical / len(test)
+    out["image_check_cut_atypical"] = cut_atypical / max(cut_images, 1)
     kinds = {INVERTED: {"flagged": float(np.mean(inverted["flagged"])), "n": len(test),
                         "max_score": float(np.max(inverted["max_score"])),
-                        "found": int(np.sum(inverted["found"])), "reason": ""}}
+                        "found": int(np.sum(inverted["found"])), "reason": "",
+                        "atypical": float(np.mean(inverted["atypical"]))}}
     crop_rng = np.random.default_rng(5)
     typical = np.median([np.asarray(s.load_image().shape) * s.load_image().spacing_mm for s in test[:10]], axis=0)
     for kind, path in OTHER_KINDS.items():
@@ -150,20 +157,21 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
         p = det.predict_all(vol)
         kinds[kind] = {"flagged": float(not p.verdict.in_distribution), "n": 1,
                        "max_score": float(np.max(p.landmarks.scores)), "found": int(p.landmarks.found.sum()),
-                       "reason": p.verdict.reason}
+                       "reason": p.verdict.reason, "atypical": float(p.verdict.atypical)}
         if kind in CROP_SOURCES:
             size = np.maximum((typical / vol.spacing_mm).astype(int), 8)
-            fl, mx, fd = [], [], 0
+            fl, mx, fd, at = [], [], 0, []
             for _ in range(crops):
                 lo = [int(crop_rng.integers(0, max(vol.shape[a] - size[a], 1))) for a in range(3)]
                 c = crop(vol, lo, [min(lo[a] + size[a], vol.shape[a]) for a in range(3)])
                 pc = det.predict_all(c)
                 fl.append(not pc.verdict.in_distribution)
+                at.append(pc.verdict.atypical)
                 mx.append(float(np.max(pc.landmarks.scores)))
                 fd += int(pc.landmarks.found.sum())
             kinds[f"{kind}: random crops the size of a test image"] = {"flagged": float(np.mean(fl)), "n": crops,
                                                                "max_score": float(np.max(mx)), "found": fd,
-                                                               "reason": ""}
+                                                               "reason": "", "atypical": float(np.mean(at))}
     out["other_kinds"] = kinds
     out["seconds"] = round(seconds, 1)
     return out
@@ -194,20 +202,22 @@ def print_tables(results: list[dict[str, object]]) -> None:
         print(f"| {r['model']} | {c['inside']} | {b['errors_over_3mm']} / {b['errors_over_4mm']} | "
               f"{_f(b['auroc_3mm'])} | {_f(b['auroc_4mm'])} | {_f(b['ece'])} | {_f(b['review_burden'], '.1%')} |")
     print("\n| model | cut-off landmarks | not found (trust) | not found (detector alone) | still inside | "
-          "found (trust) | found (detector alone) | test images flagged | cut test images flagged |")
+          "found (trust) | found (detector alone) | test images flagged (atypical) | cut test images flagged "
+          "(atypical) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         c = r["cut"]  # type: ignore[index]
         print(f"| {r['model']} | {c['cut_off']} | {_f(c['cut_off_not_found'], '.1%')} | "
               f"{_f(c['raw_cut_off_not_found'], '.1%')} | {c['inside']} | {_f(c['inside_found'], '.1%')} | "
-              f"{_f(c['raw_inside_found'], '.1%')} | {_f(r['image_check_test_flagged'], '.1%')} | "
-              f"{_f(r.get('image_check_cut_flagged'), '.1%')} |")
-    print("\n| model | image | images | flagged | landmarks found | largest score |")
-    print("|---|---|---|---|---|---|")
+              f"{_f(c['raw_inside_found'], '.1%')} | {_f(r['image_check_test_flagged'], '.1%')} "
+              f"({_f(r.get('image_check_test_atypical'), '.1%')}) | {_f(r.get('image_check_cut_flagged'), '.1%')} "
+              f"({_f(r.get('image_check_cut_atypical'), '.1%')}) |")
+    print("\n| model | image | images | flagged | atypical (scores capped) | landmarks found | largest score |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         for kind, k in r["other_kinds"].items():  # type: ignore[attr-defined]
-            print(f"| {r['model']} | {kind} | {k['n']} | {_f(k['flagged'], '.0%')} | {k['found']} | "
-                  f"{_f(k['max_score'], '.2f')} |")
+            print(f"| {r['model']} | {kind} | {k['n']} | {_f(k['flagged'], '.0%')} | {_f(k.get('atypical'), '.0%')} | "
+                  f"{k['found']} | {_f(k['max_score'], '.2f')} |")
 
 
 def _presence_members(report: dict[str, Any]) -> list[dict[str, Any]]:
@@ -284,10 +294,15 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         f"images flagged"
         + (f" ({_f(r['image_check_cut_flagged'], '.1%')} of their cut variants)"
            if "image_check_cut_flagged" in r else "")
+        + (f", {_f(r['image_check_test_atypical'], '.1%')} atypical (scores capped at 0.2; "
+           f"{_f(r['image_check_cut_atypical'], '.1%')} of the cut variants)" if "image_check_test_atypical" in r
+           else "")
         + f"; {flagged:.0f} of {total} images of other kinds flagged ({', '.join(whole)}, and random "
         "crops of the MPRAGE and the template the size of a training image; none used to fit)"
-        + (f"; the test images with their contrast inverted: {_f(inv['flagged'], '.1%')} flagged, the largest score "
-           f"of the others {_f(inv['max_score'], '.2f')}" if inv is not None else "") + ".",
+        + (f", the largest score any of them kept {max(k['max_score'] for k in kinds.values()):.2f}" if kinds else "")
+        + (f"; the test images with their contrast inverted: {_f(inv['flagged'], '.1%')} flagged"
+           + (f", {_f(inv['atypical'], '.1%')} atypical" if "atypical" in inv else "")
+           + f", the largest score of the others {_f(inv['max_score'], '.2f')}" if inv is not None else "") + ".",
         ""])
 
 

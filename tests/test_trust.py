@@ -179,6 +179,48 @@ def test_apply_trust_calibrates_cuts_and_refuses_other_kinds() -> None:
     assert not other.landmarks.found.any() and other.landmarks.scores.max() <= OOD_SCORE_CAP
 
 
+def test_an_image_farther_than_nearly_every_calibration_image_gets_capped_scores() -> None:
+    """Atypical (docs/trust.md, "Scores capped on an image at the edge of the calibration images"): an image
+    that passes the check but lies farther than all but 2.5 % of the calibration images keeps its points,
+    each score capped at 0.2, and says so; an ordinary one is untouched; too few calibration images never cap."""
+    from lmk3d.trust import ATYPICAL_SCORE, image_descriptor
+
+    rng = np.random.default_rng(4)
+    image = ImageModel.fit([_blob(rng) for _ in range(30)], [_blob(rng) for _ in range(10)], "MR")
+    trust = _trust(None, image)
+    vol = _blob(rng)
+    d = image.distance(image_descriptor(vol))
+    xyz = vol.ijk_to_ras(np.array([[18.0, 24, 17], [10, 10, 10], [25, 30, 20], [12, 24, 17]]))
+    raw = LandmarkSet(("a", "b", "c", "d"), xyz, np.array([0.999, 0.99, 0.95, 0.9]))
+
+    def with_reference(ref: np.ndarray):  # type: ignore[no-untyped-def]
+        image.reference, image.threshold = np.sort(ref), 1.25 * float(np.max(ref))
+        return apply_trust(trust, raw, None, vol)
+
+    typical = with_reference(np.r_[np.full(60, 0.5 * d), np.full(40, 2.0 * d)])  # 40 of 100 farther
+    assert typical.verdict.in_distribution and not typical.verdict.atypical
+    assert typical.landmarks.scores.max() > 0.5  # confident points, or the cap below would prove nothing
+    # farther than 99 of 100 (score 2/101 <= 0.025): points kept, scores capped, the reason says why
+    edge = with_reference(np.r_[np.full(99, 0.5 * d), 1.1 * d])
+    v = edge.verdict
+    assert v.in_distribution and v.atypical and v.score <= ATYPICAL_SCORE
+    assert "capped at 0.2" in v.reason and v.to_json()["atypical"] is True
+    np.testing.assert_array_equal(edge.landmarks.found, typical.landmarks.found)
+    np.testing.assert_array_equal(edge.landmarks.radius_mm, typical.landmarks.radius_mm)
+    assert edge.landmarks.scores.max() <= OOD_SCORE_CAP
+    np.testing.assert_allclose(edge.landmarks.scores, np.minimum(typical.landmarks.scores, OOD_SCORE_CAP))
+    # a consensus asks its members without the cap: the calibrated scores as they were calibrated
+    uncapped = apply_trust(trust, raw, None, vol, cap_atypical=False)
+    assert uncapped.verdict.atypical
+    np.testing.assert_array_equal(uncapped.landmarks.scores, typical.landmarks.scores)
+    # three farther than it of 100 (score 4/101 > 0.025): not atypical
+    assert not with_reference(np.r_[np.full(97, 0.5 * d), np.full(3, 1.1 * d)]).verdict.atypical
+    # 30 calibration images, all nearer: the smallest possible score, 1/31, is over 0.025
+    few = with_reference(np.full(30, 0.5 * d))
+    assert few.verdict.score == pytest.approx(1 / 31) and not few.verdict.atypical
+    assert typical.verdict.to_json()["atypical"] is False
+
+
 def test_trust_model_round_trips_through_json(tmp_path) -> None:
     rng = np.random.default_rng(5)
     trust = _trust(ShapeModel.fit(_shapes(40, rng)), ImageModel.fit([_blob(rng) for _ in range(12)],

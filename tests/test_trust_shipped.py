@@ -112,3 +112,50 @@ def test_the_anatomy_check_refuses_most_contrast_inverted_test_images(test_cases
             refused += 1
             assert not pred.landmarks.found.any() and pred.verdict.reason
     assert refused >= 5, f"{refused} of {len(test_cases)} contrast-inverted test images refused"
+
+
+def test_the_consensus_weighs_its_members_by_their_uncapped_scores(test_cases, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A member's scores are capped on an image it finds atypical; the consensus was calibrated on the members'
+    calibrated scores as they are, so it asks them uncapped and caps only its own answer."""
+    if "consensus-hippocampus" not in MODELS:
+        pytest.skip("models/consensus-hippocampus has no trust.json")
+    det = load_detector(ROOT / "models" / "consensus-hippocampus", "cpu")
+    asked: list[object] = []
+    for member in det.members.values():
+        own = member.predict_all
+
+        def wrapped(image, *args, _own=own, **kwargs):  # type: ignore[no-untyped-def]
+            asked.append(kwargs.get("cap_atypical", True))
+            return _own(image, *args, **kwargs)
+
+        monkeypatch.setattr(member, "predict_all", wrapped)
+    pred = det.predict_all(test_cases[0].load_image())
+    assert asked == [False, False, False]
+    assert pred.verdict.in_distribution and not pred.verdict.atypical
+
+
+def test_crops_of_a_whole_head_get_no_confident_point() -> None:
+    """Crops of the whole-head MPRAGE the size of a test image (benchmarks/trust_eval.py's, seed 5) that the
+    consensus lets through lie farther than nearly every calibration image: atypical, every score capped
+    (docs/trust.md: 14 of the 20 refused, the other 6 atypical). Fails if such a crop gets a confident point."""
+    from lmk3d.trust.cuts import crop
+
+    if "consensus-hippocampus" not in MODELS:
+        pytest.skip("models/consensus-hippocampus has no trust.json")
+    det = load_detector(ROOT / "models" / "consensus-hippocampus", "cpu")
+    split = read_split(ROOT / "models" / "consensus-hippocampus")
+    test = list(load_dataset(DATA / "hippocampus").subset(split.test))[:10]
+    typical = np.median([np.asarray(s.load_image().shape) * s.load_image().spacing_mm for s in test], axis=0)
+    vol = read_image(OTHER_KINDS["whole-head MPRAGE (DICOM)"])
+    size = np.maximum((typical / vol.spacing_mm).astype(int), 8)
+    rng = np.random.default_rng(5)
+    passed = 0
+    for _ in range(10):
+        lo = [int(rng.integers(0, max(vol.shape[a] - size[a], 1))) for a in range(3)]
+        pred = det.predict_all(crop(vol, lo, [min(lo[a] + size[a], vol.shape[a]) for a in range(3)]))
+        if pred.verdict.in_distribution:
+            passed += 1
+            assert pred.verdict.atypical, pred.verdict
+            assert "capped" in pred.verdict.reason
+        assert pred.landmarks.scores.max() <= OOD_SCORE_CAP, pred.verdict
+    assert passed >= 1  # a crop that passes the checks is among these, or the cap is not tested

@@ -494,6 +494,8 @@ def run_predict(args: argparse.Namespace) -> int:
             if pred.verdict is not None and not pred.verdict.in_distribution:
                 print(f"{c}: not this model's kind of image, no landmark reported: {pred.verdict.reason}",
                       file=sys.stderr)
+            elif pred.verdict is not None and pred.verdict.atypical:
+                print(f"{c}: an unusual image for this model: {pred.verdict.reason}", file=sys.stderr)
     seconds = time.perf_counter() - t_start
     write_table(out / table_name, table, with_scores=True)
     if truth:

@@ -138,6 +138,10 @@ def test_an_image_the_model_does_not_recognise_is_said_so() -> None:
     assert review.image_warning == "The model does not recognise this image: the image looks like CT"
     assert lr.ReviewSession.from_detection("case", "m", {"landmarks": [_point("a", 0.9, [1.0, 2, 3])]}
                                            ).image_warning == ""
+    unusual = {"in_distribution": True, "atypical": True, "score": 0.01, "reason": "farther than ...: capped at 0.2"}
+    warning = lr.ReviewSession.from_detection("case", "m", {"landmarks": [_point("a", 0.2, [1.0, 2, 3])],
+                                                            "image_check": unusual}).image_warning
+    assert warning.startswith("The model finds this image unusual") and "capped at 0.2" in warning
 
 
 def test_a_review_with_nothing_placed_is_not_sent() -> None:

@@ -160,7 +160,9 @@ class LandmarkReviewWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.showPoints()
             self.refresh()
         if self.review is not None and self.review.image_warning:
-            slicer.util.warningDisplay(self.review.image_warning, windowTitle="Not this model's kind of image")
+            title = ("Not this model's kind of image" if self.review.image_check.get("in_distribution") is False
+                     else "An unusual image for this model")
+            slicer.util.warningDisplay(self.review.image_warning, windowTitle=title)
 
     # --- the points -----------------------------------------------------------------------------------------
     def showPoints(self) -> None:

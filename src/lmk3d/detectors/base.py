@@ -260,10 +260,13 @@ class Detector(abc.ABC):
         """Mixed precision on CUDA; float32 elsewhere (:func:`autocast`)."""
         return autocast(self.device)
 
-    def predict_all(self, image: Volume, prepared: PreparedImage | None = None, trust: bool = True) -> Prediction:
+    def predict_all(self, image: Volume, prepared: PreparedImage | None = None, trust: bool = True,
+                    cap_atypical: bool = True) -> Prediction:
         """Run every stage on one prepared image; keep each stage's landmarks and latency.
 
         ``trust`` False gives the detector's own answer even when the model has a trust model.
+        ``cap_atypical`` False leaves the calibrated scores of an atypical image uncapped
+        (:func:`lmk3d.trust.apply_trust`; a consensus asks its members so).
         """
         import torch
 
@@ -297,7 +300,8 @@ class Detector(abc.ABC):
         from lmk3d.trust import apply_trust
 
         t0 = time.perf_counter()
-        trusted = apply_trust(self.trust, raw, results[0].landmarks if len(results) > 1 else None, image, verdict)
+        trusted = apply_trust(self.trust, raw, results[0].landmarks if len(results) > 1 else None, image, verdict,
+                              cap_atypical)
         return Prediction(trusted.landmarks, results, t_prep, raw, trusted.verdict, time.perf_counter() - t0)
 
     def predict(self, image: Volume) -> LandmarkSet:

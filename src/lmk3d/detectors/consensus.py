@@ -121,8 +121,13 @@ class ConsensusDetector(Detector):
         raise LandmarkError("consensus is built from trained members, not trained: train prior_guided, pin and "
                             "cascade, calibrate each (lmk3d calibrate), then lmk3d consensus --members DIR DIR DIR")
 
-    def predict_all(self, image: Volume, prepared: PreparedImage | None = None, trust: bool = True) -> Prediction:
-        """Every member's calibrated answer, their consensus, then the consensus's own trust model."""
+    def predict_all(self, image: Volume, prepared: PreparedImage | None = None, trust: bool = True,
+                    cap_atypical: bool = True) -> Prediction:
+        """Every member's calibrated answer, their consensus, then the consensus's own trust model.
+
+        The members' scores are taken as calibrated, uncapped on an image a member finds atypical (the
+        consensus was calibrated on them so); ``cap_atypical`` applies to the consensus's own answer.
+        """
         if not self.members:
             raise LandmarkError("consensus has no members (build it with lmk3d consensus)")
         verdict = None
@@ -138,7 +143,7 @@ class ConsensusDetector(Detector):
         answers = []
         for slug in self.config.members:
             t = time.perf_counter()
-            p = self.members[slug].predict_all(image)
+            p = self.members[slug].predict_all(image, cap_atypical=False)
             answers.append(p.landmarks.reorder(self.landmark_names))
             results.append(StageResult(slug, p.landmarks, time.perf_counter() - t))
         t = time.perf_counter()
@@ -150,7 +155,7 @@ class ConsensusDetector(Detector):
         from lmk3d.trust import apply_trust
 
         t = time.perf_counter()
-        trusted = apply_trust(self.trust, raw, results[0].landmarks, image, verdict)
+        trusted = apply_trust(self.trust, raw, results[0].landmarks, image, verdict, cap_atypical)
         return Prediction(trusted.landmarks, results, 0.0, raw, trusted.verdict, time.perf_counter() - t)
 
     def save(self, directory: Any) -> Path:

@@ -37,7 +37,10 @@ How the numbers are made (fixed before any test case was looked at; the history 
   and their cut variants: a cut image is still of the model's kind). The verdict's score is the share of
   calibration images at least as far (1.0 for a typical image, near 0 far outside). A model may also
   carry a second check made after the detector has run, on the anatomy around its points, blind to what a
-  crop removed (:mod:`lmk3d.trust.anatomy`); the verdict is then the two checks' together.
+  crop removed (:mod:`lmk3d.trust.anatomy`); the verdict is then the two checks' together. An image that
+  passes but whose verdict score is at most :data:`ATYPICAL_SCORE` (farther than all but 2.5 % of the
+  calibration images) is *atypical*: its points are reported, each score capped at :data:`OOD_SCORE_CAP`,
+  since the calibration has next to no images like it (:func:`atypical_verdict`).
 
 Everything fitted is plain numbers, saved as ``trust.json`` beside the checkpoint (:func:`save_trust`,
 :func:`load_trust`); nothing here is pickled.
@@ -49,7 +52,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +66,8 @@ from lmk3d.trust.cuts import distance_to_faces_mm
 from lmk3d.trust.presence import PresenceModel
 
 __all__ = ["TRUST_FILE", "AnatomyModel", "ImageModel", "ImageVerdict", "ShapeModel", "TrustModel", "anatomy_verdict",
-           "apply_trust", "check_image", "image_descriptor", "load_trust", "point_features", "refused", "save_trust"]
+           "apply_trust", "atypical_verdict", "check_image", "image_descriptor", "load_trust", "point_features",
+           "refused", "save_trust"]
 
 TRUST_FILE = "trust.json"
 FORMAT = 1
@@ -72,8 +76,12 @@ THUMB = 16
 COVERAGE = 0.9
 # The error scale's feature sets (:func:`design_matrix`); a trust.json that names none uses "base".
 FEATURE_SETS = ("base", "face")
-#: the score an image judged not of the model's kind may keep, at most
+#: the score an image judged not of the model's kind may keep, at most (an atypical image's cap as well)
 OOD_SCORE_CAP = 0.2
+#: an image whose verdict score is at most this is atypical (:func:`atypical_verdict`); an image of the model's
+#: kind, exchangeable with the calibration images, scores this low on one check with probability at most 0.025
+#: (on either of two: at most 0.05)
+ATYPICAL_SCORE = 0.025
 
 
 # --- the shape model: where the other landmarks put each one -----------------------------------------
@@ -195,6 +203,8 @@ class ImageVerdict:
         distance: the thumbnail distance (NaN when a cheap check already failed).
         anatomy_distance: the anatomy check's distance (NaN when the model has none or it was not reached);
             in the JSON only when known.
+        atypical: of the model's kind, but farther than nearly every calibration image, so every landmark
+            score is capped (:func:`atypical_verdict`).
     """
 
     in_distribution: bool
@@ -202,11 +212,12 @@ class ImageVerdict:
     reason: str
     distance: float = float("nan")
     anatomy_distance: float = float("nan")
+    atypical: bool = False
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"in_distribution": self.in_distribution, "score": round(float(self.score), 4),
-                               "reason": self.reason, "distance": None if not math.isfinite(self.distance) else
-                               round(float(self.distance), 3)}
+                               "atypical": self.atypical, "reason": self.reason,
+                               "distance": None if not math.isfinite(self.distance) else round(float(self.distance), 3)}
         if math.isfinite(self.anatomy_distance):
             out["anatomy_distance"] = round(float(self.anatomy_distance), 3)
         return out
@@ -493,6 +504,21 @@ def anatomy_verdict(trust: TrustModel, verdict: ImageVerdict, final: LandmarkSet
                         f"too (distance {d:.1f} <= {a.threshold:.1f})", verdict.distance, d)
 
 
+def atypical_verdict(verdict: ImageVerdict) -> ImageVerdict:
+    """``verdict``, marked atypical when it passed with a score of at most :data:`ATYPICAL_SCORE`.
+
+    The calibrated scores hold for images like the calibration images; one farther from the training images
+    than all but 2.5 % of them is where the calibration has next to no support, so its landmark scores are
+    capped at :data:`OOD_SCORE_CAP` (:func:`apply_trust`) and the reason says so. With fewer than 39
+    calibration images no score is that low and no image is atypical.
+    """
+    if not verdict.in_distribution or verdict.score > ATYPICAL_SCORE:
+        return verdict
+    return replace(verdict, atypical=True, reason=f"{verdict.reason}; but farther from the training images than "
+                   f"all but {ATYPICAL_SCORE:.1%} of the calibration images (score {verdict.score:.3f}): every "
+                   f"landmark score is capped at {OOD_SCORE_CAP:g}, check each point")
+
+
 def _feature_set(name: Any) -> str:
     if name not in FEATURE_SETS:
         raise LandmarkError(f"trust.json: error-scale features {name!r}: expected one of {', '.join(FEATURE_SETS)}")
@@ -523,17 +549,20 @@ def refused(trust: TrustModel, verdict: ImageVerdict) -> LandmarkSet:
 
 
 def apply_trust(trust: TrustModel, final: LandmarkSet, first: LandmarkSet | None, volume: Volume,
-                verdict: ImageVerdict | None = None) -> Trusted:
+                verdict: ImageVerdict | None = None, cap_atypical: bool = True) -> Trusted:
     """Calibrated scores, radii, cut-off landmarks and the image verdict for one prediction.
 
     A landmark not found (by the detector, as cut off, or because the image is not of the model's kind)
     keeps its name, loses its position, and gets score 0 and no radius. ``verdict``: the image verdict
-    if already made (:func:`check_image`).
+    if already made (:func:`check_image`). On an atypical image (:func:`atypical_verdict`) every score is
+    capped at :data:`OOD_SCORE_CAP` unless ``cap_atypical`` is False (a consensus weighs its members by
+    the scores they were calibrated with, and caps its own answer).
     """
     if tuple(final.names) != trust.landmark_names:
         raise LandmarkError(f"trust model is for {', '.join(trust.landmark_names)}; the prediction has "
                             f"{', '.join(final.names)}")
-    verdict = anatomy_verdict(trust, verdict if verdict is not None else check_image(trust, volume), final, volume)
+    verdict = atypical_verdict(anatomy_verdict(trust, verdict if verdict is not None else check_image(trust, volume),
+                                               final, volume))
     feats = point_features(final, first, trust.shape, volume)
     presence = None
     if trust.presence is not None and verdict.in_distribution:
@@ -545,6 +574,8 @@ def apply_trust(trust: TrustModel, final: LandmarkSet, first: LandmarkSet | None
     if not verdict.in_distribution:
         found = np.zeros(len(final), dtype=bool)
     p = np.where(found, trust.probability_within(s, partial=partial), 0.0)
+    if verdict.atypical and cap_atypical:
+        p = np.minimum(p, OOD_SCORE_CAP)
     radius = np.where(found, trust.quantile(partial) * s, np.nan)
     xyz = np.where(found[:, None], final.xyz_mm_ras, np.nan)
     out = LandmarkSet(final.names, xyz, np.clip(p, 0.0, 1.0), found, radius, trust.tolerance_mm)

@@ -13,9 +13,10 @@ one reader, so the app and the library agree on geometry) and answers with
   ``Prediction.stages_json``), which shows how the first guess was refined. With a model that has a trust
   model (:mod:`lmk3d.trust`), each landmark's ``score`` is the probability that it lies within
   ``tolerance_mm`` of the truth, ``radius_mm`` holds the truth with 90 % probability, a cut-off landmark is
-  not found, ``image_check`` = ``{in_distribution, score, reason, distance}`` (plus ``anatomy_distance``
-  where the model has that check) says whether the image is of the model's kind (when not, no landmark is
-  found and the reason says why), and ``raw_scores`` keeps the detector's own scores. A client that only wants
+  not found, ``image_check`` = ``{in_distribution, score, atypical, reason, distance}`` (plus
+  ``anatomy_distance`` where the model has that check) says whether the image is of the model's kind (when
+  not, no landmark is found and the reason says why; when ``atypical``, every score is capped at 0.2 and the
+  reason says why), and ``raw_scores`` keeps the detector's own scores. A client that only wants
   the JSON can send ``result_write_to_file: false`` (MONAI Label's own option name): MONAI Label gives
   the task no way to see ``output=json``, so otherwise the result file is made and then thrown away;
 - a result file chosen by the option ``landmark_output``:

@@ -356,9 +356,13 @@ class ReviewSession:
 
     @property
     def image_warning(self) -> str:
-        """Why the model does not trust this image at all ("" when it does, or when the server did not say)."""
+        """Why the model does not trust this image, or trusts none of its scores ("" when it does, or when the
+        server did not say)."""
         if self.image_check.get("in_distribution") is False:
             return f"The model does not recognise this image: {self.image_check.get('reason', 'no reason given')}"
+        if self.image_check.get("atypical") is True:
+            return ("The model finds this image unusual; every score is capped, check each point: "
+                    f"{self.image_check.get('reason', 'no reason given')}")
         return ""
 
     # --- looking up -----------------------------------------------------------------------------------------
