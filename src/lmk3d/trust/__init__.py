@@ -515,7 +515,7 @@ def atypical_verdict(verdict: ImageVerdict) -> ImageVerdict:
     if not verdict.in_distribution or verdict.score > ATYPICAL_SCORE:
         return verdict
     return replace(verdict, atypical=True, reason=f"{verdict.reason}; but farther from the training images than "
-                   f"all but {ATYPICAL_SCORE:.1%} of the calibration images (score {verdict.score:.3f}): every "
+                   f"all but at most {ATYPICAL_SCORE:.1%} of the calibration images (score {verdict.score:.3f}): every "
                    f"landmark score is capped at {OOD_SCORE_CAP:g}, check each point")
 
 
