@@ -158,6 +158,7 @@ def test_consensus_is_served_with_calibrated_scores_and_never_trained(server: Se
     assert status == 200, doc
     assert {"prior_guided", "pin", "cascade", "combine"} <= set(doc["latencies"]), doc["latencies"]
     assert "within 3 mm" in doc["score_meaning"] and doc["image_check"]["in_distribution"] is True
+    assert doc["image_check"]["atypical"] is False, doc["image_check"]  # the clients' cue for capped scores
     truth = read_table(DATA / "hippocampus" / "landmarks.csv")[LABELLED]
     found = [lm for lm in doc["landmarks"] if lm["found"]]
     assert len(found) >= 3, doc["landmarks"]
