@@ -162,3 +162,23 @@ def test_a_corrupt_image_in_the_training_set_is_skipped(tmp_path: Path) -> None:
     report = json.loads((out / "train_report.json").read_text())
     assert report["counts"]["train"] + report["counts"]["val"] == len(cases) - 1
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_an_sr_says_why_no_landmark_was_found(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A PACS user reads only the SR: a whole-head MPRAGE given to a hippocampus model is refused, and the SR's
+    algorithm parameters carry the verdict and its reason (every landmark a not-found group)."""
+    import pydicom
+
+    from lmk3d.io.dicom_sr import read_sr
+
+    series = DATA / "dicom" / "mr_brain_sagittal_mprage"
+    out = tmp_path / "sr"
+    assert main(["predict", "--model", str(ROOT / "models" / "prior_guided-hippocampus"), "--format", "sr",
+                 "--out", str(out), str(series)]) == 0
+    assert "not this model's kind of image" in capsys.readouterr().err
+    (path,) = out.glob("*.sr.dcm")
+    texts = [str(e.value) for e in pydicom.dcmread(path).iterall() if e.keyword == "TextValue"]
+    verdict = [t for t in texts if t.startswith("image_check=")]
+    assert verdict and "not of the model's kind, no landmark found" in verdict[0], texts
+    assert "field of view" in verdict[0]
+    assert not read_sr(path).found.any()

@@ -205,6 +205,8 @@ def test_an_image_farther_than_nearly_every_calibration_image_gets_capped_scores
     v = edge.verdict
     assert v.in_distribution and v.atypical and v.score <= ATYPICAL_SCORE
     assert "capped at 0.2" in v.reason and v.to_json()["atypical"] is True
+    assert v.summary().startswith("atypical, every score capped at 0.2 (score 0.020): like the training images")
+    assert typical.verdict.summary().startswith("of the model's kind (score 0.406)")
     np.testing.assert_array_equal(edge.landmarks.found, typical.landmarks.found)
     np.testing.assert_array_equal(edge.landmarks.radius_mm, typical.landmarks.radius_mm)
     assert edge.landmarks.scores.max() <= OOD_SCORE_CAP

@@ -475,7 +475,8 @@ def run_predict(args: argparse.Namespace) -> int:
                 from lmk3d.io.dicom_sr import write_sr
 
                 write_sr(out / f"{c}.sr.dcm", pred.landmarks, p,
-                         algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"])
+                         algorithm_parameters=[f"detector={model.name}", f"profile={model.profile}"]
+                         + ([f"image_check={pred.verdict.summary()}"] if pred.verdict is not None else []))
             elif args.format == "json":
                 from lmk3d.io.atomic import atomic_write_text
                 from lmk3d.io.table import landmarks_to_json

@@ -222,6 +222,12 @@ class ImageVerdict:
             out["anatomy_distance"] = round(float(self.anatomy_distance), 3)
         return out
 
+    def summary(self) -> str:
+        """One line for a record that has no field of its own for the verdict (a DICOM SR's algorithm parameters)."""
+        state = ("not of the model's kind, no landmark found" if not self.in_distribution else
+                 f"atypical, every score capped at {OOD_SCORE_CAP:g}" if self.atypical else "of the model's kind")
+        return f"{state} (score {self.score:.3f}): {self.reason}"
+
 
 def image_descriptor(volume: Volume) -> np.ndarray:
     """``(THUMB**3,)`` thumbnail of the image in canonical (RAS) axis order, intensities scaled to [0, 1] by

@@ -37,8 +37,9 @@ one reader, so the app and the library agree on geometry) and answers with
 
 With a DICOMweb datastore, the option ``store_sr: true`` also stores the detection in the PACS as a
 TID 1500 DICOM SR (built by ``lmk3d.io.dicom_sr.build_sr`` from the downloaded series, stored by
-STOW-RS) and adds ``sr`` = ``{StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID}`` to the JSON, with
-``sr_build`` and ``sr_store`` in ``latencies``. With a local studies folder the option is refused
+STOW-RS; the image verdict goes with the algorithm's parameters, ``image_check=...``) and adds ``sr`` =
+``{StudyInstanceUID, SeriesInstanceUID, SOPInstanceUID}`` to the JSON, with ``sr_build`` and ``sr_store`` in
+``latencies``. With a local studies folder the option is refused
 (422): there is no source DICOM series to reference; ``lmk3d predict --format sr`` writes SR files.
 
 The label map is written by :func:`lmk3d.io.label_map.write_label_map` (the library's writer); this
@@ -215,7 +216,8 @@ class LandmarkInferTask(InferTask):
         t_write = time.perf_counter() - t1
         sr = None
         if options["store_sr"] and self.sr_store is not None:
-            sr = self.sr_store(image, landmarks, [f"detector={self._detector.name}", f"model={self.name}"])
+            verdict = [f"image_check={prediction.verdict.summary()}"] if prediction.verdict is not None else []
+            sr = self.sr_store(image, landmarks, [f"detector={self._detector.name}", f"model={self.name}", *verdict])
 
         latencies: dict[str, float] = {"load": round(t_load, 4)}
         for stage, seconds in prediction.latencies.items():
