@@ -154,6 +154,12 @@ def _sr_checks(pacs: Pacs, result: dict[str, Any], series: list[Dataset], tmp_pa
     assert set(n for n, f in zip(got.names, got.found, strict=True) if f) == set(expected)
     for name, lps in expected.items():
         assert np.abs(got.xyz_mm_lps[got.names.index(name)] - lps).max() < TOL_MM, name
+    # the image verdict travels with the algorithm's parameters, for a PACS user who reads only the SR
+    verdicts = [str(e.value) for e in back.iterall() if e.keyword == "TextValue" and
+                str(e.value).startswith("image_check=")]
+    check = result["image_check"]
+    assert len(verdicts) == (0 if check["in_distribution"] is None else 1), (verdicts, check)
+    assert all(check["reason"] in v for v in verdicts), (verdicts, check)
 
     dsrdump = shutil.which("dsrdump")
     if dsrdump:
