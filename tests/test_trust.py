@@ -768,6 +768,51 @@ def test_an_ensemble_of_presence_networks_answers_their_mean_and_keeps_every_mem
         ensemble.fit([vol], [np.zeros((3, 3))])
 
 
+def test_a_local_presence_network_can_learn_from_the_detectors_own_points_on_cut_images() -> None:
+    """``answer_variants`` (docs/trust.md, "A local presence network trained on the detector's own points"): the
+    detector answers K cut variants of each training case once; half of each epoch's patches are centred on its
+    points (the jittered truth where it found none). Without it the training is as it was."""
+    from lmk3d.trust.presence import PresenceConfig, PresenceModel
+
+    rng = np.random.default_rng(0)
+    volumes = [_blob(rng) for _ in range(2)]
+    truths = [v.ijk_to_ras(np.array([[18.0, 24, 17], [10, 12, 9]])) for v in volumes]
+    names = ("a", "b")
+    # a patch is centred on the detector's point where it has one, on the true position where not
+    model = PresenceModel(names, PresenceConfig(mode="local", box_mm=24.0, size=16, channels=2, jitter_mm=0.0))
+    answer = np.array([[20.0, 26, 19], [np.nan] * 3])
+    x, y, k = model._examples(volumes[0], truths[0], rng, answer)
+    from lmk3d.trust.presence import presence_patches
+
+    np.testing.assert_array_equal(x, presence_patches(volumes[0], 24.0, 16, np.array([answer[0], truths[0][1]])))
+    assert y[:, 0].tolist() == [1.0, 1.0] and k.tolist() == [0, 1]
+
+    calls: list[tuple[int, ...]] = []
+
+    def answers(volume: Volume) -> np.ndarray:
+        calls.append(volume.shape)
+        return np.array([[0.0, 0, 0], [np.nan] * 3]) + volume.ijk_to_ras(np.array([18.0, 24, 17]))
+
+    config = PresenceConfig(mode="local", box_mm=24.0, size=16, channels=2, epochs=2, variants_per_case=2,
+                            answer_variants=3)
+    with pytest.raises(ValueError, match="needs the detector's answers"):
+        PresenceModel(names, config).fit(volumes, truths)
+    taught = PresenceModel(names, config)
+    lines: list[str] = []
+    taught.fit(volumes, truths, log=lines.append, answers=answers)
+    assert len(calls) == 6  # 3 cut variants of each case, answered once before the epochs
+    assert "the detector answered 3 cut variants of each of 2 training cases" in lines[0]
+    assert taught.report["config"]["answer_variants"] == 3
+    plain = PresenceModel(names, dataclasses.replace(config, answer_variants=0))
+    plain.fit(volumes, truths, answers=answers)
+    assert len(calls) == 6  # not asked without answer_variants
+    v = volumes[0]
+    assert not np.array_equal(taught.probabilities(v, truths[0]), plain.probabilities(v, truths[0]))
+    for bad in ({"answer_variants": -1, "mode": "local"}, {"answer_variants": 2, "mode": "global"}):
+        with pytest.raises(ValueError, match="answer_variants"):
+            PresenceConfig(**bad)  # type: ignore[arg-type]
+
+
 def test_a_presence_networks_first_weights_depend_on_its_seed_only() -> None:
     """Two networks with the same config start from the same weights whatever drew from torch's generator
     before (a calibration that loads other networks first trains the same one), and the caller's generator

@@ -66,6 +66,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-presence", choices=("global", "local"),
                    help="with --presence: also train a network of this kind (global: one box on the whole image; "
                    "local: a patch around each point) as a candidate; alone: the kind to train (default global)")
+    p.add_argument("--presence-answer-variants", type=int, default=0, metavar="K",
+                   help="with --train-presence local: K cut variants of each training case that the detector answers "
+                   "first; half of the network's training patches are then centred on its points (default 0: none)")
     p.add_argument("--calibration-data", metavar="DIR",
                    help="calibrate on every case with landmarks in this dataset instead of the model's validation "
                    "cases (cases that trained nothing, e.g. a site's own; not the model's own dataset)")
@@ -86,6 +89,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise LandmarkError(f"--tolerance-mm {args.tolerance_mm}: give a distance in mm > 0")
     if args.presence_epochs < 0:
         raise LandmarkError(f"--presence-epochs {args.presence_epochs}: give 0 (no network) or more")
+    if args.presence_answer_variants and (args.presence_answer_variants < 0 or args.train_presence != "local"):
+        raise LandmarkError(f"--presence-answer-variants {args.presence_answer_variants}: give a count of 0 or more, "
+                            "with --train-presence local")
     model_dir = Path(args.model)
     split = read_split(model_dir)
     data = args.data or json.loads((model_dir / "split.json").read_text()).get("data")
@@ -126,7 +132,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if (args.train_presence or not args.presence) and args.presence_epochs > 0:
         local = args.train_presence == "local"
         config = (PresenceConfig(epochs=args.presence_epochs, seed=args.seed, mode="local", box_mm=LOCAL_BOX_MM,
-                                 size=LOCAL_SIZE) if local else
+                                 size=LOCAL_SIZE, answer_variants=args.presence_answer_variants) if local else
                   PresenceConfig(epochs=args.presence_epochs, seed=args.seed, box_mm=_box_mm(train)))
         candidates.append(PresenceModel(det.landmark_names, config))
     t0 = time.monotonic()
@@ -141,6 +147,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                + (" --presence-ensemble" if args.presence_ensemble else "")
                                + (" --anatomy-check" if args.anatomy_check else "")
                                + (f" --train-presence {args.train_presence}" if args.train_presence else "")
+                               + (f" --presence-answer-variants {args.presence_answer_variants}"
+                                  if args.presence_answer_variants else "")
                                + (f" --calibration-data {args.calibration_data}" if args.calibration_data else ""))
     if args.calibration_data:
         trust.report["calibration_data"] = str(args.calibration_data)

@@ -220,3 +220,27 @@ def test_cli_train_config_overrides(tiny_set: Path, tmp_path: Path) -> None:
     assert model.config.hit_radius_mm == 3.5 and model.profile == "cpu+overrides"
     report = json.loads((tmp_path / "m" / "train_report.json").read_text())
     assert report["command"].endswith("--set hit_radius_mm=3.5")
+
+
+def test_cli_trains_a_local_presence_network_on_the_detectors_own_points(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmk3d.trust.presence import PresenceModel
+
+    model, site, out = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
+    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
+                 "--out", str(model), "--no-progress"]) == 0
+    assert main(["phantoms", "--out", str(site), "--n", "6", "--seed", "5", "--profile", "small",
+                 "--size", "40,40,28"]) == 0
+    capsys.readouterr()
+    common = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site),
+              "--presence-epochs", "1"]
+    assert main([*common, "--presence-answer-variants", "2"]) == 2  # a global network has no points to centre on
+    assert "--presence-answer-variants 2: give a count of 0 or more, with --train-presence local" in \
+        capsys.readouterr().err
+    assert main([*common, "--train-presence", "local", "--presence-answer-variants", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the detector answered 2 cut variants of each of" in printed
+    net = PresenceModel.load(out)
+    assert net is not None and net.config.mode == "local" and net.config.answer_variants == 2
+    doc = json.loads((out / "trust.json").read_text())
+    assert "--train-presence local --presence-answer-variants 2" in doc["report"]["command"]

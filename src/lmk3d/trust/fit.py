@@ -331,7 +331,13 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         if cand is not None and not cand.fitted:
             full = [(v, t.xyz_mm_ras) for v, t in zip(vols_train, truths, strict=True) if t.found.all()]
             say(f"presence network: training on {len(full)} cases with every landmark")
-            cand.fit([v for v, _ in full], [x for _, x in full], log=say, deadline=presence_deadline)
+
+            def answers(volume: Volume) -> np.ndarray:
+                final = predict(volume)[0].reorder(names)
+                return np.where(final.found[:, None], final.xyz_mm_ras, np.nan)
+
+            cand.fit([v for v, _ in full], [x for _, x in full], log=say, deadline=presence_deadline,
+                     answers=answers if cand.config.answer_variants else None)
     say(f"calibration: {len(calibration)} cases and their cut variants")
     records = records_for(predict, calibration, seed, presence=candidates[0] if len(candidates) == 1 else None,
                           names=names)

@@ -14,7 +14,9 @@ A box that holds a whole large image has coarse voxels (a 260 mm field of view o
 coarser than the few millimetres by which a crop plane cuts a landmark off. The ``local`` mode therefore
 looks around each point instead: landmark *k* gets a small patch centred on the detector's point for
 it, and the network's output *k* on that patch. It is trained on patches centred on the true positions
-(moved into the field of view when cut off) with a random offset of the detectors' typical error.
+(moved into the field of view when cut off) with a random offset of the detectors' typical error, and,
+with ``answer_variants``, also on patches centred where the detector itself puts each landmark on cut
+training images (on a cut image a detector may place a cut-off landmark far inside, on other anatomy).
 
 Several networks of the same settings, trained from different first weights (seeds), can serve together
 (:meth:`PresenceModel.mean_of`): a landmark's probability is then the mean of theirs, which carries less of
@@ -48,6 +50,10 @@ class PresenceConfig:
 
     ``mode``: ``"global"``, one box centred on the image; ``"local"``, one box per landmark centred on its
     point (training: on its true position, offset by ``jitter_mm`` per axis, Gaussian).
+    ``answer_variants`` (local mode, K > 0): each training case also gets K cut variants that the detector
+    answers once before the epochs; half of each case's variants in an epoch are drawn from them, the patches
+    centred on the detector's points (on the true position where it found none). :meth:`PresenceModel.fit`
+    then needs the detector (``answers``).
     """
 
     box_mm: float = 64.0
@@ -61,10 +67,14 @@ class PresenceConfig:
     seed: int = 0
     mode: str = "global"
     jitter_mm: float = 2.0
+    answer_variants: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("global", "local"):
             raise ValueError(f"presence network mode {self.mode!r}: give 'global' or 'local'")
+        if self.answer_variants < 0 or (self.answer_variants and self.mode != "local"):
+            raise ValueError(f"presence network: answer_variants {self.answer_variants} needs the local mode and a "
+                             "count of 0 or more")
 
 
 def presence_input(volume: Volume, box_mm: float, size: int) -> np.ndarray:
@@ -251,31 +261,54 @@ class PresenceModel:
         """:meth:`probabilities` for a detector's answer (a ``LandmarkSet``; its points not found are NaN)."""
         return self.probabilities(volume, np.where(answer.found[:, None], answer.xyz_mm_ras, np.nan))
 
-    def _examples(self, volume: Volume, truth: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-        """One training variant's inputs, labels (and for ``local``, each patch's landmark index)."""
+    def _examples(self, volume: Volume, truth: np.ndarray, rng: np.random.Generator,
+                  answer: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """One training variant's inputs, labels (and for ``local``, each patch's landmark index).
+
+        ``answer``: ``(N, 3)`` the detector's points on ``volume`` (NaN: not found); a local patch is then
+        centred on its point, on the jittered true position where it has none.
+        """
         c = self.config
         inside = volume.contains_ras(truth, margin=0.5).astype(np.float32)
         if c.mode != "local":
             return presence_input(volume, c.box_mm, c.size)[None], inside[None], np.zeros(1, dtype=np.int64)
         centres = _inside_point(volume, truth) + rng.normal(0.0, c.jitter_mm, size=truth.shape)
+        if answer is not None:
+            has = np.all(np.isfinite(answer), axis=1)
+            centres[has] = answer[has]
         x = presence_patches(volume, c.box_mm, c.size, centres)
         return x, inside[:, None], np.arange(len(truth), dtype=np.int64)
 
     def fit(self, volumes: Sequence[Volume], truths: Sequence[np.ndarray], log: Any = None,
-            deadline: float | None = None) -> dict[str, Any]:
+            deadline: float | None = None, answers: Any = None) -> dict[str, Any]:
         """Train on training images and their ``(N, 3)`` true positions (all found), with random crop planes.
 
         ``deadline``: a :func:`time.monotonic` time by which the training ends (the server's ``max_minutes``):
         no epoch starts that would end after it, going by the last epoch's duration (the first always runs).
         The report gives the epochs that ran (``epochs_run``) next to the budget.
+        ``answers``: ``volume -> (N, 3)`` the detector's points (NaN: not found), needed when the config
+        has ``answer_variants``.
         """
         import torch
 
         if self.others:
             raise ValueError("an ensemble of presence networks is not trained as one; train its members apart")
         c = self.config
+        if c.answer_variants and answers is None:
+            raise ValueError("presence network: answer_variants needs the detector's answers (fit(..., answers=))")
         rng = np.random.default_rng(c.seed)
         torch.manual_seed(c.seed)
+        pool: list[list[tuple[Volume, np.ndarray]]] = [[] for _ in volumes]
+        if c.answer_variants:
+            pool_rng = np.random.default_rng([c.seed, 1])  # apart from the epochs' generator
+            for i, (v, t) in enumerate(zip(volumes, truths, strict=True)):
+                for _ in range(c.answer_variants):
+                    cut = _random_cut(v, t, pool_rng, c.cut_mm)
+                    pool[i].append((cut, np.asarray(answers(cut), dtype=np.float64).reshape(len(t), 3)))
+            if log is not None:
+                log(f"presence network: the detector answered {c.answer_variants} cut variants of each of "
+                    f"{len(volumes)} training cases")
+        from_pool = c.variants_per_case - c.variants_per_case // 2 if c.answer_variants else c.variants_per_case
         opt = torch.optim.Adam(self.net.parameters(), lr=c.lr)
         history = []
         last_epoch_s = 0.0
@@ -288,10 +321,14 @@ class PresenceModel:
             xs: list[np.ndarray] = []
             ys: list[np.ndarray] = []
             ks: list[np.ndarray] = []
-            for v, t in zip(volumes, truths, strict=True):
+            for i, (v, t) in enumerate(zip(volumes, truths, strict=True)):
                 for j in range(c.variants_per_case):
-                    cut = v if j == 0 and rng.random() < 0.5 else _random_cut(v, t, rng, c.cut_mm)
-                    x, y, k = self._examples(cut, t, rng)
+                    answer = None
+                    if j >= from_pool:  # one of the detector's answers on a cut variant
+                        cut, answer = pool[i][int(rng.integers(len(pool[i])))]
+                    else:
+                        cut = v if j == 0 and rng.random() < 0.5 else _random_cut(v, t, rng, c.cut_mm)
+                    x, y, k = self._examples(cut, t, rng, answer)
                     x[:, 0] *= rng.uniform(0.85, 1.15)  # contrast jitter: the scaling by percentiles is not exact
                     xs.extend(x)
                     ys.extend(y)
