@@ -232,6 +232,9 @@ def _presence_kind(report: dict[str, Any]) -> str:
     config = members[0].get("config") or {} if members else {}
     kind = (f"a {config['box_mm']:g} mm patch around each point" if config.get("mode") == "local" else
             f"one {config['box_mm']:g} mm box on the whole image" if config else "none")
+    if config.get("answer_variants"):
+        kind += (f", half of its training patches centred on the detector's own points on {config['answer_variants']} "
+                 "cut variants of each training case")
     if len(members) > 1:
         seeds = ", ".join(str((m.get("config") or {}).get("seed")) for m in members)
         return f"the mean of {len(members)} networks of seeds {seeds}, each {kind}"
