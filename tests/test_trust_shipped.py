@@ -35,6 +35,14 @@ def model(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture(scope="module")
+def consensus():  # type: ignore[no-untyped-def]
+    """The shipped hippocampus consensus, loaded once for the tests that need it alone."""
+    if "consensus-hippocampus" not in MODELS:
+        pytest.skip("models/consensus-hippocampus has no trust.json")
+    return load_detector(ROOT / "models" / "consensus-hippocampus", "cpu")
+
+
+@pytest.fixture(scope="module")
 def test_cases():  # type: ignore[no-untyped-def]
     split = read_split(ROOT / "models" / "cascade-hippocampus")
     ds = load_dataset(DATA / "hippocampus")
@@ -94,14 +102,12 @@ def test_images_of_other_kinds_get_no_confident_point(model, kind: str) -> None:
     assert pred.landmarks.scores.max() <= OOD_SCORE_CAP
 
 
-def test_the_anatomy_check_refuses_most_contrast_inverted_test_images(test_cases) -> None:  # type: ignore[no-untyped-def]
+def test_the_anatomy_check_refuses_most_contrast_inverted_test_images(consensus, test_cases) -> None:  # type: ignore[no-untyped-def]
     """The consensus carries the anatomy check (docs/trust.md): 82.5 % of the 40 inverted test images refused,
     7 of these 8; without it 12.5 %. Its own test images stay in (the test above)."""
     from lmk3d.io.image import Volume
 
-    if "consensus-hippocampus" not in MODELS:
-        pytest.skip("models/consensus-hippocampus has no trust.json")
-    det = load_detector(ROOT / "models" / "consensus-hippocampus", "cpu")
+    det = consensus
     assert det.trust is not None and det.trust.anatomy is not None
     refused = 0
     for s in test_cases:
@@ -114,12 +120,10 @@ def test_the_anatomy_check_refuses_most_contrast_inverted_test_images(test_cases
     assert refused >= 5, f"{refused} of {len(test_cases)} contrast-inverted test images refused"
 
 
-def test_the_consensus_weighs_its_members_by_their_uncapped_scores(test_cases, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_consensus_weighs_its_members_by_their_uncapped_scores(consensus, test_cases, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """A member's scores are capped on an image it finds atypical; the consensus was calibrated on the members'
     calibrated scores as they are, so it asks them uncapped and caps only its own answer."""
-    if "consensus-hippocampus" not in MODELS:
-        pytest.skip("models/consensus-hippocampus has no trust.json")
-    det = load_detector(ROOT / "models" / "consensus-hippocampus", "cpu")
+    det = consensus
     asked: list[object] = []
     for member in det.members.values():
         own = member.predict_all
@@ -134,18 +138,17 @@ def test_the_consensus_weighs_its_members_by_their_uncapped_scores(test_cases, m
     assert pred.verdict.in_distribution and not pred.verdict.atypical
 
 
-def test_crops_of_a_whole_head_get_no_confident_point() -> None:
+def test_crops_of_a_whole_head_get_no_confident_point(consensus) -> None:  # type: ignore[no-untyped-def]
     """Crops of the whole-head MPRAGE the size of a test image (benchmarks/trust_eval.py's, seed 5) that the
     consensus lets through lie farther than nearly every calibration image: atypical, every score capped
     (docs/trust.md: 14 of the 20 refused, the other 6 atypical). Fails if such a crop gets a confident point."""
     from lmk3d.trust.cuts import crop
 
-    if "consensus-hippocampus" not in MODELS:
-        pytest.skip("models/consensus-hippocampus has no trust.json")
-    det = load_detector(ROOT / "models" / "consensus-hippocampus", "cpu")
+    det = consensus
     split = read_split(ROOT / "models" / "consensus-hippocampus")
     test = list(load_dataset(DATA / "hippocampus").subset(split.test))[:10]
-    typical = np.median([np.asarray(s.load_image().shape) * s.load_image().spacing_mm for s in test], axis=0)
+    images = [s.load_image() for s in test]
+    typical = np.median([np.asarray(v.shape) * v.spacing_mm for v in images], axis=0)
     vol = read_image(OTHER_KINDS["whole-head MPRAGE (DICOM)"])
     size = np.maximum((typical / vol.spacing_mm).astype(int), 8)
     rng = np.random.default_rng(5)

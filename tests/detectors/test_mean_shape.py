@@ -128,13 +128,18 @@ def test_cli_train_predict_evaluate_chain(tiny_set: Path, tmp_path: Path) -> Non
     assert scored["overall"]["mre"] == pytest.approx(trained["overall"]["mre"], abs=1e-3)
 
 
-def test_cli_calibrates_on_cases_that_trained_nothing_and_refuses_its_own_dataset(
-        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    model, site, cal = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
+def _train_with_a_site(tiny_set: Path, model: Path, site: Path) -> None:
+    """A tiny mean_shape model in ``model`` and 6 small CT-like phantoms in ``site`` (cases that trained nothing)."""
     assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
                  "--out", str(model), "--no-progress"]) == 0
     assert main(["phantoms", "--out", str(site), "--n", "6", "--seed", "5", "--profile", "small",
                  "--size", "40,40,28"]) == 0
+
+
+def test_cli_calibrates_on_cases_that_trained_nothing_and_refuses_its_own_dataset(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, site, cal = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
+    _train_with_a_site(tiny_set, model, site)
     capsys.readouterr()
     assert main(["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "0",
                  "--calibration-data", str(tiny_set)]) == 2
@@ -161,10 +166,7 @@ def test_cli_calibrates_with_an_ensemble_of_presence_networks_only_of_other_seed
     from lmk3d.trust.presence import PresenceModel
 
     model, site = tmp_path / "model", tmp_path / "site"
-    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
-                 "--out", str(model), "--no-progress"]) == 0
-    assert main(["phantoms", "--out", str(site), "--n", "6", "--seed", "5", "--profile", "small",
-                 "--size", "40,40,28"]) == 0
+    _train_with_a_site(tiny_set, model, site)
     nets = [tmp_path / f"net{s}" for s in (1, 2)]
     for s, net in zip((1, 2), nets, strict=True):
         assert main(["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "1",
@@ -227,10 +229,7 @@ def test_cli_trains_a_local_presence_network_on_the_detectors_own_points(
     from lmk3d.trust.presence import PresenceModel
 
     model, site, out = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
-    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set),
-                 "--out", str(model), "--no-progress"]) == 0
-    assert main(["phantoms", "--out", str(site), "--n", "6", "--seed", "5", "--profile", "small",
-                 "--size", "40,40,28"]) == 0
+    _train_with_a_site(tiny_set, model, site)
     capsys.readouterr()
     common = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site),
               "--presence-epochs", "1"]
