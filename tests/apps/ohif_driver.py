@@ -65,6 +65,10 @@ _MOVE_JS = """([index, shift]) => {
     window.cornerstoneTools.Enums.Events.SEGMENTATION_DATA_MODIFIED, {segmentationId: '1'});
   return moved;
 }"""
+_ANY_MARKER_JS = """() => {
+  const v = window.services.segmentationService.getLabelmapVolume('1');
+  return Boolean(v && v.voxelManager.getCompleteScalarDataArray().some(x => x > 0));
+}"""
 _SEGMENTS_JS = """() => window.services.segmentationService.getSegmentations().map(
   s => Object.values(s.segments || {}).filter(x => x).map(x => [x.segmentIndex, x.label]))"""
 
@@ -120,8 +124,12 @@ class Ohif:
         """The server address in the MONAI Label panel."""
         return str(self.page.locator("#monailabelServerURL").input_value())
 
-    def run_model(self, model: str) -> None:
-        """Connect the panel, choose ``model`` and run it; wait until its markers are in OHIF's segmentation."""
+    def run_model(self, model: str, markers: bool = True) -> dict[str, Any] | None:
+        """Connect the panel, choose ``model`` and run it; wait until its markers are in OHIF's segmentation
+        (``markers`` False: an answer without any, an image the model refused).
+
+        Returns the answer's review notice (its ``X-Lmk3d-Review`` header, :mod:`lib.review_notice`), or None.
+        """
         self.page.locator(".settingsTable button.actionButton").click()
         select = self.page.locator("select.selectBox").first
         select.wait_for(timeout=ACTION_TIMEOUT_MS)
@@ -130,13 +138,23 @@ class Ohif:
             self.page.locator("button[title='Run Segmentation']").click()
         if reply.value.status != 200:
             raise AssertionError(f"inference answered {reply.value.status}: {reply.value.text()[:300]}")
-        self.page.wait_for_function("""() => {
-          const v = window.services.segmentationService.getLabelmapVolume('1');
-          return v && v.voxelManager.getCompleteScalarDataArray().some(x => x > 0);
-        }""", timeout=ACTION_TIMEOUT_MS)
+        notice = reply.value.headers.get("x-lmk3d-review")
+        if markers:
+            self.page.wait_for_function(_ANY_MARKER_JS, timeout=ACTION_TIMEOUT_MS)
         self.page.wait_for_timeout(1000)  # the panel colours the segments a second after making them
+        return json.loads(notice) if notice else None
+
+    def notification(self, text: str) -> str:
+        """Wait until a notification holding ``text`` shows; its whole text."""
+        shown = self.page.get_by_text(text, exact=False).first
+        shown.wait_for(timeout=ACTION_TIMEOUT_MS)
+        return str(shown.inner_text())
 
     # --- what OHIF shows ------------------------------------------------------------------------------------
+    def any_marker(self) -> bool:
+        """Whether OHIF's segmentation holds any marker voxel."""
+        return bool(self.page.evaluate(_ANY_MARKER_JS))
+
     def segments(self) -> dict[int, str]:
         """``{segment index: name}`` of OHIF's segmentation."""
         groups = self.page.evaluate(_SEGMENTS_JS)

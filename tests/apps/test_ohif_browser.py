@@ -10,7 +10,9 @@ Two sessions, each as a radiologist works (``tests/apps/ohif_driver.py``):
   landmark (world mm, as OHIF places it); clicking a landmark in the segmentation panel moves every
   view to its marker, drawn in its own colour (counted in the viewports' pixels, none of that colour
   before the run); a marker moved by three voxels and stored with the segmentation
-  panel's "Export DICOM SEG" becomes the image's final label, that landmark moved, the others kept;
+  panel's "Export DICOM SEG" becomes the image's final label, that landmark moved, the others kept; the
+  panel's notification after the run is the answer's review notice (points to check), and a CT-like
+  volume in the same folder gets no marker and a notification saying why the model refused it;
 - **a PACS** (Orthanc in a private network namespace, the fixtures of ``tests/test_pacs.py``; the
   server and the browser are started from the test thread, inside that namespace): the same on a
   hippocampus MR sent to it as an oblique DICOM series (38 slices: the 192-slice MPRAGE takes OHIF a
@@ -43,6 +45,7 @@ pytestmark = [pytest.mark.server, pytest.mark.filterwarnings("ignore:'cgi' is de
 
 MODEL = "mean_shape"
 STUDY = "hippocampus_rai"
+OTHER_KIND = "ct_like"  # a CT-like volume in the same folder: the MR model refuses it
 #: How far (mm) a marker's centre in OHIF may be from the server's landmark: a voxelised sphere's centre
 #: of mass is within a fraction of a voxel of the true centre (about 0.2 mm here); a wrong slice order,
 #: axis or flip puts it millimetres away.
@@ -57,7 +60,7 @@ PACS_IDS = SeriesIds.derive("pacs_case", "1")
 def _colours(server: Server) -> dict[str, tuple[int, int, int]]:
     """The landmark colours the server's OHIF configuration gives."""
     text = server.request("GET", "/ohif/app-config.js").body.decode()
-    config = json.loads(text.split("=", 1)[1].rsplit(";", 1)[0])
+    config = json.loads(text.split("window.config = ", 1)[1].split(";\n", 1)[0])
     return {name: tuple(rgb) for name, rgb in config["lmk3dLabelColors"].items()}
 
 
@@ -115,6 +118,8 @@ def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     affine = image.affine @ flip
     assert np.linalg.det(affine[:3, :3]) < 0
     write_image(studies / f"{STUDY}.nii.gz", image.array[:, :, ::-1], affine)
+    ct = np.random.default_rng(4).integers(-1024, 1500, size=(40, 36, 24)).astype(np.int16)
+    write_image(studies / f"{OTHER_KIND}.nii.gz", ct, np.diag([0.8, 0.8, 2.5, 1.0]))  # not the model's kind
     copy_model(root / "models")
     server = ready(launch(root, studies, models=root / "models"))
     yield server
@@ -133,7 +138,11 @@ def test_local_study_shows_named_markers_and_a_correction_reaches_the_datastore(
         viewer.open_from_list(STUDY)
         assert viewer.server_field() == f"{server.url}/"
         before = viewer.colour_pixels(colours[first])
-        viewer.run_model(MODEL)
+        notice = viewer.run_model(MODEL)
+        # The markers hold no score: the panel's notification names the points to check.
+        assert notice is not None and notice["level"] in ("success", "warning"), notice
+        assert notice["not_found"] == sorted(set(names) - set(detected), key=names.index), notice
+        viewer.notification(notice["message"][:60])
         # A 3 mm sphere on 1 mm voxels holds about 113 voxels; one clipped at the border fewer.
         index, markers = _check_markers(viewer, names, detected, min_voxels=40)
         viewer.open_segmentation_panel()
@@ -150,6 +159,18 @@ def test_local_study_shows_named_markers_and_a_correction_reaches_the_datastore(
         assert np.linalg.norm(got - lps) < 0.5, f"{name}: saved at {got}, OHIF showed {lps}"
     moved = final.xyz_mm_lps[final.names.index(first)] - detected[first]
     assert np.linalg.norm(moved) > 2.0, moved  # the correction, not the detection, was saved
+
+
+def test_an_image_of_another_kind_shows_why_nothing_is_marked(local_server: Server) -> None:
+    with ohif(local_server.url) as viewer:
+        viewer.study_list(OTHER_KIND)
+        viewer.open_from_list(OTHER_KIND)
+        notice = viewer.run_model(MODEL, markers=False)
+        assert notice is not None and notice["level"] == "error", notice
+        shown = viewer.notification("does not recognise this image")
+        assert "looks like CT" in shown, shown
+        assert not viewer.any_marker(), "a refused image has no marker"
+        assert not viewer.errors, viewer.errors
 
 
 # --- a PACS ----------------------------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ an integer CT-like volume. Checked with independent readers as oracles:
   the grid a viewer stacks it on) and its voxel values;
 - an inference as OHIF's panel asks for it (the series UID as the image; ``restore_label_idx``): the
   label map's voxels, read as OHIF reads them (raw, header ignored) on the viewer's grid, decode to the
-  server's landmarks;
+  server's landmarks; the answer's review header (:mod:`lib.review_notice`) names what the label map
+  cannot show (landmarks not found, points to check, why an image of another kind was refused);
 - corrections by STOW-RS: a SEG made by highdicom with one sphere moved becomes the final label, that
   landmark moved; other objects and bad bodies are refused with a message and nothing stored.
 """
 
 from __future__ import annotations
 
+import doctest
 import importlib
 import json
 import re
@@ -64,7 +66,7 @@ def _import_app(*modules: str) -> list[ModuleType]:
                 del sys.modules[name]
 
 
-OHIF, TASK = _import_app("ohif", "infers.task")
+OHIF, TASK, NOTICE = _import_app("ohif", "infers.task", "review_notice")
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +151,7 @@ def test_label_colours_are_distinct_and_bright() -> None:
 
 def test_viewer_files_config_and_routes(server: Server) -> None:
     text = server.request("GET", "/ohif/app-config.js").body.decode()
-    config = json.loads(text.split("=", 1)[1].rsplit(";", 1)[0])
+    config = json.loads(text.split("window.config = ", 1)[1].split(";\n", 1)[0])
     source = config["dataSources"][0]["configuration"]
     assert (source["qidoRoot"], source["wadoRoot"]) == (f"{PROXY}/qido", f"{PROXY}/wado")
     names = server.get_json("/info/")["models"][MODEL]["labels"]
@@ -235,6 +237,58 @@ def test_ohif_gets_the_label_map_on_its_own_grid(server: Server) -> None:
     # The same request without OHIF's marker option is the file's own grid (Slicer reads the header).
     plain = _infer(server, MR, {k: v for k, v in OHIF_PARAMS.items() if k != "restore_label_idx"}, "image").body
     assert not np.array_equal(np.frombuffer(plain[-n_voxels:], dtype=np.uint8).reshape(image.shape, order="F"), raw)
+
+
+def test_the_label_map_answer_says_what_it_cannot_show(server: Server) -> None:
+    """The panel's label map holds no score and no verdict: its header says them, as the JSON answer has them."""
+    detected = _infer(server, MR, {"result_write_to_file": False}, "json")
+    assert NOTICE.HEADER.lower() not in detected.headers  # a JSON answer says it all in its body
+    items = detected.json()["landmarks"]
+    _, series_uid = _study(server, MR)
+    notice = json.loads(_infer(server, series_uid, OHIF_PARAMS, "image").headers[NOTICE.HEADER.lower()])
+    assert notice["not_found"] == [it["name"] for it in items if not it["found"]]
+    low = sorted((it["score"], it["name"]) for it in items if it["found"] and it["score"] < 0.5)
+    assert notice["check"] == [name for _, name in low]
+    assert notice["level"] == ("warning" if notice["not_found"] or notice["check"] else "success")
+    assert notice == NOTICE.review_notice(detected.json())
+    # An image of another kind: the viewer shows nothing, and the notice says why.
+    _, ct_series = _study(server, CT)
+    refused = json.loads(_infer(server, ct_series, OHIF_PARAMS, "image").headers[NOTICE.HEADER.lower()])
+    assert refused["level"] == "error" and "looks like CT" in refused["message"], refused
+    assert "does not recognise this image" in refused["message"] and refused["check"] == []
+    config = server.request("GET", "/ohif/app-config.js").body.decode()
+    assert f"headers['{NOTICE.HEADER.lower()}']" in config and "window.lmk3dNotice = function" in config
+
+
+def _answer(verdict: dict[str, Any] | None, *scores: float | None) -> dict[str, Any]:
+    """An infer answer's JSON with landmarks ``l0, l1, ...`` (None: not found)."""
+    return {"tolerance_mm": 3.0, "image_check": verdict,
+            "landmarks": [{"name": f"l{k}", "found": s is not None, "score": 0.0 if s is None else s}
+                          for k, s in enumerate(scores)]}
+
+
+def test_the_review_notice_names_what_to_check() -> None:
+    examples = doctest.testmod(NOTICE)
+    assert examples.attempted >= 1 and examples.failed == 0
+    ok = {"in_distribution": True, "atypical": False, "reason": "like the training images"}
+    calm = NOTICE.review_notice(_answer(ok, 0.9, 0.5, 0.97))
+    assert calm["level"] == "success" and calm["check"] == calm["not_found"] == []
+    assert "All 3 landmarks found" in calm["message"] and "within 3 mm" in calm["message"]
+    mixed = NOTICE.review_notice(_answer(ok, 0.9, 0.3, None, 0.12, 0.49))
+    assert mixed["level"] == "warning" and mixed["not_found"] == ["l2"]
+    assert mixed["check"] == ["l3", "l1", "l4"]  # lowest score first; 0.5 is not below the line
+    assert "Not found: l2." in mixed["message"] and "Check l3 (score 0.12), l1 (score 0.30)" in mixed["message"]
+    odd = NOTICE.review_notice(_answer({**ok, "atypical": True}, 0.2, 0.2))
+    assert odd["level"] == "warning" and "unusual" in odd["message"] and odd["check"] == ["l0", "l1"]
+    out = NOTICE.review_notice(_answer({"in_distribution": False, "reason": "voxel spacing 3x3x3 mm is outside"},
+                                       None, None))
+    assert out["level"] == "error" and out["not_found"] == ["l0", "l1"] and "voxel spacing" in out["message"]
+    raw = NOTICE.review_notice(_answer({"in_distribution": None, "reason": "not checked"}, 0.99, None))
+    assert raw["level"] == "warning" and "1 of 2 landmarks found" in raw["message"]
+    assert NOTICE.review_notice({"model": "m"}) is None and NOTICE.header_value({"model": "m"}) is None
+    many = NOTICE.header_value(_answer(ok, *[0.1] * 400))
+    assert many is not None and many.isascii() and len(json.loads(many)["message"]) == NOTICE.MAX_MESSAGE
+    assert json.loads(NOTICE.header_value(_answer({**ok, "atypical": True}, 0.1)) or "")["level"] == "warning"
 
 
 def test_markers_for_the_viewer_scale_with_the_image_and_stay_apart() -> None:

@@ -7,10 +7,14 @@ module serves those files, changed in three places:
   ``/proxy/dicom/qido`` and ``/proxy/dicom/wado`` (:mod:`lib.dicomweb_proxy`: the studies folder or the
   PACS), named after the datastore; ``lmk3dLabelColors`` gives every landmark name of the served models
   a colour of its own (:func:`label_colors`; OHIF's panel otherwise colours a name by a hash of its
-  letters, which gives dark or near-equal colours);
+  letters, which gives dark or near-equal colours); ``window.lmk3dNotice`` turns an answer's review header
+  (:mod:`lib.review_notice`) into the panel's notification;
 - three bundles are patched on the fly (:data:`PATCHES`; a change is made only where each of its
   expected texts occurs exactly once, else it is logged and left out):
 
+  - after a run, the panel shows the answer's review notice instead of "Running Segmentation - Successful":
+    why the image was refused, that it is unusual (every score capped), the landmarks not found and the
+    points to check (the label map holds no score);
   - the MONAI Label panel connects to the page's own server (``window.location.origin``), not to
     port 8000 of the page's host (nor to a cookie left by another server on the same host, whatever
     its port); it takes segment colours from ``lmk3dLabelColors``, and records each marker's centre
@@ -45,6 +49,7 @@ from monailabel.endpoints.user.auth import RBAC, User
 from monailabel.interfaces.utils.app import app_instance
 from starlette.concurrency import run_in_threadpool
 
+from lib import review_notice
 from lib.dicomweb_proxy import local_dicomweb
 from lib.errors import NOT_FOUND, http_error
 
@@ -101,6 +106,17 @@ PATCHES: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     )),
     # The mode defines the panel and the tool section but adds neither the panel nor the section's buttons;
     # the panel without its buttons stops the viewer, so both or neither.
+    # The panel asks for the label map alone, which cannot say that the image was refused, that a landmark was
+    # not found or which points to check; the server says it in a header (lib.review_notice).
+    ("the panel shows the answer's review notice", (
+        ("      this.notification.show({\n        title: 'MONAI Label - ' + model,\n"
+         "        message: 'Running Segmentation - Successful',\n        type: 'success',\n        duration: 4000\n"
+         "      });\n      this.props.updateView(response, model, label_names);",
+         "      this.notification.show((window.lmk3dNotice && window.lmk3dNotice(response, 'MONAI Label - ' + model))"
+         " || {\n        title: 'MONAI Label - ' + model,\n"
+         "        message: 'Running Segmentation - Successful',\n        type: 'success',\n        duration: 4000\n"
+         "      });\n      this.props.updateView(response, model, label_names);"),
+    )),
     ("the MONAI Label mode shows the segmentation panel (segments, brush and sphere tools, Export DICOM SEG)", (
         ("rightPanels: [monailabel.monaiLabel],", "rightPanels: [monailabel.monaiLabel, cornerstone.panelTool],"),
         ("// toolbarService.addButtons(segmentationButtons);",
@@ -138,6 +154,23 @@ _BUTTONS_START = "const segmentationButtons_toolbarButtons = "
 _BUTTONS_END = ";\n/* harmony default export */ const segmentationButtons = (segmentationButtons_toolbarButtons);"
 #: Hues of the first landmark colours (degrees), far apart on the colour wheel; more names go round again.
 _HUES = (0, 120, 240, 60, 180, 300, 30, 150, 270, 90, 210, 330)
+
+#: ``window.lmk3dNotice(response, title)``: the notification for an infer answer, from its review header
+#: (:mod:`lib.review_notice`); null when the answer has none (the panel then says what it always says).
+_NOTICE_JS = f"""window.lmk3dNotice = function (response, title) {{
+  const raw = response && response.headers ? response.headers['{review_notice.HEADER.lower()}'] : undefined;
+  if (!raw) {{
+    return null;
+  }}
+  try {{
+    const notice = JSON.parse(raw);
+    return {{title: title, message: notice.message, type: notice.level,
+      duration: notice.level === 'success' ? 6000 : 60000}};
+  }} catch (e) {{
+    return null;
+  }}
+}};
+"""
 
 router = APIRouter(tags=["Others"])
 _patched: dict[str, str] | None = None  # file name -> patched text
@@ -201,7 +234,7 @@ def app_config(instance: Any) -> str:
             },
         }],
     }
-    return f"window.config = {json.dumps(config, indent=2)};\n"
+    return f"window.config = {json.dumps(config, indent=2)};\n{_NOTICE_JS}"
 
 
 def _segmentation_buttons(texts: dict[str, str]) -> str | None:

@@ -80,7 +80,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lib import dicomweb_proxy, ohif
+from lib import dicomweb_proxy, ohif, review_notice
 from lib.errors import NOT_FOUND, UNPROCESSABLE, http_error
 from lmk3d.io.atomic import stale_owner
 from lmk3d.safe_names import plain_name_problem
@@ -473,7 +473,11 @@ def _infer_sync(background_tasks: BackgroundTasks, model_name: str, image: str, 
         if _value(output) == "image" and not (result.get("file") or result.get("label")):
             raise http_error(UNPROCESSABLE, "output=image asks for the result file, but result_write_to_file is "
                                             "false: drop that option or ask for output=json")
-        return infer.send_response(instance.datastore(), result, output, background_tasks)
+        response = infer.send_response(instance.datastore(), result, output, background_tasks)
+        notice = review_notice.header_value(result.get("params") or {})
+        if notice is not None and _value(output) == "image":  # the label map alone: say what it cannot show
+            response.headers[review_notice.HEADER] = notice
+        return response
 
 
 def _value(output: Any) -> str:
