@@ -10,8 +10,10 @@ detector's markers with the segmentation panel listing them, then a marker moved
 image is also sent as a DICOM series to a throw-away Orthanc in a private network namespace and
 shown through the PACS path; the server and the browser then run inside that namespace.
 
-Writes ``ohif_study_list.png``, ``ohif_markers.png``, ``ohif_correction.png`` and ``ohif_pacs.png``
-under ``--out``, and prints what each shows. Nothing is downloaded; the browser reaches only loopback.
+A spine T2 in the same folder shows what the panel says of an image the model refuses (no marker).
+
+Writes ``ohif_study_list.png``, ``ohif_markers.png``, ``ohif_correction.png``, ``ohif_refused.png`` and
+``ohif_pacs.png`` under ``--out``, and prints what each shows. Nothing is downloaded; the browser reaches only loopback.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from lmk3d.serve import start_server, stop_server, wait_until_ready  # noqa: E40
 
 DATA = Path(os.environ.get("LMK3D_SHARED", ROOT.parent / "shared")) / "data" / "hippocampus" / "images"
 CASES = ("hippocampus_004", "hippocampus_006")
+OTHER_KIND = DATA.parents[1] / "spine_t2" / "t2.nii.gz"  # an image the hippocampus model must refuse
 MODEL = "cascade"
 PACS_PORT, SERVER_PORT = "8042", 8011
 
@@ -64,6 +67,7 @@ def local(out: Path) -> None:
         studies.mkdir()
         for case in CASES:
             shutil.copy(DATA / f"{case}.nii.gz", studies / f"{case}.nii.gz")
+        shutil.copy(OTHER_KIND, studies / "spine_t2.nii.gz")
         port = 8012
         process = _serve(str(studies), root, port)
         base = f"http://127.0.0.1:{port}"
@@ -71,22 +75,30 @@ def local(out: Path) -> None:
             with ohif(base) as viewer:
                 viewer.study_list(CASES[0])
                 viewer.screenshot(out / "ohif_study_list.png")
-                print(f"ohif_study_list.png: the studies folder's {len(CASES)} images as OHIF's study list")
+                print(f"ohif_study_list.png: the studies folder's {len(CASES) + 1} images as OHIF's study list")
                 viewer.open_from_list(CASES[0])
-                viewer.run_model(MODEL)
+                notice = viewer.run_model(MODEL)
                 segments = viewer.segments()
                 viewer.open_segmentation_panel()
                 first = sorted(segments.values())[0]
                 viewer.show_segment(first)
                 viewer.screenshot(out / "ohif_markers.png")
                 print(f"ohif_markers.png: {MODEL} on {CASES[0]}: segments {', '.join(sorted(segments.values()))};"
-                      f" views centred on {first}")
+                      f" views centred on {first}; the panel's notification: {notice}")
                 index = {name: i for i, name in segments.items()}
                 viewer.move_segment(index[first], 3)
                 viewer.page.wait_for_timeout(1000)
                 status, _ = viewer.export_seg("lmk3d correction")
                 viewer.page.wait_for_timeout(1500)
                 viewer.screenshot(out / "ohif_correction.png")
+            with ohif(base) as viewer:
+                viewer.study_list("spine_t2")
+                viewer.open_from_list("spine_t2")
+                notice = viewer.run_model(MODEL, markers=False)
+                viewer.notification("does not recognise this image")
+                viewer.screenshot(out / "ohif_refused.png")
+                print(f"ohif_refused.png: {MODEL} on a spine T2 from the same folder: no marker; the panel's "
+                      f"notification: {notice}")
             final = read_landmarks(studies / "labels" / "final" / f"{CASES[0]}.mrk.json")
             print(f"ohif_correction.png: {first} moved 3 voxels and exported (STOW-RS {status}); labels/final/"
                   f"{CASES[0]}.mrk.json: {dict(zip(final.names, final.xyz_mm_ras.round(2).tolist(), strict=True))}")
