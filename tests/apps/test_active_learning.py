@@ -59,8 +59,15 @@ def test_the_score_cache_survives_a_restart_and_drops_stale_or_unreadable_entrie
     again = app_lib.scores.ScoreCache(saved)  # a new server on the same workspace
     np.testing.assert_array_equal(again.get("m", str(image), sig(checkpoint)), [0.25, 0.5])
     assert again.get("other", str(image), sig(checkpoint)) is None
+    other = tmp_path / "b.nii.gz"
+    other.write_bytes(b"a spine")
+    app_lib.scores.ScoreCache(saved).put("m", str(other), sig(checkpoint), np.zeros(2), refused="not of its kind")
+    again = app_lib.scores.ScoreCache(saved)
+    assert again.refusal("m", str(other)) == "not of its kind" and again.refusal("m", str(image)) is None
     image.write_bytes(b"another image")  # the file changed: the saved scores are not its
     assert app_lib.scores.ScoreCache(saved).latest("m", str(image)) is None
+    other.write_bytes(b"a hippocampus")
+    assert app_lib.scores.ScoreCache(saved).refusal("m", str(other)) is None
     saved.write_text("{not json")
     assert app_lib.scores.ScoreCache(saved).latest("m", str(image)) is None  # starts empty, keeps running
     assert (tmp_path / "ws" / "scores.json.unreadable").read_text() == "{not json"
@@ -82,10 +89,17 @@ class StubDetector:
     calls: list[tuple[str, str, float]] = field(default_factory=list)  # (image path, thread name, quiet_s then)
     scores: Any = None
 
+    #: The stub refuses an image of negative mean intensity as not of its kind, with this reason.
+    REFUSAL = "the image is unlike the training images"
+
     def predict_all(self, volume: Any) -> Any:
         self.calls.append((volume.path, threading.current_thread().name, self.scores.quiet_s()))
         m = float(np.mean(volume.array))
-        return SimpleNamespace(landmarks=SimpleNamespace(scores=np.array([m, m, 1.0])))
+        if m < 0:
+            return SimpleNamespace(landmarks=SimpleNamespace(scores=np.zeros(3)),
+                                   verdict=SimpleNamespace(in_distribution=False, reason=self.REFUSAL))
+        return SimpleNamespace(landmarks=SimpleNamespace(scores=np.array([m, m, 1.0])),
+                               verdict=SimpleNamespace(in_distribution=True, reason="like the training images"))
 
 
 class StubTask:
@@ -224,6 +238,31 @@ def test_an_unreadable_image_is_skipped_until_its_file_changes(
         scorer.stop()
 
 
+def test_an_image_the_model_refuses_is_never_proposed_until_it_changes(
+        app_lib: SimpleNamespace, store: tuple[Any, dict[str, float]], tmp_path: Path) -> None:
+    """A refused image scores 0 everywhere, so it would always rank first; it is listed apart instead."""
+    ds, levels = store
+    studies = Path(ds.get_image_uri("img_a")).parent
+    write_volume(studies / "spine.nii.gz", -1.0, 11)  # the stub refuses it
+    ds.refresh()
+    scorer, task = scorer_for(app_lib, tmp_path)
+    scorer.start(ds)
+    try:
+        wait_for(lambda: scored(scorer, task, ds, [*levels, "spine"]), STUB_WAIT_S, "every image scored")
+        strategy = app_lib.least_confident.LeastConfident({"stub": task}, scorer.scores, background=False)
+        strategy.scorer = scorer
+        answer = strategy({}, ds)
+        assert answer["not_of_kind"] == {"spine": StubDetector.REFUSAL}, answer
+        assert (answer["id"], answer["candidates"], answer["scored"]) == ("img_b", len(levels), len(levels))
+        write_volume(studies / "spine.nii.gz", 0.05, 12)  # replaced by an image of the model's kind
+        scorer.wake()
+        wait_for(lambda: scored(scorer, task, ds, ["spine"]), STUB_WAIT_S, "the new file scored")
+        again = strategy({}, ds)
+        assert (again["id"], again["not_of_kind"]) == ("spine", {})
+    finally:
+        scorer.stop()
+
+
 def test_least_confident_ranks_served_scores_first_then_earlier_ones_then_picks_at_random(
         app_lib: SimpleNamespace, store: tuple[Any, dict[str, float]], tmp_path: Path) -> None:
     ds, levels = store
@@ -246,6 +285,10 @@ def test_least_confident_ranks_served_scores_first_then_earlier_ones_then_picks_
     assert (mean["id"], mean["basis"], mean["scored"], mean["candidates"]) == ("img_a", "scores", 2, len(levels))
     assert mean["confidence"] == pytest.approx(0.5)
     assert strategy({"reduce": "min"}, ds)["id"] == "img_c"
+    cache.put("stub", uri("img_b"), served, np.zeros(3), refused="the image looks like CT")  # lowest, but refused
+    kept = strategy({}, ds)
+    assert (kept["id"], kept["not_of_kind"], kept["candidates"]) == ("img_a", {"img_b": "the image looks like CT"},
+                                                                     len(levels) - 1)
 
     publish(task.checkpoint, b"weights v2")  # a new version: every score is from an earlier one
     earlier = strategy({}, ds)

@@ -34,7 +34,7 @@ from typing import Any
 
 from monailabel.interfaces.datastore import Datastore
 
-from lib.infers.task import LandmarkInferTask
+from lib.infers.task import LandmarkInferTask, refusal
 from lib.scores import FileSignature, ScoreCache, file_signature
 from lmk3d.io import read_image
 
@@ -213,7 +213,8 @@ class BackgroundScorer:
             self._fail(name, image_id, image_sig, checkpoint, f"{type(e).__name__}: {e}")
             return 0
         # Not ``interactive``: the scorer's own inferences must not hold it back.
-        self.scores.put(name, path, checkpoint, prediction.landmarks.scores, interactive=False)
+        self.scores.put(name, path, checkpoint, prediction.landmarks.scores, interactive=False,
+                        refused=refusal(prediction))
         self._inferences += 1
         logger.debug("background scores: model %r, image %s scored", name, image_id)
         return 1

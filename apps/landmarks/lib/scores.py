@@ -49,6 +49,7 @@ class _Entry:
     image: FileSignature
     checkpoint: FileSignature | None
     scores: np.ndarray
+    refused: str | None = None  # why the model refused the image (not of its kind), else None
 
 
 class ScoreCache:
@@ -81,16 +82,26 @@ class ScoreCache:
             return None
         return e.scores, e.checkpoint
 
+    def refusal(self, model: str, image_path: str) -> str | None:
+        """Why the model refused the image file as it is now (its latest prediction), or None."""
+        sig = file_signature(image_path)
+        with self._lock:
+            e = self._entries.get((model, os.path.realpath(image_path)))
+        return e.refused if e is not None and sig is not None and e.image == sig else None
+
     def put(self, model: str, image_path: str, checkpoint: FileSignature | None, scores: np.ndarray,
-            interactive: bool = True) -> None:
-        """Record ``scores: (N,)``; ``interactive`` (an inference a user asked for) also marks activity."""
+            interactive: bool = True, refused: str | None = None) -> None:
+        """Record ``scores: (N,)``; ``interactive`` (an inference a user asked for) also marks activity.
+
+        ``refused``: the reason when the model found the image not of its kind (every score 0).
+        """
         sig = file_signature(image_path)
         with self._lock:
             if interactive:
                 self._last_activity = time.monotonic()
             if sig is None:
                 return
-            self._entries[(model, os.path.realpath(image_path))] = _Entry(sig, checkpoint, np.array(scores))
+            self._entries[(model, os.path.realpath(image_path))] = _Entry(sig, checkpoint, np.array(scores), refused)
         self._save()
 
     def _save(self) -> None:
@@ -101,7 +112,8 @@ class ScoreCache:
             with self._lock:
                 rows = [{"model": m, "image": path, "image_signature": list(e.image),
                          "checkpoint_signature": None if e.checkpoint is None else list(e.checkpoint),
-                         "scores": [float(s) for s in e.scores]} for (m, path), e in sorted(self._entries.items())]
+                         "scores": [float(s) for s in e.scores], "refused": e.refused}
+                        for (m, path), e in sorted(self._entries.items())]
             try:
                 atomic_write_text(self.path, json.dumps({"format": 1, "entries": rows}))
             except OSError as e:  # the cache still works in memory
@@ -151,8 +163,11 @@ def _read(path: str) -> dict[tuple[str, str], _Entry]:
             scores = np.asarray(row["scores"], dtype=np.float64)
             if scores.ndim != 1:
                 raise ValueError("scores must be a list of numbers")
+            refused = row.get("refused")  # absent in files written before it was kept
+            if refused is not None and not isinstance(refused, str):
+                raise ValueError(f"refused must be a reason or null, not {refused!r}")
             entries[(str(row["model"]), str(row["image"]))] = _Entry(
-                _signature(row["image_signature"]), None if ck is None else _signature(ck), scores)
+                _signature(row["image_signature"]), None if ck is None else _signature(ck), scores, refused)
         return entries
     except (KeyError, TypeError, ValueError) as e:
         return _set_aside(path, e)

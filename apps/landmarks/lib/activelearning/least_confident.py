@@ -17,6 +17,9 @@ scoring has got:
   the served checkpoint (``scored == candidates`` once the background pass is done);
 - ``skipped``: ``{id: reason}`` of images that could not be scored (an unreadable file), left out
   until the file or the model changes;
+- ``not_of_kind``: ``{id: reason}`` of images the model refused as not of its kind (a spine series in a
+  hippocampus folder: every score 0, so it would always come first, yet its landmarks cannot be placed),
+  left out of the ranking until the file or the model's answer changes;
 - ``background``: ``{enabled, running, inferences}`` of the background scorer.
 """
 
@@ -88,6 +91,7 @@ class LeastConfident(Strategy):
         earlier: dict[str, float] = {}
         unscored: list[str] = []
         skipped: dict[str, str] = {}
+        not_of_kind: dict[str, str] = {}
         for image_id in sorted(datastore.get_unlabeled_images()):
             # A local file is found at once; a DICOMweb series is known only once the scorer has downloaded it.
             path = self.scorer.path_of(image_id) if pacs else datastore.get_image_uri(image_id)
@@ -100,6 +104,10 @@ class LeastConfident(Strategy):
                 unscored.append(image_id)
                 continue
             scores, checkpoint = found
+            refused = self.scores.refusal(model, path)
+            if refused:  # every score 0, yet no correction of these landmarks can teach the model anything
+                not_of_kind[image_id] = refused
+                continue
             value = 0.0 if len(scores) == 0 else float(np.mean(scores) if reduce == "mean" else np.min(scores))
             (current if checkpoint == served else earlier)[image_id] = value
         candidates = len(current) + len(earlier) + len(unscored)
@@ -118,7 +126,7 @@ class LeastConfident(Strategy):
         logger.info("least_confident: %s (%s) of %d candidates, %d scored with the served checkpoint",
                     image_id, basis, candidates, len(current))
         return {"id": image_id, "model": model, "reduce": reduce, "confidence": confidence, "basis": basis,
-                "candidates": candidates, "scored": len(current), "skipped": skipped,
+                "candidates": candidates, "scored": len(current), "skipped": skipped, "not_of_kind": not_of_kind,
                 "background": self.scorer.status()}
 
 

@@ -193,7 +193,7 @@ class LandmarkInferTask(InferTask):
         with self.scores.inferring() if self.scores is not None else nullcontext():  # holds background scoring back
             prediction = detector.predict_all(volume)
         if self.scores is not None and volume.path:
-            self.scores.put(self.name, volume.path, signature, prediction.landmarks.scores)
+            self.scores.put(self.name, volume.path, signature, prediction.landmarks.scores, refused=refusal(prediction))
         return prediction, signature
 
     # --- a request ----------------------------------------------------------------------------------
@@ -316,6 +316,12 @@ class LandmarkInferTask(InferTask):
             "latencies": latencies,
             "checkpoint": {"path": str(self.checkpoint), "mtime_ns": signature[1] if signature else None},
         }
+
+
+def refusal(prediction: Prediction) -> str | None:
+    """Why the model refused the image (not of its kind), or None: what active learning leaves out."""
+    verdict = prediction.verdict
+    return verdict.reason if verdict is not None and not verdict.in_distribution else None
 
 
 def viewer_radius_mm(landmarks: LandmarkSet, volume: Volume) -> float:
