@@ -182,3 +182,28 @@ def test_an_sr_says_why_no_landmark_was_found(tmp_path: Path, capsys: pytest.Cap
     assert verdict and "not of the model's kind, no landmark found" in verdict[0], texts
     assert "field of view" in verdict[0]
     assert not read_sr(path).found.any()
+
+
+def test_a_batch_says_which_images_the_model_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """predictions.csv cannot tell a refused image from one with every landmark cut off: image_checks.csv does."""
+    import csv
+    import shutil
+
+    hippo = sorted((HIPPO / "images").glob("*.nii.gz"))[0]
+    spine = DATA / "spine_t2" / "t2.nii.gz"
+    model = ROOT / "models" / "mean_shape-hippocampus"
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(model), "--out", str(out), str(hippo), str(spine)]) == 0
+    assert "image_checks.csv" in capsys.readouterr().out
+    with (out / "image_checks.csv").open(newline="") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {hippo.name.removesuffix(".nii.gz"), "t2"}
+    kept, refused = rows[hippo.name.removesuffix(".nii.gz")], rows["t2"]
+    assert (kept["in_distribution"], refused["in_distribution"], refused["atypical"]) == ("1", "0", "0")
+    assert "unlike the training images" in refused["reason"] and float(refused["score"]) < 0.05
+    assert not read_table(out / "predictions.csv")["t2"].found.any()
+    # A model without a trust model judges nothing: no such file.
+    raw = tmp_path / "raw-model"
+    shutil.copytree(model, raw, ignore=shutil.ignore_patterns("trust.json", "presence.pt"))
+    assert main(["predict", "--model", str(raw), "--out", str(tmp_path / "raw"), str(hippo)]) == 0
+    assert not (tmp_path / "raw" / "image_checks.csv").exists()

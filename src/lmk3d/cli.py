@@ -357,8 +357,10 @@ PREDICT_FORMATS = ("mrk.json", "fcsv", "json", "csv", "sr")
 
 def add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model folder (with checkpoint.pt)")
-    p.add_argument("--out", required=True, help="folder for <case>.<format> files and predictions.csv (an image "
-                   "that cannot be read is skipped with a message; the exit status is then 1)")
+    p.add_argument("--out", required=True, help="folder for <case>.<format> files, predictions.csv and, for a "
+                   "model with a trust model, image_checks.csv (each image's verdict: of the model's kind or not, "
+                   "atypical, why); an image that cannot be read is skipped with a message (the exit status is "
+                   "then 1)")
     p.add_argument("images", nargs="*", metavar="IMAGE", help="images (NIfTI, NRRD, MetaImage, DICOM folder)")
     p.add_argument("--format", default="mrk.json", choices=PREDICT_FORMATS,
                    help="per-image landmark file format (default mrk.json); sr = a DICOM Comprehensive 3D SR "
@@ -419,7 +421,9 @@ def run_predict(args: argparse.Namespace) -> int:
         from lmk3d.detectors import load_detector
         from lmk3d.io import case_id, read_image, write_landmarks, write_table
         from lmk3d.io.read_ahead import ReadAhead
+        from lmk3d.io.table import write_image_checks
         from lmk3d.landmarks import LandmarkSet
+        from lmk3d.trust import ImageVerdict
 
     shard = parse_shard(args.shard) if args.shard is not None else None
     if args.prefetch < 0:
@@ -447,14 +451,16 @@ def run_predict(args: argparse.Namespace) -> int:
             if not p.is_dir():
                 raise LandmarkError(f"{p}: --format sr needs a DICOM series folder (the SR references its "
                                     "instances and frame of reference)")
-    table_name, truth_name = "predictions.csv", "truth.csv"
+    table_name, truth_name, checks_name = "predictions.csv", "truth.csv", "image_checks.csv"
     if shard is not None:
         everything = len(jobs)
         jobs = shard_of(jobs, *shard)
         truth = {c: truth[c] for c, _ in jobs if c in truth}
-        table_name, truth_name = (f"{stem}.shard-{shard[0]}-of-{shard[1]}.csv" for stem in ("predictions", "truth"))
+        table_name, truth_name, checks_name = (f"{stem}.shard-{shard[0]}-of-{shard[1]}.csv"
+                                               for stem in ("predictions", "truth", "image_checks"))
         print(f"shard {shard[0]}/{shard[1]}: {len(jobs)} of {everything} image(s)")
     table: dict[str, LandmarkSet] = {}
+    verdicts: dict[str, ImageVerdict] = {}  # for a model with a trust model
     failed: list[str] = []
     t_start = time.perf_counter()
     # The next image is read in a background thread while the current one runs (--prefetch); the
@@ -489,6 +495,8 @@ def run_predict(args: argparse.Namespace) -> int:
             else:
                 write_landmarks(out / f"{c}.{args.format}", pred.landmarks, reference=volume)
             table[c] = pred.landmarks
+            if pred.verdict is not None:
+                verdicts[c] = pred.verdict
             stages = ", ".join(f"{k} {v:.2f} s" for k, v in pred.latencies.items())
             print(f"{c}: {int(pred.landmarks.found.sum())}/{len(pred.landmarks)} found (load {got.seconds:.2f} s, "
                   f"{stages})")
@@ -499,11 +507,14 @@ def run_predict(args: argparse.Namespace) -> int:
                 print(f"{c}: an unusual image for this model: {pred.verdict.reason}", file=sys.stderr)
     seconds = time.perf_counter() - t_start
     write_table(out / table_name, table, with_scores=True)
+    if verdicts:
+        write_image_checks(out / checks_name, verdicts)
     if truth:
         write_table(out / truth_name, truth, with_scores=False)
     rate = f" ({len(jobs) / seconds:.2f} image(s)/s)" if seconds > 0 and jobs else ""
     print(f"wrote {len(table)} {args.format} file(s) and {out / table_name}"
-          + (f" and {out / truth_name}" if truth else "") + f"; {len(jobs)} image(s) in {seconds:.1f} s{rate}")
+          + (f" and {out / checks_name}" if verdicts else "") + (f" and {out / truth_name}" if truth else "")
+          + f"; {len(jobs)} image(s) in {seconds:.1f} s{rate}")
     if failed:
         print(f"lmk3d predict: {len(failed)} of {len(jobs)} image(s) could not be read and were skipped: "
               f"{', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}", file=sys.stderr)

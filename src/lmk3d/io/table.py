@@ -146,6 +146,26 @@ def write_table(path: str | os.PathLike[str], sets: Mapping[str, LandmarkSet], w
     return atomic_write_text(path, table_text(sets, with_scores))
 
 
+#: Columns of ``image_checks.csv`` (:func:`write_image_checks`): one row per image a trust model judged.
+IMAGE_CHECK_COLUMNS = ("case", "in_distribution", "atypical", "score", "reason")
+
+
+def write_image_checks(path: str | os.PathLike[str], verdicts: Mapping[str, Any]) -> Path:
+    """Write ``{case: ImageVerdict}`` (:class:`lmk3d.trust.ImageVerdict`) as a CSV (atomically).
+
+    The per-landmark table cannot say why an image has no landmark: refused as not of the model's kind
+    (``in_distribution`` 0, the ``reason`` in words) or every landmark cut off; nor that its scores are
+    capped (``atypical`` 1). ``score``: the share of calibration images at least as far from the training
+    images.
+    """
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(IMAGE_CHECK_COLUMNS)
+    for case, v in verdicts.items():
+        w.writerow([case, int(bool(v.in_distribution)), int(bool(v.atypical)), f"{float(v.score):.4f}", v.reason])
+    return atomic_write_text(path, buf.getvalue())
+
+
 # JSON -------------------------------------------------------------------------------------------
 def landmarks_to_json(s: LandmarkSet, affine: np.ndarray | None = None) -> dict[str, Any]:
     """One case as a JSON-able dict; with the image ``affine``, each landmark also gets ``ijk``."""
