@@ -15,7 +15,16 @@ from lmk3d.io.image import Volume
 from lmk3d.io.markups import markups_dict, parse_markups
 from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, table_text
 from lmk3d.landmarks import LandmarkSet
-from lmk3d.trust import OOD_SCORE_CAP, ImageModel, ShapeModel, TrustModel, apply_trust, load_trust, save_trust
+from lmk3d.trust import (
+    OOD_SCORE_CAP,
+    ImageModel,
+    ShapeModel,
+    TrustModel,
+    apply_trust,
+    load_trust,
+    pulled_inside,
+    save_trust,
+)
 from lmk3d.trust.cuts import crop, cut_outside, distance_to_faces_mm
 from lmk3d.trust.fit import FACE_AUROC_MARGIN, MIN_GROUP_POINTS, Record, choose_presence, fit_from_records
 
@@ -835,3 +844,50 @@ def test_a_presence_networks_first_weights_depend_on_its_seed_only() -> None:
     torch.manual_seed(0)
     PresenceModel(("a", "b"), config)
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_a_point_just_beyond_the_field_of_view_is_pulled_onto_the_outer_voxels_like_nibabel(case: int) -> None:
+    rng = np.random.default_rng(40 + case)
+    shape = (20, 26, 14)
+    spacing = (0.8, 1.3, 2.5)
+    affine = _oblique(rng, shape, spacing)
+    vol = Volume(np.zeros(shape, dtype=np.float32), affine)
+    # Continuous voxel indices: inside; 3 mm beyond the high i face (+ 0.5 voxel to the face itself); 3 mm beyond
+    # the low k face and 2 mm beyond the high j face (a corner, 3.6 mm out); 20 mm beyond the low j face; unknown.
+    ijk = np.array([[5.0, 7, 3], [shape[0] - 0.5 + 3 / spacing[0], 10, 6], [4, shape[1] - 0.5 + 2 / spacing[1],
+                                                                             -0.5 - 3 / spacing[2]],
+                    [8, -0.5 - 20 / spacing[1], 7], [np.nan] * 3])
+    xyz = nib.affines.apply_affine(affine, ijk)
+    final = LandmarkSet(("a", "b", "c", "d", "e"), xyz, np.array([0.9, 0.8, 0.7, 0.6, 0.0]),
+                        np.array([True, False, False, False, False]))
+    pulled = pulled_inside(final, vol, 4.0)
+    np.testing.assert_array_equal(pulled.found, [True, True, True, False, False])
+    expected = nib.affines.apply_affine(affine, np.clip(ijk[1:3], 0, np.array(shape) - 1))
+    np.testing.assert_allclose(pulled.xyz_mm_ras[1:3], expected, atol=1e-9)
+    assert vol.contains_ras(pulled.xyz_mm_ras[1:3]).all()
+    np.testing.assert_array_equal(pulled.xyz_mm_ras[[0, 3]], xyz[[0, 3]])  # inside, and too far out: as they were
+    assert np.isnan(pulled.xyz_mm_ras[4]).all() and list(pulled.scores) == list(final.scores)
+    assert pulled_inside(final, vol, 3.5).found.tolist() == [True, True, False, False, False]  # the corner is 3.6 out
+    assert pulled_inside(final, vol, 0.0) is final
+
+
+def test_a_trust_model_that_pulls_points_inside_judges_them_with_its_not_found_rule(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    vol = _blob(rng)
+    trust = dataclasses.replace(_trust(None, None), face_mm=0.0, pull_inside_mm=6.0)
+    ijk = np.array([[18.0, 24, 17], [10, 10, 10], [25, 30, 20], [36.5, 24, 17]])  # the last 1 voxel beyond i-high
+    raw = LandmarkSet(("a", "b", "c", "d"), vol.ijk_to_ras(ijk), np.array([0.95, 0.5, 0.1, 0.9]),
+                      np.array([True, True, True, False]))
+    out = apply_trust(trust, raw, None, vol)
+    assert out.landmarks.found.all() and 0 < out.landmarks.scores[3] <= 1
+    np.testing.assert_allclose(out.landmarks.xyz_mm_ras[3], vol.ijk_to_ras(np.array([[35.0, 24, 17]]))[0])
+    assert not apply_trust(dataclasses.replace(trust, pull_inside_mm=0.0), raw, None, vol).landmarks.found[3]
+    assert not apply_trust(dataclasses.replace(trust, face_mm=1.0), raw, None, vol).landmarks.found[3]  # on the border
+    save_trust(tmp_path, trust)
+    again = load_trust(tmp_path)
+    assert again is not None and again.pull_inside_mm == 6.0
+    doc = trust.to_json()
+    assert "pull_inside_mm" not in _trust(None, None).to_json()  # files without it: 0, as before
+    with pytest.raises(Exception, match="pull_inside_mm -1"):
+        TrustModel.from_json({**doc, "pull_inside_mm": -1})

@@ -74,6 +74,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
                    "cases (cases that trained nothing, e.g. a site's own; not the model's own dataset)")
     p.add_argument("--anatomy-check", action="store_true",
                    help="also fit the image check on the anatomy around the detector's points (lmk3d.trust.anatomy)")
+    p.add_argument("--pull-inside-mm", type=float, default=0.0, metavar="MM",
+                   help="judge a point the detector placed at most MM beyond the field of view as inside: moved onto "
+                   "the outer voxels and left to the not-found rule (default 0: not found, as the detector says)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
     p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
 
@@ -89,6 +92,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise LandmarkError(f"--tolerance-mm {args.tolerance_mm}: give a distance in mm > 0")
     if args.presence_epochs < 0:
         raise LandmarkError(f"--presence-epochs {args.presence_epochs}: give 0 (no network) or more")
+    if not (math.isfinite(args.pull_inside_mm) and args.pull_inside_mm >= 0):
+        raise LandmarkError(f"--pull-inside-mm {args.pull_inside_mm}: give a distance in mm, 0 or more")
     if args.presence_answer_variants and (args.presence_answer_variants < 0 or args.train_presence != "local"):
         raise LandmarkError(f"--presence-answer-variants {args.presence_answer_variants}: give a count of 0 or more, "
                             "with --train-presence local")
@@ -140,7 +145,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                       candidates[0] if len(candidates) == 1 else None,
                       log=lambda line: print(line, flush=True), names=det.landmark_names,
                       presence_candidates=candidates if len(candidates) > 1 else (),
-                      anatomy_check=args.anatomy_check)
+                      anatomy_check=args.anatomy_check, pull_inside_mm=args.pull_inside_mm)
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
                                + (f" --presence {' '.join(args.presence)}" if args.presence else "")
@@ -149,7 +154,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                + (f" --train-presence {args.train_presence}" if args.train_presence else "")
                                + (f" --presence-answer-variants {args.presence_answer_variants}"
                                   if args.presence_answer_variants else "")
-                               + (f" --calibration-data {args.calibration_data}" if args.calibration_data else ""))
+                               + (f" --calibration-data {args.calibration_data}" if args.calibration_data else "")
+                               + (f" --pull-inside-mm {args.pull_inside_mm:g}" if args.pull_inside_mm else ""))
     if args.calibration_data:
         trust.report["calibration_data"] = str(args.calibration_data)
     trust.report["seconds"] = round(time.monotonic() - t0, 1)
@@ -273,12 +279,14 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
     anatomy_from = next((f for f in folders if (t := _load(loaded, f)) is not None and t.anatomy is not None), None)
     parent = loaded.get(fine_tuned_from) if fine_tuned_from is not None else None
     anatomy_prior = parent.anatomy if anatomy_from is not None and parent is not None else None
+    # A model that judges points just beyond the field of view as inside keeps doing so in its new versions.
+    pull = next((t.pull_inside_mm for f in folders if (t := _load(loaded, f)) is not None), 0.0)
     t0 = time.monotonic()
     trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed,
                       presence if trained is None else None, log=log, names=det.landmark_names, image_prior=prior,
                       presence_candidates=(presence, trained) if trained is not None else (),
                       presence_deadline=presence_deadline, anatomy_check=anatomy_from is not None,
-                      anatomy_prior=anatomy_prior)
+                      anatomy_prior=anatomy_prior, pull_inside_mm=pull)
     seconds = round(time.monotonic() - t0, 1)
     images = str(images_from) if prior is not None else None
     inherited = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"

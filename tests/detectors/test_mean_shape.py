@@ -243,3 +243,20 @@ def test_cli_trains_a_local_presence_network_on_the_detectors_own_points(
     assert net is not None and net.config.mode == "local" and net.config.answer_variants == 2
     doc = json.loads((out / "trust.json").read_text())
     assert "--train-presence local --presence-answer-variants 2" in doc["report"]["command"]
+
+
+def test_cli_calibrates_a_model_that_pulls_points_just_beyond_the_field_of_view_inside(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lmk3d.trust import load_trust
+
+    model, site, out = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
+    _train_with_a_site(tiny_set, model, site)
+    capsys.readouterr()
+    common = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site),
+              "--presence-epochs", "0"]
+    assert main([*common, "--pull-inside-mm", "-1"]) == 2
+    assert "--pull-inside-mm -1.0: give a distance in mm, 0 or more" in capsys.readouterr().err
+    assert main([*common, "--pull-inside-mm", "5", "--out", str(out)]) == 0
+    trust = load_trust(out)
+    assert trust is not None and trust.pull_inside_mm == 5.0
+    assert trust.report["command"].endswith("--pull-inside-mm 5")

@@ -392,6 +392,38 @@ def _mm3(v: np.ndarray) -> str:
     return "x".join(f"{x:.3g}" for x in v)
 
 
+def pulled_inside(final: LandmarkSet, volume: Volume, margin_mm: float) -> LandmarkSet:
+    """``final`` with each point placed outside the field of view by at most ``margin_mm`` moved back inside.
+
+    A detector's point beyond a face is not found by the contract (:func:`lmk3d.detectors.base.mark_outside`),
+    though the landmark may lie just inside: a detector can overshoot a face the crop put near it. Such a point
+    (its distance to the field of view, in world mm, at most ``margin_mm``) is moved to the nearest point of the
+    outer voxel centres (its continuous voxel index clipped to ``[0, n - 1]`` per axis) and marked found, so the
+    not-found rule (:func:`cut_rule`) judges it as any other point. Points farther out, points without a position,
+    and points inside are as they were; ``margin_mm`` <= 0 changes nothing.
+    """
+    if not margin_mm > 0:
+        return final
+    xyz = np.asarray(final.xyz_mm_ras, dtype=np.float64)
+    known = np.isfinite(xyz).all(axis=1)
+    outside = np.zeros(len(final), dtype=bool)
+    if known.any():
+        outside[known] = ~volume.contains_ras(xyz[known])
+    if not outside.any():
+        return final
+    idx = np.flatnonzero(outside)
+    faces = distance_to_faces_mm(volume, xyz[idx]).reshape(-1, 3, 2).min(axis=2)  # per axis, negative beyond
+    beyond = np.sqrt(np.sum(np.minimum(faces, 0.0) ** 2, axis=1))
+    idx = idx[beyond <= margin_mm]
+    if not len(idx):
+        return final
+    ijk = np.clip(volume.ras_to_ijk(xyz[idx]), 0.0, np.asarray(volume.shape, dtype=np.float64) - 1.0)
+    moved, found = xyz.copy(), np.asarray(final.found, dtype=bool).copy()
+    moved[idx] = volume.ijk_to_ras(ijk)
+    found[idx] = True
+    return LandmarkSet(final.names, moved, final.scores, found, final.radius_mm, final.tolerance_mm)
+
+
 def cut_rule(face_mm: np.ndarray, shape_face_mm: np.ndarray, presence: np.ndarray | None, face_threshold: float,
              shape_outside_mm: float, presence_threshold: float) -> np.ndarray:
     """The not-found rule on its inputs (``(N,)`` arrays; NaN or None where a feature is unknown)."""
@@ -424,6 +456,7 @@ class TrustModel:
     partial_normalised: np.ndarray | None = None
     partial_q90: float | None = None
     anatomy: AnatomyModel | None = None  # the image check on the anatomy around the points, if fitted
+    pull_inside_mm: float = 0.0  # points at most this far beyond the field of view are judged inside (pulled_inside)
 
     def scale(self, features: dict[str, np.ndarray]) -> np.ndarray:
         return np.exp(design_matrix(features, len(self.landmark_names), self.features) @ self.weights)
@@ -459,7 +492,8 @@ class TrustModel:
                 {"normalised": self.partial_normalised.tolist(), "q90": self.partial_q90},
                 "shape": None if self.shape is None else self.shape.to_json(),
                 "image": None if self.image is None else self.image.to_json(),
-                **({} if self.anatomy is None else {"anatomy": self.anatomy.to_json()}), "report": self.report}
+                **({} if self.anatomy is None else {"anatomy": self.anatomy.to_json()}),
+                **({"pull_inside_mm": self.pull_inside_mm} if self.pull_inside_mm > 0 else {}), "report": self.report}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> TrustModel:
@@ -478,7 +512,17 @@ class TrustModel:
                    partial_normalised=None if not d.get("partial") else
                    np.asarray(d["partial"]["normalised"], dtype=np.float64),
                    partial_q90=None if not d.get("partial") else float(d["partial"]["q90"]),
-                   anatomy=_anatomy(d.get("anatomy")))
+                   anatomy=_anatomy(d.get("anatomy")), pull_inside_mm=_margin(d.get("pull_inside_mm", 0.0)))
+
+
+def _margin(value: Any) -> float:
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        margin = math.nan
+    if not (math.isfinite(margin) and margin >= 0):
+        raise LandmarkError(f"trust.json: pull_inside_mm {value!r}: expected a distance in mm, 0 or more")
+    return margin
 
 
 def _anatomy(doc: Any) -> AnatomyModel | None:
@@ -567,6 +611,7 @@ def apply_trust(trust: TrustModel, final: LandmarkSet, first: LandmarkSet | None
     if tuple(final.names) != trust.landmark_names:
         raise LandmarkError(f"trust model is for {', '.join(trust.landmark_names)}; the prediction has "
                             f"{', '.join(final.names)}")
+    final = pulled_inside(final, volume, trust.pull_inside_mm)
     verdict = atypical_verdict(anatomy_verdict(trust, verdict if verdict is not None else check_image(trust, volume),
                                                final, volume))
     feats = point_features(final, first, trust.shape, volume)

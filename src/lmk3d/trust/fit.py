@@ -29,6 +29,7 @@ from lmk3d.trust import (
     cut_rule,
     design_matrix,
     point_features,
+    pulled_inside,
 )
 from lmk3d.trust.anatomy import AnatomyModel
 from lmk3d.trust.cuts import cut_outside
@@ -290,7 +291,7 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               names: Sequence[str] | None = None, image_prior: ImageModel | None = None,
               presence_candidates: Sequence[PresenceModel | None] = (),
               presence_deadline: float | None = None, anatomy_check: bool = False,
-              anatomy_prior: AnatomyModel | None = None) -> TrustModel:
+              anatomy_prior: AnatomyModel | None = None, pull_inside_mm: float = 0.0) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -309,10 +310,18 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     (:class:`lmk3d.trust.anatomy.AnatomyModel`: the training images boxed around their truth, the threshold
     from the calibration records' own points); ``anatomy_prior``: the anatomy check of the weights the detector
     was fine-tuned from, whose images the new check knows too (:meth:`AnatomyModel.merged`).
+    ``pull_inside_mm``: points the detector placed at most this far beyond the field of view are judged as
+    inside (:func:`lmk3d.trust.pulled_inside`), in the calibration as in every answer after it.
     """
     if presence is not None and presence_candidates:
         raise ValueError("fit_trust: give presence or presence_candidates, not both")
     say = log or (lambda _: None)
+    if pull_inside_mm > 0:
+        detector_answer = predict
+
+        def predict(volume: Volume) -> tuple[LandmarkSet, LandmarkSet | None]:
+            final, first = detector_answer(volume)
+            return pulled_inside(final, volume, pull_inside_mm), first
     labelled = [s for s in train if s.landmarks is not None]
     if names is None:
         names = labelled[0].landmarks.names if labelled and labelled[0].landmarks is not None else ()
@@ -375,6 +384,7 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         trust.anatomy = AnatomyModel.fit(list(zip(vols_train, truths, strict=True)),
                                          [(r.volume, r.final) for r in records], prior=anatomy_prior)
     trust.presence = presence
+    trust.pull_inside_mm = float(pull_inside_mm)
     trust.report["seed"] = seed
     trust.report["training_cases"] = len(labelled)
     if presence is not None:
