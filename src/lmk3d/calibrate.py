@@ -209,7 +209,8 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
       images are of the kind it learnt; training it again is for images of a new kind (another contrast)
       and for declared models, which inherit none;
     - the tolerance is the one of the first ``trust.json`` in ``previous``, else
-      :data:`DEFAULT_TOLERANCE_MM`;
+      :data:`DEFAULT_TOLERANCE_MM`; so is ``pull_inside_mm`` (points just beyond the field of view judged
+      as inside, :func:`lmk3d.trust.pulled_inside`), else 0;
     - ``images_from``: the folder of the weights these were fine-tuned from. The new image model knows
       that folder's training images as well as ``train``'s (:meth:`lmk3d.trust.ImageModel.merged`): the
       fine-tuned weights still serve the kind of image they started from, and a check fitted on a few

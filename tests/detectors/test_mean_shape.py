@@ -260,3 +260,11 @@ def test_cli_calibrates_a_model_that_pulls_points_just_beyond_the_field_of_view_
     trust = load_trust(out)
     assert trust is not None and trust.pull_inside_mm == 5.0
     assert trust.report["command"].endswith("--pull-inside-mm 5")
+    # A version the server trains from it keeps judging so (as it keeps the tolerance and the anatomy check).
+    from lmk3d.calibrate import calibrate_new_weights
+    from lmk3d.data import read_split
+
+    split = read_split(model)
+    version, _ = calibrate_new_weights(load_detector(model, "cpu"), list(load_dataset(tiny_set).subset(split.train)),
+                                       [s for s in load_dataset(site) if s.landmarks is not None], [out])
+    assert version is not None and version.pull_inside_mm == 5.0
