@@ -269,7 +269,10 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
            if trust.get("partial") and (gr := rep.get("groups")) else "") + "; "
         f"not found: presence < {rule['presence_threshold']}, closer than {rule['face_mm']} mm to a face"
         + (f", or placed beyond a face by the shape model by > {rule['shape_outside_mm']} mm"
-           if rule.get("shape_outside_mm") is not None else "") + "; image check threshold "
+           if rule.get("shape_outside_mm") is not None else "")
+        + (f" (a point the detector placed at most {trust['pull_inside_mm']:g} mm beyond the field of view is moved "
+           "onto the outer voxels and judged by this rule)" if trust.get("pull_inside_mm") else "")
+        + "; image check threshold "
         f"{trust['image']['threshold']:.2f}"
         + (f", then the anatomy around the points (threshold {trust['anatomy']['threshold']:.2f}, docs/trust.md)"
            if trust.get("anatomy") else "") + "; error scale: "
