@@ -224,15 +224,22 @@ def test_cli_train_config_overrides(tiny_set: Path, tmp_path: Path) -> None:
     assert report["command"].endswith("--set hit_radius_mm=3.5")
 
 
+def _calibrate_on_a_site(tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                         presence_epochs: int) -> tuple[list[str], Path]:
+    """A tiny model and a site (:func:`_train_with_a_site`): the ``lmk3d calibrate`` arguments for them, and
+    the folder to write the trust model to."""
+    model, site = tmp_path / "model", tmp_path / "site"
+    _train_with_a_site(tiny_set, model, site)
+    capsys.readouterr()
+    return (["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site),
+             "--presence-epochs", str(presence_epochs)], tmp_path / "cal")
+
+
 def test_cli_trains_a_local_presence_network_on_the_detectors_own_points(
         tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lmk3d.trust.presence import PresenceModel
 
-    model, site, out = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
-    _train_with_a_site(tiny_set, model, site)
-    capsys.readouterr()
-    common = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site),
-              "--presence-epochs", "1"]
+    common, out = _calibrate_on_a_site(tiny_set, tmp_path, capsys, presence_epochs=1)
     assert main([*common, "--presence-answer-variants", "2"]) == 2  # a global network has no points to centre on
     assert "--presence-answer-variants 2: give a count of 0 or more, with --train-presence local" in \
         capsys.readouterr().err
@@ -249,11 +256,8 @@ def test_cli_calibrates_a_model_that_pulls_points_just_beyond_the_field_of_view_
         tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from lmk3d.trust import load_trust
 
-    model, site, out = tmp_path / "model", tmp_path / "site", tmp_path / "cal"
-    _train_with_a_site(tiny_set, model, site)
-    capsys.readouterr()
-    common = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--calibration-data", str(site),
-              "--presence-epochs", "0"]
+    common, out = _calibrate_on_a_site(tiny_set, tmp_path, capsys, presence_epochs=0)
+    model, site = tmp_path / "model", tmp_path / "site"
     assert main([*common, "--pull-inside-mm", "-1"]) == 2
     assert "--pull-inside-mm -1.0: give a distance in mm, 0 or more" in capsys.readouterr().err
     assert main([*common, "--pull-inside-mm", "5", "--out", str(out)]) == 0
