@@ -19,6 +19,10 @@ For each model folder (with ``trust.json`` from ``lmk3d calibrate``) it reads th
   calibration cases alone). For every set of images also the share judged atypical (of the model's kind, but
   farther than nearly every calibration image: scores capped at 0.2, ``lmk3d.trust.atypical_verdict``).
 
+With ``--held-out DIR`` every case of DIR with landmarks takes the test cases' place (a dataset that neither
+trained nor calibrated the model, such as phantoms of a fresh seed; refused otherwise): more cases than a test
+split holds, reported beside it, never in a card.
+
 Run (1 thread): ``.venv/bin/python benchmarks/trust_eval.py models/cascade-hippocampus ... --out
 runs/trust_eval.json``; prints one table per block (markdown), the numbers go to docs/trust.md.
 """
@@ -48,7 +52,24 @@ CROP_SOURCES = ("MPRAGE whole head (DICOM)", "MNI template (AFIDs)")
 INVERTED = "test images, contrast inverted"
 
 
-def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dict[str, object]:
+def held_out_cases(model_dir: Path, held_out: Path, data: Path) -> list[Any]:
+    """Every case of ``held_out`` with landmarks, refused when it is data the model was fitted or calibrated on."""
+    from lmk3d.data import load_dataset
+
+    report = json.loads((model_dir / "trust.json").read_text()).get("report", {})
+    calibration = report.get("calibration_data")
+    fitted = [data] + ([ROOT / calibration if not Path(calibration).is_absolute() else Path(calibration)]
+                       if calibration else [])
+    if any(held_out.resolve() == f.resolve() for f in fitted):
+        raise SystemExit(f"--held-out {held_out}: {model_dir.name} was trained or calibrated on that dataset")
+    cases = [s for s in load_dataset(held_out) if s.landmarks is not None]
+    if not cases:
+        raise SystemExit(f"--held-out {held_out}: no case with landmarks")
+    return cases
+
+
+def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
+                   held_out: Path | None = None) -> dict[str, object]:
     import torch
 
     from lmk3d import review
@@ -64,8 +85,9 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     tol = det.trust.tolerance_mm
     split = read_split(model_dir)
     data = json.loads((model_dir / "split.json").read_text())["data"]
-    ds = load_dataset(ROOT / data if not Path(data).is_absolute() else data)
-    test = list(ds.subset(split.test))
+    data_dir = ROOT / data if not Path(data).is_absolute() else Path(data)
+    test = (held_out_cases(model_dir, held_out, data_dir) if held_out is not None
+            else list(load_dataset(data_dir).subset(split.test)))
     rng = np.random.default_rng(cut_seed)
     normal = {"score": [], "raw": [], "err": [], "found": [], "raw_found": [], "radius": []}
     flagged = cut_flagged = cut_images = atypical = cut_atypical = 0
@@ -118,7 +140,8 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
     err_f = np.where(fnd, err, np.inf)
     raw_err = np.where(raw_fnd, err, np.inf)
     out: dict[str, object] = {"model": model_dir.name, "detector": det.name, "tolerance_mm": tol,
-                              "test_cases": len(test), "points": int(len(sc)), "cut_seed": cut_seed}
+                              "test_cases": len(test), "points": int(len(sc)), "cut_seed": cut_seed,
+                              **({"held_out": str(held_out)} if held_out is not None else {})}
 
     def block(score: np.ndarray, e: np.ndarray, f: np.ndarray) -> dict[str, float]:
         s0 = np.where(f, score, 0.0)
@@ -158,7 +181,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20) -> dic
         kinds[kind] = {"flagged": float(not p.verdict.in_distribution), "n": 1,
                        "max_score": float(np.max(p.landmarks.scores)), "found": int(p.landmarks.found.sum()),
                        "reason": p.verdict.reason, "atypical": float(p.verdict.atypical)}
-        if kind in CROP_SOURCES:
+        if kind in CROP_SOURCES and crops > 0:
             size = np.maximum((typical / vol.spacing_mm).astype(int), 8)
             fl, mx, fd, at = [], [], 0, []
             for _ in range(crops):
@@ -320,13 +343,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="JSON with every number")
     ap.add_argument("--cards", action="store_true", help="also print each model card's Trust section")
     ap.add_argument("--from-json", type=Path, help="print the tables of an earlier --out file instead of measuring")
+    ap.add_argument("--held-out", type=Path, metavar="DIR",
+                    help="every case of DIR with landmarks instead of the model's test split (data that neither "
+                         "trained nor calibrated it, e.g. fresh phantoms); its figures are not the card's")
     args = ap.parse_args(argv)
+    if args.held_out and args.cards:
+        ap.error("--cards reports the model's test split; leave out --held-out")
     results = []
     if args.from_json:
         by_name = {r["model"]: r for r in json.loads(args.from_json.read_text())}
         results = [by_name[m.name] for m in args.models]
     for m in args.models if not args.from_json else []:
-        r = evaluate_model(m, args.cut_seed, args.crops)
+        r = evaluate_model(m, args.cut_seed, args.crops, args.held_out)
         results.append(r)
         print(f"{m}: done in {r['seconds']} s", file=sys.stderr, flush=True)
     print_tables(results)

@@ -1,0 +1,66 @@
+"""``benchmarks/trust_eval.py --held-out``: which data may stand in for a model's test split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from lmk3d.data.phantoms import generate
+from tests.conftest import DATA, ROOT
+
+SCRIPT = ROOT / "benchmarks" / "trust_eval.py"
+MODEL = ROOT / "models" / "cascade-hippocampus"
+
+
+@pytest.fixture(scope="module")
+def trust_eval() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("trust_eval", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["trust_eval"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("held_out")
+    generate(out, 2, seed=3, profile="small", progress=None)
+    return out
+
+
+@pytest.mark.skipif(not (MODEL / "trust.json").is_file(), reason="no shipped cascade-hippocampus")
+def test_held_out_refuses_the_models_own_and_calibration_data(trust_eval: ModuleType, phantoms: Path,
+                                                              tmp_path: Path) -> None:
+    """A model's training dataset, or the dataset named as its calibration data, is not held out."""
+    with pytest.raises(SystemExit, match="trained or calibrated on that dataset"):
+        trust_eval.held_out_cases(MODEL, DATA / "hippocampus", DATA / "hippocampus")
+    model = tmp_path / "model"
+    model.mkdir()
+    trust = json.loads((MODEL / "trust.json").read_text())
+    trust["report"]["calibration_data"] = str(phantoms)
+    (model / "trust.json").write_text(json.dumps(trust))
+    with pytest.raises(SystemExit, match="calibrated on that dataset"):
+        trust_eval.held_out_cases(model, phantoms, DATA / "hippocampus")
+    # the same phantoms are held out for the shipped model, which never saw them: every case, in order
+    cases = trust_eval.held_out_cases(MODEL, phantoms, DATA / "hippocampus")
+    assert [c.case for c in cases] == ["hn_0000", "hn_0001"]
+    assert all(c.landmarks is not None for c in cases)
+
+
+def test_held_out_refuses_a_folder_without_landmarks(trust_eval: ModuleType, phantoms: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "no_landmarks"
+    shutil.copytree(phantoms / "images", empty / "images")
+    with pytest.raises(SystemExit):
+        trust_eval.held_out_cases(MODEL, empty, DATA / "hippocampus")
+
+
+def test_cards_are_not_written_from_held_out_data(trust_eval: ModuleType, phantoms: Path) -> None:
+    with pytest.raises(SystemExit):
+        trust_eval.main([str(MODEL), "--held-out", str(phantoms), "--cards"])
