@@ -52,8 +52,10 @@ CROP_SOURCES = ("MPRAGE whole head (DICOM)", "MNI template (AFIDs)")
 INVERTED = "test images, contrast inverted"
 
 
-def held_out_cases(model_dir: Path, held_out: Path, data: Path) -> list[Any]:
-    """Every case of ``held_out`` with landmarks, refused when it is data the model was fitted or calibrated on."""
+def held_out_cases(model_dir: Path, held_out: Path, data: Path, names: Any = None) -> list[Any]:
+    """The cases of ``held_out`` with every landmark in ``names`` (default: any landmarks), refused when it is data
+    the model was fitted or calibrated on. A case with a landmark its image does not hold is left out (the cut
+    variants need every landmark's truth), with a line on stderr saying how many."""
     from lmk3d.data import load_dataset
 
     report = json.loads((model_dir / "trust.json").read_text()).get("report", {})
@@ -62,9 +64,13 @@ def held_out_cases(model_dir: Path, held_out: Path, data: Path) -> list[Any]:
                        if calibration else [])
     if any(held_out.resolve() == f.resolve() for f in fitted):
         raise SystemExit(f"--held-out {held_out}: {model_dir.name} was trained or calibrated on that dataset")
-    cases = [s for s in load_dataset(held_out) if s.landmarks is not None]
+    labelled = [s for s in load_dataset(held_out) if s.landmarks is not None]
+    cases = [s for s in labelled if names is None or np.isfinite(s.landmarks.reorder(names).xyz_mm_ras).all()]
     if not cases:
-        raise SystemExit(f"--held-out {held_out}: no case with landmarks")
+        raise SystemExit(f"--held-out {held_out}: no case with {'every landmark' if names else 'landmarks'}")
+    if len(cases) < len(labelled):
+        print(f"--held-out {held_out}: {len(labelled) - len(cases)} of {len(labelled)} case(s) left out (a landmark "
+              "outside the image)", file=sys.stderr)
     return cases
 
 
@@ -86,7 +92,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
     split = read_split(model_dir)
     data = json.loads((model_dir / "split.json").read_text())["data"]
     data_dir = ROOT / data if not Path(data).is_absolute() else Path(data)
-    test = (held_out_cases(model_dir, held_out, data_dir) if held_out is not None
+    test = (held_out_cases(model_dir, held_out, data_dir, det.landmark_names) if held_out is not None
             else list(load_dataset(data_dir).subset(split.test)))
     rng = np.random.default_rng(cut_seed)
     normal = {"score": [], "raw": [], "err": [], "found": [], "raw_found": [], "radius": []}
@@ -97,8 +103,8 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
     t0 = time.perf_counter()
     for s in test:
         vol = s.load_image()
-        truth = s.landmarks
-        assert truth is not None
+        assert s.landmarks is not None
+        truth = s.landmarks.reorder(det.landmark_names)
         p = det.predict_all(vol)
         flagged += not p.verdict.in_distribution
         atypical += p.verdict.atypical

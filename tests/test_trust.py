@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from lmk3d.errors import LandmarkError
 from lmk3d.io.image import Volume
 from lmk3d.io.markups import markups_dict, parse_markups
 from lmk3d.io.table import landmarks_from_json, landmarks_to_json, parse_table, table_text
@@ -399,6 +400,33 @@ def test_consensus_follows_the_agreeing_members_and_scores_their_disagreement() 
     assert wide_spread[0] > spread[0] and wide.scores[0] < agree.scores[0]
     none, _ = combine([LandmarkSet.empty(names), LandmarkSet.empty(names)], inlier_mm=4.0)
     assert not none.found.any()
+
+
+def test_a_consensus_weighted_by_radius_follows_its_most_precise_member() -> None:
+    """``weighting="radius"``: weights 1 / r^2 from the members' calibrated 90 % radii, so a member whose error is
+    calibrated small counts more even when every member's score is close to 1 (as on the phantoms)."""
+    from lmk3d.detectors.consensus import ConsensusConfig, combine, member_weights
+
+    names = ("a",)
+    truth = np.zeros((1, 3))
+    # both members are confident; the precise one (radius 1 mm) is 0.5 mm off, the other (4 mm) 2 mm off
+    precise = LandmarkSet(names, truth + [[0.5, 0, 0]], np.array([0.97]), radius_mm=np.array([1.0]))
+    rough = LandmarkSet(names, truth + [[-2.0, 0, 0]], np.array([0.99]), radius_mm=np.array([4.0]))
+    by_score, _ = combine([precise, rough], inlier_mm=4.0)
+    by_radius, spread = combine([precise, rough], inlier_mm=4.0, weighting="radius")
+    assert abs(by_score.xyz_mm_ras[0, 0] - (-0.75)) < 0.05  # about the middle: scores 0.97 and 0.99
+    # weights 1 and 1/16: (0.5 * 16 - 2) / 17
+    assert by_radius.xyz_mm_ras[0, 0] == pytest.approx((0.5 * 16 - 2.0) / 17, abs=1e-9)
+    assert combine([precise, rough], inlier_mm=4.0, weighting="score")[0].xyz_mm_ras[0, 0] == by_score.xyz_mm_ras[0, 0]
+    assert 0 < spread[0] < 2.5 and 0 < by_radius.scores[0] <= 1
+    # a member found without a radius: that landmark falls back to the scores
+    bare = LandmarkSet(names, truth + [[-2.0, 0, 0]], np.array([0.99]))
+    fallback = combine([precise, bare], 4.0, "radius")[0]
+    assert np.allclose(fallback.xyz_mm_ras, combine([precise, bare], 4.0)[0].xyz_mm_ras)
+    # a radius near 0 does not give one member every weight
+    assert member_weights(np.array([0.9, 0.9]), np.array([0.0, 1.0]), "radius") == pytest.approx([100.0, 1.0])
+    with pytest.raises(LandmarkError, match="weighting 'median'"):
+        ConsensusConfig(weighting="median")
 
 
 def test_a_label_map_gets_a_sidecar_with_what_it_cannot_hold(tmp_path) -> None:

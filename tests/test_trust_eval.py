@@ -54,6 +54,21 @@ def test_held_out_refuses_the_models_own_and_calibration_data(trust_eval: Module
     assert all(c.landmarks is not None for c in cases)
 
 
+def test_held_out_leaves_out_a_case_without_every_landmark(trust_eval: ModuleType, phantoms: Path,
+                                                          tmp_path: Path) -> None:
+    """The cut variants need every landmark's truth: a case whose image lacks one is left out, not half-counted."""
+    partial = tmp_path / "partial"
+    shutil.copytree(phantoms, partial)
+    lines = (partial / "landmarks.csv").read_text().splitlines()
+    names = [line.split(",")[1] for line in lines[1:] if line.startswith("hn_0000,")]
+    dropped = [line for line in lines if not line.startswith(f"hn_0001,{names[-1]},")]
+    assert len(dropped) == len(lines) - 1
+    (partial / "landmarks.csv").write_text("\n".join(dropped) + "\n")
+    cases = trust_eval.held_out_cases(MODEL, partial, DATA / "hippocampus", names)
+    assert [c.case for c in cases] == ["hn_0000"]
+    assert len(trust_eval.held_out_cases(MODEL, partial, DATA / "hippocampus")) == 2
+
+
 def test_held_out_refuses_a_folder_without_landmarks(trust_eval: ModuleType, phantoms: Path, tmp_path: Path) -> None:
     empty = tmp_path / "no_landmarks"
     shutil.copytree(phantoms / "images", empty / "images")

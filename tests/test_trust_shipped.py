@@ -162,3 +162,33 @@ def test_crops_of_a_whole_head_get_no_confident_point(consensus) -> None:  # typ
             assert "capped" in pred.verdict.reason
         assert pred.landmarks.scores.max() <= OOD_SCORE_CAP, pred.verdict
     assert passed >= 1  # a crop that passes the checks is among these, or the cap is not tested
+
+
+def test_lmk3d_consensus_from_rewrites_the_weighting_and_keeps_the_members(consensus, test_cases,  # type: ignore[no-untyped-def]
+                                                                           tmp_path, capsys) -> None:
+    """``lmk3d consensus --from DIR --weighting W``: the same members (as the checkpoint holds them, their trust
+    models included), another way of weighting them; the shipped consensus weighs by radius (docs/trust.md)."""
+    from lmk3d.cli import main
+    from lmk3d.detectors.base import mark_outside
+    from lmk3d.detectors.consensus import combine
+
+    shipped = ROOT / "models" / "consensus-hippocampus"
+    assert main(["consensus", "--from", str(shipped), "--weighting", "score", "--out", str(tmp_path / "score")]) == 0
+    rewritten = load_detector(tmp_path / "score", "cpu")
+    assert consensus.config.weighting == "radius" and rewritten.config.weighting == "score"
+    assert (tmp_path / "score" / "split.json").read_text() == (shipped / "split.json").read_text()
+    image = test_cases[1].load_image()
+    names = consensus.landmark_names
+    answers = [consensus.members[m].predict_all(image, cap_atypical=False).landmarks.reorder(names)
+               for m in consensus.config.members]
+    for det, weighting in ((consensus, "radius"), (rewritten, "score")):
+        raw = det.predict_all(image, trust=False).landmarks
+        expected = mark_outside(combine(answers, det.config.inlier_mm, weighting)[0], image)
+        assert np.array_equal(raw.xyz_mm_ras, expected.xyz_mm_ras, equal_nan=True), weighting
+        assert np.array_equal(raw.scores, expected.scores), weighting
+    assert main(["consensus", "--from", str(shipped), "--out", str(shipped)]) != 0
+    assert "give a new folder" in capsys.readouterr().err
+    cascade = str(ROOT / "models" / "cascade-hippocampus")
+    assert main(["consensus", "--from", cascade, "--out", str(tmp_path / "x")]) != 0
+    assert "not a consensus" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -391,25 +391,49 @@ def _box_mm(train: list) -> float:  # type: ignore[type-arg]
 
 
 def add_consensus(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--members", nargs="+", required=True, metavar="DIR",
-                   help="calibrated model folders, one per detector (prior_guided, pin, cascade), same data and split")
+    from lmk3d.detectors.consensus import WEIGHTINGS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--members", nargs="+", metavar="DIR",
+                     help="calibrated model folders, one per detector (prior_guided, pin, cascade), same data "
+                          "and split")
+    src.add_argument("--from", dest="source", metavar="DIR",
+                     help="a consensus model folder: the same members (as its checkpoint holds them), "
+                          "with the settings given here")
+    p.add_argument("--weighting", choices=WEIGHTINGS,
+                   help="the members' weights: score (their calibrated scores; the default of a new consensus) or "
+                        "radius (1 / their calibrated 90 %% radius squared); with --from, default: as it was")
     p.add_argument("--out", required=True, help="folder for the consensus model (checkpoint.pt, split.json)")
 
 
 def run_consensus(args: argparse.Namespace) -> int:
+    import dataclasses
     import shutil
 
     from lmk3d.data import read_split
-    from lmk3d.detectors.consensus import build_consensus
+    from lmk3d.detectors import load_detector
+    from lmk3d.detectors.consensus import ConsensusDetector, build_consensus
 
-    splits = {(s.train, s.val, s.test) for s in (read_split(m) for m in args.members)}
-    if len(splits) != 1:
-        raise LandmarkError("consensus: the members' split.json files name different train/val/test cases; "
-                            "the members must share one split")
-    det = build_consensus(args.members)
+    if args.source:
+        loaded = load_detector(args.source, "cpu")
+        if not isinstance(loaded, ConsensusDetector):
+            raise LandmarkError(f"--from {args.source}: a {loaded.name} model, not a consensus")
+        det, split_from = loaded, Path(args.source)
+        if Path(args.out).resolve() == split_from.resolve():
+            raise LandmarkError(f"--out {args.out}: give a new folder (its trust.json no longer fits the answers; "
+                                "calibrate the new one, then replace)")
+    else:
+        splits = {(s.train, s.val, s.test) for s in (read_split(m) for m in args.members)}
+        if len(splits) != 1:
+            raise LandmarkError("consensus: the members' split.json files name different train/val/test cases; "
+                                "the members must share one split")
+        det, split_from = build_consensus(args.members), Path(args.members[0])
+    if args.weighting:
+        det.config = dataclasses.replace(det.config, weighting=args.weighting)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     det.save(out)
-    shutil.copyfile(Path(args.members[0]) / "split.json", out / "split.json")
-    print(f"consensus of {', '.join(det.config.members)} -> {out}; next: lmk3d calibrate --model {out}")
+    shutil.copyfile(split_from / "split.json", out / "split.json")
+    print(f"consensus of {', '.join(det.config.members)} (weights: {det.config.weighting}) -> {out}; "
+          f"next: lmk3d calibrate --model {out}")
     return 0

@@ -2,11 +2,14 @@
 
 Each member (``prior_guided``, ``pin``, ``cascade``, trained on the same data and split) predicts, and its
 own trust model (:mod:`lmk3d.trust`, fitted on the validation cases) turns its raw score into ``p``, the
-probability that its point is within the tolerance. Per landmark, the consensus position is the weighted
-geometric median of the members' points (weights ``p``), refined as the weighted mean of the members
-within ``inlier_mm`` of it; a member far from the others cannot drag the answer. The members'
-disagreement (weighted RMS distance of the inliers to the consensus, ``spread``) lowers the raw score:
-``raw = mean_p(inliers) * exp(-(spread / inlier_mm)^2 / 2) * inlier share``. The consensus has its own
+probability that its point is within the tolerance, and gives it ``r``, a radius holding the truth with 90 %
+probability. Per landmark, the consensus position is the weighted geometric median of the members' points,
+refined as the weighted mean of the members within ``inlier_mm`` of it; a member far from the others cannot
+drag the answer. The weights (``ConsensusConfig.weighting``) are ``p`` (``"score"``) or the precision
+``1 / r^2`` (``"radius"``: a member whose calibrated error is small counts more, even when every member is
+almost surely within the tolerance). The members' disagreement (weighted RMS distance of the inliers to the
+consensus, ``spread``) lowers the raw score:
+``raw = weighted mean_p(inliers) * exp(-(spread / inlier_mm)^2 / 2) * inlier share``. The consensus has its own
 trust model, fitted like any detector's by ``lmk3d calibrate``, so its reported score and radius are
 calibrated too, with the members' disagreement in them.
 
@@ -33,9 +36,11 @@ from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.preprocessing import PreparedImage
 
-__all__ = ["ConsensusConfig", "ConsensusDetector", "build_consensus", "combine"]
+__all__ = ["ConsensusConfig", "ConsensusDetector", "build_consensus", "combine", "member_weights"]
 
 MEMBERS = ("prior_guided", "pin", "cascade")
+WEIGHTINGS = ("score", "radius")
+MIN_RADIUS_MM = 0.1  # a radius below this (never calibrated so) would give one member all the weight
 
 
 @dataclass(frozen=True)
@@ -43,13 +48,18 @@ class ConsensusConfig:
     """Attributes:
     members: the member detectors' slugs, in the order they run.
     inlier_mm: a member farther than this from the weighted median is left out of the mean.
+    weighting: ``"score"`` (each member's calibrated score ``p``) or ``"radius"`` (``1 / r^2``, ``r`` its
+        calibrated 90 % radius; a landmark some member found without a radius falls back to ``"score"``).
     """
 
     members: tuple[str, ...] = MEMBERS
     inlier_mm: float = 4.0
+    weighting: str = "score"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", tuple(self.members))
+        if self.weighting not in WEIGHTINGS:
+            raise LandmarkError(f"consensus weighting {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
 
 
 def _weighted_median(points: np.ndarray, weights: np.ndarray, iterations: int = 50) -> np.ndarray:
@@ -65,7 +75,21 @@ def _weighted_median(points: np.ndarray, weights: np.ndarray, iterations: int = 
     return x
 
 
-def combine(members: Sequence[LandmarkSet], inlier_mm: float) -> tuple[LandmarkSet, np.ndarray]:
+def member_weights(p: np.ndarray, radius_mm: np.ndarray, weighting: str) -> np.ndarray:
+    """Each member's weight for one landmark from its calibrated scores ``p`` and 90 % radii (see ConsensusConfig).
+
+    >>> member_weights(np.array([0.99, 0.98]), np.array([1.0, 2.0]), "radius").tolist()
+    [1.0, 0.25]
+    >>> member_weights(np.array([0.99, 0.98]), np.array([1.0, np.nan]), "radius").round(3).tolist()
+    [0.991, 0.981]
+    """
+    if weighting == "radius" and np.isfinite(radius_mm).all():
+        return 1.0 / np.maximum(radius_mm, MIN_RADIUS_MM) ** 2
+    return p + 1e-3
+
+
+def combine(members: Sequence[LandmarkSet], inlier_mm: float, weighting: str = "score"
+            ) -> tuple[LandmarkSet, np.ndarray]:
     """The consensus of members' calibrated landmarks: ``(landmarks with raw scores, (N,) spread in mm)``."""
     names = members[0].names
     n = len(names)
@@ -78,7 +102,7 @@ def combine(members: Sequence[LandmarkSet], inlier_mm: float) -> tuple[LandmarkS
             continue
         pts = np.stack([m.xyz_mm_ras[k] for m in ok])
         p = np.array([float(m.scores[k]) for m in ok])
-        w = p + 1e-3
+        w = member_weights(p, np.array([float(m.radius_mm[k]) for m in ok]), weighting)
         median = _weighted_median(pts, w)
         inl = np.linalg.norm(pts - median, axis=1) <= inlier_mm
         if not inl.any():
@@ -147,7 +171,7 @@ class ConsensusDetector(Detector):
             answers.append(p.landmarks.reorder(self.landmark_names))
             results.append(StageResult(slug, p.landmarks, time.perf_counter() - t))
         t = time.perf_counter()
-        combined, _ = combine(answers, self.config.inlier_mm)
+        combined, _ = combine(answers, self.config.inlier_mm, self.config.weighting)
         results.append(StageResult("combine", combined, time.perf_counter() - t))
         raw = mark_outside(combined, image)
         if not trust or self.trust is None:
