@@ -99,9 +99,13 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
     flagged = cut_flagged = cut_images = atypical = cut_atypical = 0
     inverted: dict[str, list[float]] = {"flagged": [], "max_score": [], "found": [], "atypical": []}
     cut_out_nf, cut_in_f, raw_out_nf, raw_in_f = [], [], [], []
+    # the test case each point comes from (a cut variant's points: its case), for the case bootstrap
+    normal_case: list[np.ndarray] = []
+    out_case: list[int] = []
+    in_case: list[int] = []
     cut_inside: dict[str, list[np.ndarray]] = {"score": [], "err": [], "found": []}  # their points still inside
     t0 = time.perf_counter()
-    for s in test:
+    for case_index, s in enumerate(test):
         vol = s.load_image()
         assert s.landmarks is not None
         truth = s.landmarks.reorder(det.landmark_names)
@@ -116,6 +120,7 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
         normal["found"].append(lm.found)
         normal["raw_found"].append(raw.found)
         normal["radius"].append(lm.radius_mm)
+        normal_case.append(np.full(len(truth), case_index))
         # the same image with its contrast inverted (its own 1st and 99th percentiles swapped, as between T1-
         # and T2-weighted MR): another kind of image, never used to fit anything
         lo, hi = np.percentile(vol.array, [1.0, 99.0])
@@ -135,6 +140,8 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
             inside = cut.volume.contains_ras(truth.xyz_mm_ras, margin=0.5)
             cut_out_nf += list(~pc.landmarks.found[~inside])
             cut_in_f += list(pc.landmarks.found[inside])
+            out_case += [case_index] * int(np.sum(~inside))
+            in_case += [case_index] * int(np.sum(inside))
             cut_inside["score"].append(pc.landmarks.scores[inside])
             cut_inside["err"].append(np.linalg.norm(pc.raw.xyz_mm_ras - truth.xyz_mm_ras, axis=1)[inside])
             cut_inside["found"].append(pc.landmarks.found[inside])
@@ -169,6 +176,9 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
     out["cut"] = {"cut_off": len(cut_out_nf), "inside": len(cut_in_f),
                   "cut_off_not_found": float(np.mean(cut_out_nf)), "inside_found": float(np.mean(cut_in_f)),
                   "raw_cut_off_not_found": float(np.mean(raw_out_nf)), "raw_inside_found": float(np.mean(raw_in_f))}
+    out["intervals"] = intervals(np.concatenate(normal_case), sc, raw_sc, err, fnd, raw_fnd, rad, tol,
+                                 (np.asarray(out_case), np.asarray(cut_out_nf, dtype=float)),
+                                 (np.asarray(in_case), np.asarray(cut_in_f, dtype=float)))
     out["image_check_test_flagged"] = flagged / len(test)
     out["image_check_cut_flagged"] = cut_flagged / max(cut_images, 1)
     out["image_check_test_atypical"] = atypical / len(test)
@@ -206,6 +216,69 @@ def evaluate_model(model_dir: Path, cut_seed: int = 777, crops: int = 20,
     return out
 
 
+BOOTSTRAP = 1000  # resamples of whole test cases for the 95 % intervals (seed 0)
+
+
+def case_bootstrap(groups: np.ndarray, stat: Any, n: int = BOOTSTRAP, seed: int = 0) -> list[float]:
+    """The 95 % percentile interval of ``stat(index)`` over resamples of whole cases, with replacement.
+
+    A case's points (and its cut variants' points) move together: they share an image, so they are not
+    independent. ``stat`` takes the indices of the resampled points; resamples where it is NaN are left out.
+
+    >>> case_bootstrap(np.array([0, 0, 1, 1]), lambda i: float(len(i)), n=50)
+    [4.0, 4.0]
+    """
+    cases = np.unique(groups)
+    if not len(cases):
+        return [float("nan"), float("nan")]
+    members = {c: np.flatnonzero(groups == c) for c in cases}
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        index = np.concatenate([members[c] for c in rng.choice(cases, size=len(cases), replace=True)])
+        v = stat(index)
+        if np.isfinite(v):
+            values.append(v)
+    if not values:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def intervals(case: np.ndarray, sc: np.ndarray, raw_sc: np.ndarray, err: np.ndarray, fnd: np.ndarray,
+              raw_fnd: np.ndarray, rad: np.ndarray, tol: float, cut_off: tuple[np.ndarray, np.ndarray],
+              inside: tuple[np.ndarray, np.ndarray]) -> dict[str, list[float]]:
+    """95 % case-bootstrap intervals of the headline figures (normal images and cut variants)."""
+    from lmk3d import review
+
+    err_f = np.where(fnd, err, np.inf)
+    s0 = np.where(fnd, sc, 0.0)
+
+    def burden(i: np.ndarray) -> float:
+        return review.review_burden(review.review_curve(np.where(fnd[i], sc[i], np.nan), err_f[i] > tol, fnd[i]))
+
+    def share(pair: tuple[np.ndarray, np.ndarray]) -> list[float]:
+        groups, hit = pair
+        return case_bootstrap(groups, lambda i: float(np.mean(hit[i])) if len(i) else float("nan"))
+
+    return {
+        "mre_mm": case_bootstrap(case, lambda i: float(np.mean(err[i][raw_fnd[i]])) if raw_fnd[i].any() else np.nan),
+        "auroc_3mm": case_bootstrap(case, lambda i: review.auroc(1 - s0[i], err_f[i] > 3.0)),
+        "auroc_4mm": case_bootstrap(case, lambda i: review.auroc(1 - s0[i], err_f[i] > 4.0)),
+        "ece": case_bootstrap(case, lambda i: review.ece(s0[i], err_f[i] <= tol)),
+        "radius90_coverage": case_bootstrap(case, lambda i: float(np.mean(err[i][fnd[i]] <= rad[i][fnd[i]]))
+                                            if fnd[i].any() else np.nan),
+        "review_burden": case_bootstrap(case, burden),
+        "cut_off_not_found": share(cut_off),
+        "inside_found": share(inside),
+    }
+
+
+def _span(lo_hi: list[float], fmt: str = ".3f") -> str:
+    """An interval as ``lo-hi`` ("-" when unknown, e.g. an AUROC without errors)."""
+    lo, hi = lo_hi
+    return "-" if not (np.isfinite(lo) and np.isfinite(hi)) else f"{format(lo, fmt)}-{format(hi, fmt)}"
+
+
 def _f(v: object, fmt: str = ".3f") -> str:
     return "-" if v is None or (isinstance(v, float) and not np.isfinite(v)) else format(v, fmt)
 
@@ -241,6 +314,22 @@ def print_tables(results: list[dict[str, object]]) -> None:
               f"{_f(c['raw_inside_found'], '.1%')} | {_f(r['image_check_test_flagged'], '.1%')} "
               f"({_f(r.get('image_check_test_atypical'), '.1%')}) | {_f(r.get('image_check_cut_flagged'), '.1%')} "
               f"({_f(r.get('image_check_cut_atypical'), '.1%')}) |")
+    print(f"\n95 % intervals, resampling whole test cases ({BOOTSTRAP} resamples, seed 0; a cut variant goes with "
+          "its case):")
+    print("\n| model | MRE mm | AUROC >3 mm | AUROC >4 mm | ECE | 90 % radius coverage | review burden | "
+          "cut off: not found | still inside: found |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        iv = r.get("intervals")
+        if not isinstance(iv, dict):  # a results file written before these were measured
+            continue
+
+        def span(key: str, fmt: str = ".3f", iv: dict[str, list[float]] = iv) -> str:
+            return _span(iv[key], fmt)
+
+        print(f"| {r['model']} | {span('mre_mm')} | {span('auroc_3mm')} | {span('auroc_4mm')} | {span('ece')} | "
+              f"{span('radius90_coverage', '.1%')} | {span('review_burden', '.1%')} | "
+              f"{span('cut_off_not_found', '.1%')} | {span('inside_found', '.1%')} |")
     print("\n| model | image | images | flagged | atypical (scores capped) | landmarks found | largest score |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
@@ -338,7 +427,19 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         + (f"; the test images with their contrast inverted: {_f(inv['flagged'], '.1%')} flagged"
            + (f", {_f(inv['atypical'], '.1%')} atypical" if "atypical" in inv else "")
            + f", the largest score of the others {_f(inv['max_score'], '.2f')}" if inv is not None else "") + ".",
+        *(["", _interval_line(iv)] if isinstance(iv := r.get("intervals"), dict) else []),
         ""])
+
+
+def _interval_line(iv: dict[str, list[float]]) -> str:
+    """The card's sentence on how far the test split's figures could move with other cases."""
+    def span(key: str, fmt: str = ".3f") -> str:
+        return _span(iv[key], fmt)
+
+    return (f"95 % intervals, resampling whole test cases ({BOOTSTRAP} resamples, seed 0): MRE {span('mre_mm')} mm, "
+            f"AUROC >3 mm {span('auroc_3mm')}, ECE {span('ece')}, 90 % radius coverage "
+            f"{span('radius90_coverage', '.1%')}, review burden {span('review_burden', '.1%')}; cut off, not found "
+            f"{span('cut_off_not_found', '.1%')}; still inside, found {span('inside_found', '.1%')}.")
 
 
 def main(argv: list[str] | None = None) -> int:

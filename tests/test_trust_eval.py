@@ -79,3 +79,19 @@ def test_held_out_refuses_a_folder_without_landmarks(trust_eval: ModuleType, pha
 def test_cards_are_not_written_from_held_out_data(trust_eval: ModuleType, phantoms: Path) -> None:
     with pytest.raises(SystemExit):
         trust_eval.main([str(MODEL), "--held-out", str(phantoms), "--cards"])
+
+
+def test_the_case_bootstrap_resamples_whole_cases(trust_eval: ModuleType) -> None:
+    """Points of one case move together: ten cases, five with every point a hit and five with none, give an
+    interval of the hit share as wide as ten draws allow, however many points each case holds."""
+    import numpy as np
+
+    groups = np.repeat(np.arange(10), 40)
+    hit = (groups < 5).astype(float)
+    lo, hi = trust_eval.case_bootstrap(groups, lambda i: float(np.mean(hit[i])))
+    assert lo < 0.25 and hi > 0.75  # as for 10 coin flips, not 400
+    assert trust_eval.case_bootstrap(groups, lambda i: float(np.mean(hit[i]))) == [lo, hi]  # seeded
+    # resamples where the figure is undefined (no error to rank) are left out, not counted as 0
+    lo2, hi2 = trust_eval.case_bootstrap(groups, lambda i: float(np.mean(hit[i])) if hit[i].any() else float("nan"))
+    assert lo2 > 0.0 and hi2 <= 1.0
+    assert np.isnan(trust_eval.case_bootstrap(np.array([], dtype=int), lambda i: 1.0)).all()  # no case, no interval
