@@ -1,4 +1,4 @@
-"""``consensus``: the three detectors together, weighted by their calibrated scores.
+"""``consensus``: the three detectors together, weighted by their calibrated scores or radii.
 
 Each member (``prior_guided``, ``pin``, ``cascade``, trained on the same data and split) predicts, and its
 own trust model (:mod:`lmk3d.trust`, fitted on the validation cases) turns its raw score into ``p``, the

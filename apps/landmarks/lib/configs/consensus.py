@@ -1,4 +1,4 @@
-"""The three detectors together, weighted by their calibrated scores (:mod:`lmk3d.detectors.consensus`).
+"""The three detectors together, weighted by their calibration (:mod:`lmk3d.detectors.consensus`).
 
 Built, not trained: its checkpoint holds the shipped members, so retraining ``prior_guided``, ``pin`` or
 ``cascade`` through the server does not change it, and ``POST /train/consensus`` is refused (409).
@@ -10,5 +10,5 @@ from lib.configs import LandmarkModelConfig
 
 CONFIG = LandmarkModelConfig(detector="consensus",
                              description="prior_guided, pin and cascade together, weighted by their calibrated "
-                                         "scores (their disagreement lowers the score); built from the shipped "
-                                         "members, not trained")
+                                         "scores or 90 % radii, as the checkpoint says (their disagreement lowers "
+                                         "the score); built from the shipped members, not trained")
