@@ -72,6 +72,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-data", metavar="DIR",
                    help="calibrate on every case with landmarks in this dataset instead of the model's validation "
                    "cases (cases that trained nothing, e.g. a site's own; not the model's own dataset)")
+    p.add_argument("--presence-data", metavar="DIR",
+                   help="with a presence network to train: its cases with every landmark join the training cases in "
+                   "that network's training only (not the model's own dataset, not its calibration data)")
     p.add_argument("--anatomy-check", action="store_true",
                    help="also fit the image check on the anatomy around the detector's points (lmk3d.trust.anatomy)")
     p.add_argument("--pull-inside-mm", type=float, default=0.0, metavar="MM",
@@ -115,6 +118,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
         where = f"{model_dir}: {len(val)} validation case(s)"
     if len(val) < MIN_CALIBRATION_CASES:
         raise LandmarkError(f"{where}; calibration needs at least {MIN_CALIBRATION_CASES}")
+    extra = []
+    if args.presence_data:
+        here = Path(args.presence_data).resolve()
+        if here == Path(data).resolve() or (args.calibration_data and here == Path(args.calibration_data).resolve()):
+            raise LandmarkError(f"--presence-data {args.presence_data}: that is the model's own dataset or its "
+                                "calibration data; give cases that neither test nor calibrate it")
+        if not ((args.train_presence or not args.presence) and args.presence_epochs > 0):
+            raise LandmarkError(f"--presence-data {args.presence_data}: no presence network is trained here "
+                                "(give --train-presence, or no --presence, and --presence-epochs > 0)")
+        extra = [s for s in load_dataset(args.presence_data) if s.landmarks is not None]
     det = load_detector(model_dir, args.device)
     det.trust = None  # calibrate the detector's own answer
     predict = own_answer(det)
@@ -145,7 +158,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                       candidates[0] if len(candidates) == 1 else None,
                       log=lambda line: print(line, flush=True), names=det.landmark_names,
                       presence_candidates=candidates if len(candidates) > 1 else (),
-                      anatomy_check=args.anatomy_check, pull_inside_mm=args.pull_inside_mm)
+                      anatomy_check=args.anatomy_check, pull_inside_mm=args.pull_inside_mm,
+                      presence_extra=extra)
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
                                + (f" --presence {' '.join(args.presence)}" if args.presence else "")
@@ -155,6 +169,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                + (f" --presence-answer-variants {args.presence_answer_variants}"
                                   if args.presence_answer_variants else "")
                                + (f" --calibration-data {args.calibration_data}" if args.calibration_data else "")
+                               + (f" --presence-data {args.presence_data}" if args.presence_data else "")
                                + (f" --pull-inside-mm {args.pull_inside_mm:g}" if args.pull_inside_mm else ""))
     if args.calibration_data:
         trust.report["calibration_data"] = str(args.calibration_data)

@@ -272,3 +272,37 @@ def test_cli_calibrates_a_model_that_pulls_points_just_beyond_the_field_of_view_
     version, _ = calibrate_new_weights(load_detector(model, "cpu"), list(load_dataset(tiny_set).subset(split.train)),
                                        [s for s in load_dataset(site) if s.landmarks is not None], [out])
     assert version is not None and version.pull_inside_mm == 5.0
+
+
+def test_cli_trains_the_presence_network_on_more_cases_and_nothing_else(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--presence-data DIR``: its cases with every landmark join the presence network's training alone (the
+    shape model, the image check and the calibration are as without it); the model's own dataset and its
+    calibration data are refused, and so is a run that trains no network."""
+    common, out = _calibrate_on_a_site(tiny_set, tmp_path, capsys, presence_epochs=1)
+    site, more = tmp_path / "site", tmp_path / "more"
+    assert main(["phantoms", "--out", str(more), "--n", "5", "--seed", "6", "--profile", "small",
+                 "--size", "40,40,28"]) == 0
+    for refused, why in ((tiny_set, "own dataset"), (site, "calibration data")):
+        capsys.readouterr()
+        assert main([*common, "--presence-data", str(refused), "--out", str(out)]) == 2
+        assert f"--presence-data {refused}: that is the model's own dataset or its calibration data" in \
+            capsys.readouterr().err, why
+    assert main([*common, "--presence", str(tmp_path / "model"), "--presence-data", str(more)]) == 2
+    assert "no presence network is trained here" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    plain = json.loads((tmp_path / "plain" / "trust.json").read_text())
+    capsys.readouterr()
+    assert main([*common, "--presence-data", str(more), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads((out / "trust.json").read_text())
+    complete = [s for s in load_dataset(more) if s.landmarks is not None and len(s.landmarks) == 5
+                and np.isfinite(s.landmarks.xyz_mm_ras).all()]
+    cases = [d["report"]["presence_training"]["training_cases"] for d in (doc, plain)]
+    extra = cases[0] - cases[1]
+    assert extra == len(complete) > 0 and f"({len(complete)} of them from the extra presence data)" in printed
+    assert doc["report"]["command"].endswith(f"--presence-data {more}")
+    for key in ("shape", "image"):  # fitted on the training and calibration cases only, as before
+        assert doc[key] == plain[key], key
+    assert doc["report"]["calibration_cases"] == plain["report"]["calibration_cases"]

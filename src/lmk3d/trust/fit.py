@@ -291,7 +291,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               names: Sequence[str] | None = None, image_prior: ImageModel | None = None,
               presence_candidates: Sequence[PresenceModel | None] = (),
               presence_deadline: float | None = None, anatomy_check: bool = False,
-              anatomy_prior: AnatomyModel | None = None, pull_inside_mm: float = 0.0) -> TrustModel:
+              anatomy_prior: AnatomyModel | None = None, pull_inside_mm: float = 0.0,
+              presence_extra: Sequence[Sample] = ()) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -310,6 +311,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     (:class:`lmk3d.trust.anatomy.AnatomyModel`: the training images boxed around their truth, the threshold
     from the calibration records' own points); ``anatomy_prior``: the anatomy check of the weights the detector
     was fine-tuned from, whose images the new check knows too (:meth:`AnatomyModel.merged`).
+    ``presence_extra``: more cases for the presence network's training alone (those with every landmark), e.g. a
+    site's labelled cases beyond the training set; nothing else is fitted on them.
     ``pull_inside_mm``: points the detector placed at most this far beyond the field of view are judged as
     inside (:func:`lmk3d.trust.pulled_inside`), in the calibration as in every answer after it.
     """
@@ -339,7 +342,11 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     for cand in candidates:
         if cand is not None and not cand.fitted:
             full = [(v, t.xyz_mm_ras) for v, t in zip(vols_train, truths, strict=True) if t.found.all()]
-            say(f"presence network: training on {len(full)} cases with every landmark")
+            extra_truths = [(s, s.landmarks.reorder(names)) for s in presence_extra if s.landmarks is not None]
+            extra = [(s.load_image(), lm.xyz_mm_ras) for s, lm in extra_truths if lm.found.all()]
+            full += extra
+            say(f"presence network: training on {len(full)} cases with every landmark"
+                + (f" ({len(extra)} of them from the extra presence data)" if presence_extra else ""))
 
             def answers(volume: Volume) -> np.ndarray:
                 final = predict(volume)[0].reorder(names)
