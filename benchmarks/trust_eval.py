@@ -359,6 +359,16 @@ def _presence_kind(report: dict[str, Any]) -> str:
     return kind
 
 
+def _presence_cases(report: dict[str, Any]) -> str:
+    """The cases the serving presence network was trained on, in words (with ``--presence-data``, which ones)."""
+    n = int((_presence_members(report) or [{}])[0].get("training_cases", report["training_cases"]))
+    command = str(report.get("command", ""))
+    if "--presence-data " in command and n > int(report["training_cases"]):
+        extra = command.split("--presence-data ", 1)[1].split()[0]
+        return f"{n} cases with every landmark, from its training cases and `{extra}`"
+    return f"{n} training cases"
+
+
 def card_section(r: dict[str, object], model_dir: Path) -> str:
     """The model card's "Trust" section: how it was fitted (trust.json) and what it gave on the test split."""
     trust = json.loads((model_dir / "trust.json").read_text())
@@ -378,8 +388,7 @@ def card_section(r: dict[str, object], model_dir: Path) -> str:
         + (f"cases of `{rep['calibration_data']}` (none trained on)" if rep.get("calibration_data") else
            "validation cases")
         + f" and their cut variants ({rep['calibration_points']} "
-        f"calibration points; the presence network, {_presence_kind(rep)}, trained on "
-        f"{(_presence_members(rep) or [{}])[0].get('training_cases', rep['training_cases'])} training cases). "
+        f"calibration points; the presence network, {_presence_kind(rep)}, trained on {_presence_cases(rep)}). "
         f"Tolerance {trust['tolerance_mm']:g} mm; 90 % radius = {trust['q90']:.2f} x the point's error scale"
         + (f" ({trust['partial']['q90']:.2f} x in an image with a landmark not found: such images are calibrated "
            f"apart, leave-one-case-out Brier score {gr['loco_brier']['grouped']:.4f} against "
