@@ -427,6 +427,10 @@ def test_a_consensus_weighted_by_radius_follows_its_most_precise_member() -> Non
     assert member_weights(np.array([0.9, 0.9]), np.array([0.0, 1.0]), "radius") == pytest.approx([100.0, 1.0])
     with pytest.raises(LandmarkError, match="weighting 'median'"):
         ConsensusConfig(weighting="median")
+    from lmk3d.calibrate import CONSENSUS_WEIGHTINGS  # the CLI names them without importing torch
+    from lmk3d.detectors.consensus import WEIGHTINGS
+
+    assert CONSENSUS_WEIGHTINGS == WEIGHTINGS
 
 
 def test_a_label_map_gets_a_sidecar_with_what_it_cannot_hold(tmp_path) -> None:

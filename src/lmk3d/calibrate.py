@@ -405,9 +405,10 @@ def _box_mm(train: list) -> float:  # type: ignore[type-arg]
     return float(np.ceil(1.1 * extent / 8.0) * 8.0)
 
 
-def add_consensus(p: argparse.ArgumentParser) -> None:
-    from lmk3d.detectors.consensus import WEIGHTINGS
+CONSENSUS_WEIGHTINGS = ("score", "radius")  # lmk3d.detectors.consensus.WEIGHTINGS, named here without torch
 
+
+def add_consensus(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--members", nargs="+", metavar="DIR",
                      help="calibrated model folders, one per detector (prior_guided, pin, cascade), same data "
@@ -415,7 +416,7 @@ def add_consensus(p: argparse.ArgumentParser) -> None:
     src.add_argument("--from", dest="source", metavar="DIR",
                      help="a consensus model folder: the same members (as its checkpoint holds them), "
                           "with the settings given here")
-    p.add_argument("--weighting", choices=WEIGHTINGS,
+    p.add_argument("--weighting", choices=CONSENSUS_WEIGHTINGS,
                    help="the members' weights: score (their calibrated scores; the default of a new consensus) or "
                         "radius (1 / their calibrated 90 %% radius squared); with --from, default: as it was")
     p.add_argument("--out", required=True, help="folder for the consensus model (checkpoint.pt, split.json)")
