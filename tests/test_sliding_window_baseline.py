@@ -8,8 +8,6 @@ sampling, one epoch of training, and the checkpoint round trip.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -22,19 +20,12 @@ from lmk3d.data.samples import Sample
 from lmk3d.errors import LandmarkError
 from lmk3d.io import read_image
 from lmk3d.landmarks import LandmarkSet
-from tests.conftest import ROOT, oblique_affine
-
-SCRIPT = ROOT / "benchmarks" / "sliding_window_baseline.py"
+from tests.conftest import load_benchmark, oblique_affine
 
 
 @pytest.fixture(scope="module")
 def swb() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sliding_window_baseline", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sliding_window_baseline")
 
 
 def _blob_volume(shape: tuple[int, int, int], centres_ijk: np.ndarray, sigma: float = 1.5) -> np.ndarray:

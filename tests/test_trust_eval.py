@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from lmk3d.data.phantoms import generate
-from tests.conftest import DATA, ROOT
+from tests.conftest import DATA, ROOT, load_benchmark
 
-SCRIPT = ROOT / "benchmarks" / "trust_eval.py"
 MODEL = ROOT / "models" / "cascade-hippocampus"
 
 
 @pytest.fixture(scope="module")
 def trust_eval() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("trust_eval", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["trust_eval"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("trust_eval")
 
 
 @pytest.fixture(scope="module")
