@@ -8,6 +8,10 @@ and :func:`lmk3d.detectors.consensus.combine` combines the answers with every we
 :data:`lmk3d.detectors.consensus.WEIGHTINGS`. The consensus's own trust model is not applied (it was fitted on
 one weighting's answers), so a point is "found" when the combination and the field of view keep it.
 
+The ``"landmark"`` weighting needs fixed weights per member and landmark: fitted on the members' errors on
+``--fit-data DIR`` (its cases with landmarks, the members run once on each), or, with ``--leave-one-out``, for
+each case on the other cases measured here; without either, the weights the checkpoint holds (if any).
+
 Prints, per weighting: the mean radial error of the points found (MRE), the median, the points over 3 and 4 mm,
 the points not found; then per landmark; and each member alone on the same images.
 
@@ -27,13 +31,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def measure(model_dir: Path, data: Path | None = None, subset: str = "val") -> dict[str, object]:
+def measure(model_dir: Path, data: Path | None = None, subset: str = "val", fit_data: Path | None = None,
+            leave_one_out: bool = False) -> dict[str, object]:
     import torch
 
     from lmk3d.data import load_dataset, read_split
     from lmk3d.detectors import load_detector
     from lmk3d.detectors.base import mark_outside
-    from lmk3d.detectors.consensus import WEIGHTINGS, ConsensusDetector, combine
+    from lmk3d.detectors.consensus import WEIGHTINGS, ConsensusDetector, answer_errors, combine, fit_landmark_weights
+    from lmk3d.io.image import Volume
 
     torch.set_num_threads(1)
     det = load_detector(model_dir, "cpu")
@@ -49,25 +55,50 @@ def measure(model_dir: Path, data: Path | None = None, subset: str = "val") -> d
         cases = list(ds.subset(split.val if subset == "val" else split.test))
         where = f"{own}, {subset} split"
     names = det.landmark_names
-    err: dict[str, list[np.ndarray]] = {w: [] for w in WEIGHTINGS}
-    found: dict[str, list[np.ndarray]] = {w: [] for w in WEIGHTINGS}
     member_err: dict[str, list[np.ndarray]] = {m: [] for m in det.config.members}
     t0 = time.perf_counter()
-    for s in cases:
+
+    def answer(s):  # type: ignore[no-untyped-def]
         vol = s.load_image()
+        answers = [det.members[slug].predict_all(vol, cap_atypical=False).landmarks.reorder(names)
+                   for slug in det.config.members]
+        # the field of view is all mark_outside needs: keep the geometry, not the voxels
+        return Volume(np.broadcast_to(np.float32(0), vol.shape), vol.affine), answers
+
+    runs = []
+    for s in cases:
+        frame, answers = answer(s)
         truth = s.landmarks.reorder(names)  # type: ignore[union-attr]
+        runs.append((frame, answers, truth, answer_errors(answers, truth)))
         known = np.isfinite(truth.xyz_mm_ras).all(axis=1)
-        answers = []
-        for slug in det.config.members:
-            a = det.members[slug].predict_all(vol, cap_atypical=False).landmarks.reorder(names)
-            answers.append(a)
+        for slug, a in zip(det.config.members, answers, strict=True):
             member_err[slug].append(np.where(a.found & known,
                                              np.linalg.norm(a.xyz_mm_ras - truth.xyz_mm_ras, axis=1), np.nan)[known])
-        for w in WEIGHTINGS:
-            out = mark_outside(combine(answers, det.config.inlier_mm, w)[0], vol)
+    lam_fit = None
+    fitted_on = None
+    if fit_data is not None:
+        fit_cases = [s for s in load_dataset(fit_data) if s.landmarks is not None]
+        lam_fit = fit_landmark_weights(np.stack([answer_errors(answer(s)[1], s.landmarks.reorder(names))  # type: ignore[union-attr]
+                                                 for s in fit_cases]), det.config.inlier_mm)
+        fitted_on = f"{fit_data} ({len(fit_cases)} cases)"
+    elif leave_one_out:
+        fitted_on = "the other cases measured here (leave one case out)"
+    elif det.config.landmark_weights is not None:
+        lam_fit = np.asarray(det.config.landmark_weights)
+        fitted_on = "the checkpoint's weights"
+    weightings = [w for w in WEIGHTINGS if w != "landmark" or fitted_on is not None]
+    err: dict[str, list[np.ndarray]] = {w: [] for w in weightings}
+    all_errors = np.stack([r[3] for r in runs])
+    for i, (frame, answers, truth, _) in enumerate(runs):
+        known = np.isfinite(truth.xyz_mm_ras).all(axis=1)
+        for w in weightings:
+            lam = None
+            if w == "landmark":
+                lam = lam_fit if lam_fit is not None else fit_landmark_weights(np.delete(all_errors, i, axis=0),
+                                                                               det.config.inlier_mm)
+            out = mark_outside(combine(answers, det.config.inlier_mm, w, lam)[0], frame)
             e = np.linalg.norm(out.xyz_mm_ras - truth.xyz_mm_ras, axis=1)
             err[w].append(np.where(out.found, e, np.nan)[known])
-            found[w].append(out.found[known])
     per_landmark_index = np.concatenate([np.flatnonzero(np.isfinite(s.landmarks.reorder(names).xyz_mm_ras)  # type: ignore[union-attr]
                                                         .all(axis=1)) for s in cases])
 
@@ -82,14 +113,17 @@ def measure(model_dir: Path, data: Path | None = None, subset: str = "val") -> d
                                         for k, n in enumerate(names)}}
 
     return {"model": model_dir.name, "cases": len(cases), "data": where, "inlier_mm": det.config.inlier_mm,
-            "served_weighting": det.config.weighting,
-            "weightings": {w: summary(np.concatenate(err[w])) for w in WEIGHTINGS},
+            "served_weighting": det.config.weighting, "landmark_weights_from": fitted_on,
+            "landmark_weights": None if lam_fit is None else np.asarray(lam_fit).round(4).tolist(),
+            "weightings": {w: summary(np.concatenate(err[w])) for w in weightings},
             "members": {m: summary(np.concatenate(v)) for m, v in member_err.items()},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def print_table(r: dict[str, object]) -> None:
     print(f"\n{r['model']}: {r['cases']} cases ({r['data']}), uncut images; served weighting: {r['served_weighting']}")
+    if r["landmark_weights_from"]:
+        print(f"landmark weights from {r['landmark_weights_from']}: {r['landmark_weights']}")
     rows = [(f"consensus, weights = {w}", v) for w, v in r["weightings"].items()]  # type: ignore[attr-defined]
     rows += [(f"{m} alone", v) for m, v in r["members"].items()]  # type: ignore[attr-defined]
     names = list(rows[0][1]["per_landmark_mre_mm"])
@@ -106,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("models", nargs="+", type=Path)
     ap.add_argument("--data", type=Path, help="every case of DIR with landmarks instead of a split of the model's data")
     ap.add_argument("--subset", choices=("val", "test"), default="val")
+    fit = ap.add_mutually_exclusive_group()
+    fit.add_argument("--fit-data", type=Path, help="fit the landmark weights on every case of DIR with landmarks")
+    fit.add_argument("--leave-one-out", action="store_true",
+                     help="fit the landmark weights for each case on the other cases measured")
     ap.add_argument("--out", type=Path, help="JSON with every number")
     args = ap.parse_args(argv)
-    results = [measure(m, args.data, args.subset) for m in args.models]
+    results = [measure(m, args.data, args.subset, args.fit_data, args.leave_one_out) for m in args.models]
     for r in results:
         print_table(r)
     if args.out:

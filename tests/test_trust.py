@@ -433,6 +433,57 @@ def test_a_consensus_weighted_by_radius_follows_its_most_precise_member() -> Non
     assert CONSENSUS_WEIGHTINGS == WEIGHTINGS
 
 
+def test_a_consensus_weighted_per_landmark_follows_the_member_that_was_precise_there() -> None:
+    """``weighting="landmark"``: weights ``p * lambda[m, l]``, ``lambda`` the precision of each member at each
+    landmark on fit cases (errors clipped at ``inlier_mm``; a landmark not found counts as ``inlier_mm``)."""
+    import dataclasses
+    import json
+
+    from lmk3d.detectors.consensus import ConsensusConfig, answer_errors, combine, fit_landmark_weights
+
+    names = ("a", "b")
+    truth = LandmarkSet(names, np.array([[0.0, 0, 0], [10, 10, 10]]), np.ones(2))
+    # fit cases: member 1 is 0.5 mm off at a and 2 mm off at b; member 2 the other way round, and once not found
+    one = LandmarkSet(names, truth.xyz_mm_ras + [[0.5, 0, 0], [0, 2.0, 0]], np.array([0.9, 0.9]))
+    two = LandmarkSet(names, truth.xyz_mm_ras + [[2.0, 0, 0], [0, 0.5, 0]], np.array([0.9, 0.9]))
+    lost = two.with_found(np.array([True, False]))
+    errors = np.stack([answer_errors([one, two], truth), answer_errors([one, lost], truth)])
+    assert errors[1, 1, 1] == np.inf and errors[0, 0, 0] == pytest.approx(0.5)
+    lam = fit_landmark_weights(errors, inlier_mm=4.0)
+    b2 = 1 / (0.01 + (0.25 + 16) / 2)  # member 2 at b: errors 0.5 and 4 (not found, clipped)
+    assert lam == pytest.approx(np.array([[1.0, 1.0], [(0.01 + 0.25) / (0.01 + 4), b2 * (0.01 + 4)]]))
+    # a gross miss counts as inlier_mm, not as its size
+    far = errors.copy()
+    far[1, 1, 1] = 50.0
+    assert np.array_equal(fit_landmark_weights(far, 4.0), lam)
+    # on a new image, with equal scores (the score weights give the midpoints 0 and 11), the consensus follows
+    # member 1 at a (its fitted precision 15 times member 2's) and at b (member 2 once lost b)
+    new1 = LandmarkSet(names, np.array([[1.0, 0, 0], [10, 10, 10]]), np.array([0.95, 0.95]))
+    new2 = LandmarkSet(names, np.array([[-1.0, 0, 0], [10, 12, 10]]), np.array([0.95, 0.95]))
+    assert combine([new1, new2], 4.0)[0].xyz_mm_ras[:, 0:2].round(9).tolist() == [[0.0, 0.0], [10.0, 11.0]]
+    out, _ = combine([new1, new2], 4.0, "landmark", lam)
+    assert out.xyz_mm_ras[0, 0] == pytest.approx((1.0 - lam[1, 0]) / (1.0 + lam[1, 0]))
+    assert out.xyz_mm_ras[1, 1] == pytest.approx((10.0 + 12.0 * lam[1, 1]) / (1.0 + lam[1, 1]))
+    assert out.xyz_mm_ras[0, 0] > 0.8 and out.xyz_mm_ras[1, 1] < 10.7
+    with pytest.raises(LandmarkError, match="landmark_weights of shape"):
+        combine([new1, new2], 4.0, "landmark", lam[:, :1])
+    with pytest.raises(LandmarkError, match="needs the fitted landmark weights"):
+        combine([new1, new2], 4.0, "landmark")
+    with pytest.raises(LandmarkError, match="no fit case has the truth of landmark"):
+        fit_landmark_weights(np.full((2, 2, 2), np.nan), 4.0)
+    # the configuration holds them, and reads back from its JSON (the checkpoint's form)
+    cfg = ConsensusConfig(members=("pin", "cascade"), weighting="landmark", landmark_weights=lam.tolist())
+    back = ConsensusConfig(**json.loads(json.dumps(dataclasses.asdict(cfg))))
+    assert back == cfg and np.array_equal(np.asarray(back.landmark_weights), lam)
+    with pytest.raises(LandmarkError, match="needs landmark_weights"):
+        ConsensusConfig(weighting="landmark")
+    with pytest.raises(LandmarkError, match="one row per member"):
+        ConsensusConfig(members=("pin", "cascade", "prior_guided"), weighting="landmark", landmark_weights=lam.tolist())
+    with pytest.raises(LandmarkError, match="finite and positive"):
+        ConsensusConfig(members=("pin", "cascade"), weighting="landmark", landmark_weights=[[1.0, 0.0], [1.0, 1.0]])
+    assert ConsensusConfig().landmark_weights is None  # every earlier checkpoint reads as before
+
+
 def test_a_label_map_gets_a_sidecar_with_what_it_cannot_hold(tmp_path) -> None:
     from lmk3d.io import label_map_sidecar, read_landmarks, write_landmarks
     from lmk3d.io.table import read_json

@@ -405,7 +405,7 @@ def _box_mm(train: list) -> float:  # type: ignore[type-arg]
     return float(np.ceil(1.1 * extent / 8.0) * 8.0)
 
 
-CONSENSUS_WEIGHTINGS = ("score", "radius")  # lmk3d.detectors.consensus.WEIGHTINGS, named here without torch
+CONSENSUS_WEIGHTINGS = ("score", "radius", "landmark")  # lmk3d.detectors.consensus.WEIGHTINGS, named here without torch
 
 
 def add_consensus(p: argparse.ArgumentParser) -> None:
@@ -417,8 +417,12 @@ def add_consensus(p: argparse.ArgumentParser) -> None:
                      help="a consensus model folder: the same members (as its checkpoint holds them), "
                           "with the settings given here")
     p.add_argument("--weighting", choices=CONSENSUS_WEIGHTINGS,
-                   help="the members' weights: score (their calibrated scores; the default of a new consensus) or "
-                        "radius (1 / their calibrated 90 %% radius squared); with --from, default: as it was")
+                   help="the members' weights: score (their calibrated scores; the default of a new consensus), "
+                        "radius (1 / their calibrated 90 %% radius squared) or landmark (the score times a fixed "
+                        "weight per member and landmark, fitted on --fit-data); with --from, default: as it was")
+    p.add_argument("--fit-data", metavar="DIR",
+                   help="with --weighting landmark: fit the weights on every case of DIR with landmarks (cases the "
+                        "members were not trained on; default: the validation split of the members' own data)")
     p.add_argument("--out", required=True, help="folder for the consensus model (checkpoint.pt, split.json)")
 
 
@@ -444,7 +448,17 @@ def run_consensus(args: argparse.Namespace) -> int:
             raise LandmarkError("consensus: the members' split.json files name different train/val/test cases; "
                                 "the members must share one split")
         det, split_from = build_consensus(args.members), Path(args.members[0])
-    if args.weighting:
+    if args.fit_data and args.weighting != "landmark":
+        raise LandmarkError("--fit-data fits the landmark weights: give it with --weighting landmark")
+    if args.weighting == "landmark":
+        lam, where = _fit_landmark_weights(det, split_from, args.fit_data)
+        det.config = dataclasses.replace(det.config, weighting="landmark",
+                                         landmark_weights=tuple(tuple(float(v) for v in row) for row in lam))
+        det.training = {**det.training, "landmark_weights_fitted_on": where}
+        print(f"landmark weights fitted on {where}:")
+        for slug, row in zip(det.config.members, lam, strict=True):
+            print(f"  {slug}: " + ", ".join(f"{n} {v:.3f}" for n, v in zip(det.landmark_names, row, strict=True)))
+    elif args.weighting:
         det.config = dataclasses.replace(det.config, weighting=args.weighting)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -453,3 +467,34 @@ def run_consensus(args: argparse.Namespace) -> int:
     print(f"consensus of {', '.join(det.config.members)} (weights: {det.config.weighting}) -> {out}; "
           f"next: lmk3d calibrate --model {out}")
     return 0
+
+
+def _fit_landmark_weights(det: Any, split_from: Path, fit_data: str | None) -> tuple[Any, str]:
+    """``(M, N)`` landmark weights of a consensus from its members' errors on the fit cases, and where those were."""
+    import numpy as np
+
+    from lmk3d.data import load_dataset, read_split
+    from lmk3d.detectors.consensus import answer_errors, fit_landmark_weights
+
+    own = json.loads((split_from / "split.json").read_text()).get("data")
+    if fit_data:
+        if own and Path(fit_data).resolve() == Path(own).resolve():
+            raise LandmarkError(f"--fit-data {fit_data}: that is the members' own dataset (they were trained on it); "
+                                "leave --fit-data out to fit on its validation split, or give other cases")
+        cases = [s for s in load_dataset(fit_data) if s.landmarks is not None]
+        where = f"{fit_data} ({len(cases)} cases with landmarks)"
+    else:
+        if not own:
+            raise LandmarkError(f"{split_from}: split.json names no dataset; give --fit-data")
+        cases = list(load_dataset(own).subset(read_split(split_from).val))
+        where = f"{own}, validation split ({len(cases)} cases)"
+    if not cases:
+        raise LandmarkError(f"landmark weights: no case with landmarks in {where}")
+    names = det.landmark_names
+    errors = []
+    for s in cases:
+        vol = s.load_image()
+        answers = [det.members[m].predict_all(vol, cap_atypical=False).landmarks.reorder(names)
+                   for m in det.config.members]
+        errors.append(answer_errors(answers, s.landmarks.reorder(names)))  # type: ignore[union-attr]
+    return fit_landmark_weights(np.stack(errors), det.config.inlier_mm), where

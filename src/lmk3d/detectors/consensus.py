@@ -5,10 +5,12 @@ own trust model (:mod:`lmk3d.trust`, fitted on the validation cases) turns its r
 probability that its point is within the tolerance, and gives it ``r``, a radius holding the truth with 90 %
 probability. Per landmark, the consensus position is the weighted geometric median of the members' points,
 refined as the weighted mean of the members within ``inlier_mm`` of it; a member far from the others cannot
-drag the answer. The weights (``ConsensusConfig.weighting``) are ``p`` (``"score"``) or the precision
+drag the answer. The weights (``ConsensusConfig.weighting``) are ``p`` (``"score"``), the precision
 ``1 / r^2`` (``"radius"``: a member whose calibrated error is small counts more, even when every member is
-almost surely within the tolerance). The members' disagreement (weighted RMS distance of the inliers to the
-consensus, ``spread``) lowers the raw score:
+almost surely within the tolerance), or ``p * lambda[m, l]`` (``"landmark"``: ``lambda`` a fixed precision per
+member and landmark, fitted by :func:`fit_landmark_weights` on the members' errors on cases the consensus was not
+built from, stored in the configuration as ``landmark_weights``). The members' disagreement (weighted RMS
+distance of the inliers to the consensus, ``spread``) lowers the raw score:
 ``raw = weighted mean_p(inliers) * exp(-(spread / inlier_mm)^2 / 2) * inlier share``. The consensus has its own
 trust model, fitted like any detector's by ``lmk3d calibrate``, so its reported score and radius are
 calibrated too, with the members' disagreement in them.
@@ -36,11 +38,13 @@ from lmk3d.io.image import Volume
 from lmk3d.landmarks import LandmarkSet
 from lmk3d.preprocessing import PreparedImage
 
-__all__ = ["ConsensusConfig", "ConsensusDetector", "build_consensus", "combine", "member_weights"]
+__all__ = ["ConsensusConfig", "ConsensusDetector", "answer_errors", "build_consensus", "combine",
+           "fit_landmark_weights", "member_weights"]
 
 MEMBERS = ("prior_guided", "pin", "cascade")
-WEIGHTINGS = ("score", "radius")
+WEIGHTINGS = ("score", "radius", "landmark")
 MIN_RADIUS_MM = 0.1  # a radius below this (never calibrated so) would give one member all the weight
+MIN_RMS_MM = 0.1  # added (squared) to a member's fitted mean squared error: no landmark weight is infinite
 
 
 @dataclass(frozen=True)
@@ -48,18 +52,33 @@ class ConsensusConfig:
     """Attributes:
     members: the member detectors' slugs, in the order they run.
     inlier_mm: a member farther than this from the weighted median is left out of the mean.
-    weighting: ``"score"`` (each member's calibrated score ``p``) or ``"radius"`` (``1 / r^2``, ``r`` its
-        calibrated 90 % radius; a landmark some member found without a radius falls back to ``"score"``).
+    weighting: ``"score"`` (each member's calibrated score ``p``), ``"radius"`` (``1 / r^2``, ``r`` its
+        calibrated 90 % radius; a landmark some member found without a radius falls back to ``"score"``) or
+        ``"landmark"`` (``p * landmark_weights[m][l]``).
+    landmark_weights: per member (in ``members`` order), one fixed weight per landmark (in the model's landmark
+        order), fitted by :func:`fit_landmark_weights`; required by ``"landmark"``, kept but unused otherwise.
     """
 
     members: tuple[str, ...] = MEMBERS
     inlier_mm: float = 4.0
     weighting: str = "score"
+    landmark_weights: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "members", tuple(self.members))
         if self.weighting not in WEIGHTINGS:
             raise LandmarkError(f"consensus weighting {self.weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+        if self.landmark_weights is not None:
+            lam = tuple(tuple(float(v) for v in row) for row in self.landmark_weights)
+            object.__setattr__(self, "landmark_weights", lam)
+            if len(lam) != len(self.members) or len({len(row) for row in lam}) != 1:
+                raise LandmarkError(f"consensus landmark_weights: one row per member ({len(self.members)}), "
+                                    "all of one length, expected")
+            if not all(np.isfinite(v) and v > 0 for row in lam for v in row):
+                raise LandmarkError("consensus landmark_weights: every weight must be finite and positive")
+        elif self.weighting == "landmark":
+            raise LandmarkError("consensus weighting 'landmark' needs landmark_weights (fit them with "
+                                "lmk3d consensus --weighting landmark)")
 
 
 def _weighted_median(points: np.ndarray, weights: np.ndarray, iterations: int = 50) -> np.ndarray:
@@ -75,34 +94,89 @@ def _weighted_median(points: np.ndarray, weights: np.ndarray, iterations: int = 
     return x
 
 
-def member_weights(p: np.ndarray, radius_mm: np.ndarray, weighting: str) -> np.ndarray:
-    """Each member's weight for one landmark from its calibrated scores ``p`` and 90 % radii (see ConsensusConfig).
+def member_weights(p: np.ndarray, radius_mm: np.ndarray, weighting: str,
+                   landmark: np.ndarray | None = None) -> np.ndarray:
+    """Each member's weight for one landmark from its calibrated scores ``p``, 90 % radii and (for
+    ``"landmark"``) fixed weights ``landmark`` (see ConsensusConfig).
 
     >>> member_weights(np.array([0.99, 0.98]), np.array([1.0, 2.0]), "radius").tolist()
     [1.0, 0.25]
     >>> member_weights(np.array([0.99, 0.98]), np.array([1.0, np.nan]), "radius").round(3).tolist()
     [0.991, 0.981]
+    >>> member_weights(np.array([0.999, 0.499]), np.array([1.0, 2.0]), "landmark", np.array([0.5, 1.0])).tolist()
+    [0.5, 0.5]
     """
     if weighting == "radius" and np.isfinite(radius_mm).all():
         return 1.0 / np.maximum(radius_mm, MIN_RADIUS_MM) ** 2
+    if weighting == "landmark":
+        if landmark is None:
+            raise LandmarkError("consensus weighting 'landmark' needs the fitted landmark weights")
+        return (p + 1e-3) * landmark
     return p + 1e-3
 
 
-def combine(members: Sequence[LandmarkSet], inlier_mm: float, weighting: str = "score"
+def fit_landmark_weights(errors_mm: np.ndarray, inlier_mm: float) -> np.ndarray:
+    """Fixed member weights per landmark, ``(M, N)``, from the members' errors on fit cases ``(C, M, N)``.
+
+    ``errors_mm[c, m, l]``: member ``m``'s error at landmark ``l`` of case ``c``; ``inf`` where the member did
+    not find a landmark the truth has, ``nan`` where the truth has none. Each error is clipped at ``inlier_mm``
+    (a member that far is left out of the consensus's mean anyway, and one gross miss should not outweigh
+    every good answer); the weight is the precision ``1 / (0.1^2 + mean clipped error^2)``, scaled so that each
+    landmark's best member has weight 1.
+
+    >>> e = np.array([[[1.0, 3.0], [2.0, np.inf]], [[1.0, np.nan], [2.0, np.nan]]])  # 2 cases, 2 members, 2 landmarks
+    >>> fit_landmark_weights(e, 4.0).round(3).tolist()
+    [[1.0, 1.0], [0.252, 0.563]]
+    """
+    e = np.asarray(errors_mm, dtype=float)
+    if e.ndim != 3 or e.shape[0] == 0:
+        raise LandmarkError(f"landmark weights: errors of shape (cases, members, landmarks) expected, got {e.shape}")
+    known = ~np.isnan(e)
+    if not known.any(axis=(0, 1)).all():
+        missing = [int(j) for j in np.flatnonzero(~known.any(axis=(0, 1)))]
+        raise LandmarkError(f"landmark weights: no fit case has the truth of landmark(s) {missing}")
+    clipped = np.where(known, np.minimum(e, inlier_mm), 0.0)
+    mse = (clipped ** 2).sum(axis=0) / known.sum(axis=0)
+    lam = 1.0 / (MIN_RMS_MM ** 2 + mse)
+    return lam / lam.max(axis=0, keepdims=True)
+
+
+def answer_errors(answers: Sequence[LandmarkSet], truth: LandmarkSet) -> np.ndarray:
+    """``(M, N)`` errors of members' answers (in the truth's landmark order) for :func:`fit_landmark_weights`."""
+    t = truth.xyz_mm_ras
+    known = np.isfinite(t).all(axis=1)
+    out = np.full((len(answers), len(truth.names)), np.nan)
+    for m, a in enumerate(answers):
+        a = a.reorder(truth.names)
+        d = np.linalg.norm(a.xyz_mm_ras - t, axis=1)
+        out[m] = np.where(known, np.where(a.found, d, np.inf), np.nan)
+    return out
+
+
+def combine(members: Sequence[LandmarkSet], inlier_mm: float, weighting: str = "score",
+            landmark_weights: np.ndarray | Sequence[Sequence[float]] | None = None
             ) -> tuple[LandmarkSet, np.ndarray]:
-    """The consensus of members' calibrated landmarks: ``(landmarks with raw scores, (N,) spread in mm)``."""
+    """The consensus of members' calibrated landmarks: ``(landmarks with raw scores, (N,) spread in mm)``.
+
+    ``landmark_weights`` (``(M, N)``, members in the order given) is needed by ``weighting="landmark"`` only.
+    """
     names = members[0].names
     n = len(names)
+    lam = None if landmark_weights is None else np.asarray(landmark_weights, dtype=float)
+    if lam is not None and lam.shape != (len(members), n):
+        raise LandmarkError(f"consensus landmark_weights of shape {lam.shape}, expected {(len(members), n)}")
     xyz = np.full((n, 3), np.nan)
     score = np.zeros(n)
     spread = np.full(n, np.nan)
     for k in range(n):
-        ok = [m for m in members if m.found[k]]
-        if not ok:
+        idx = [j for j, m in enumerate(members) if m.found[k]]
+        if not idx:
             continue
+        ok = [members[j] for j in idx]
         pts = np.stack([m.xyz_mm_ras[k] for m in ok])
         p = np.array([float(m.scores[k]) for m in ok])
-        w = member_weights(p, np.array([float(m.radius_mm[k]) for m in ok]), weighting)
+        w = member_weights(p, np.array([float(m.radius_mm[k]) for m in ok]), weighting,
+                           None if lam is None else lam[idx, k])
         median = _weighted_median(pts, w)
         inl = np.linalg.norm(pts - median, axis=1) <= inlier_mm
         if not inl.any():
@@ -171,7 +245,7 @@ class ConsensusDetector(Detector):
             answers.append(p.landmarks.reorder(self.landmark_names))
             results.append(StageResult(slug, p.landmarks, time.perf_counter() - t))
         t = time.perf_counter()
-        combined, _ = combine(answers, self.config.inlier_mm, self.config.weighting)
+        combined, _ = combine(answers, self.config.inlier_mm, self.config.weighting, self.config.landmark_weights)
         results.append(StageResult("combine", combined, time.perf_counter() - t))
         raw = mark_outside(combined, image)
         if not trust or self.trust is None:
