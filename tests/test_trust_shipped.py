@@ -167,7 +167,8 @@ def test_crops_of_a_whole_head_get_no_confident_point(consensus) -> None:  # typ
 def test_lmk3d_consensus_from_rewrites_the_weighting_and_keeps_the_members(consensus, test_cases,  # type: ignore[no-untyped-def]
                                                                            tmp_path, capsys) -> None:
     """``lmk3d consensus --from DIR --weighting W``: the same members (as the checkpoint holds them, their trust
-    models included), another way of weighting them; the shipped consensus weighs by radius (docs/trust.md)."""
+    models included), another way of weighting them; the shipped consensus weighs by fixed weights per member and
+    landmark, fitted on its validation cases (docs/trust.md), which the same command fits again exactly."""
     from lmk3d.cli import main
     from lmk3d.detectors.base import mark_outside
     from lmk3d.detectors.consensus import combine
@@ -175,17 +176,33 @@ def test_lmk3d_consensus_from_rewrites_the_weighting_and_keeps_the_members(conse
     shipped = ROOT / "models" / "consensus-hippocampus"
     assert main(["consensus", "--from", str(shipped), "--weighting", "score", "--out", str(tmp_path / "score")]) == 0
     rewritten = load_detector(tmp_path / "score", "cpu")
-    assert consensus.config.weighting == "radius" and rewritten.config.weighting == "score"
+    assert consensus.config.weighting == "landmark" and rewritten.config.weighting == "score"
     assert (tmp_path / "score" / "split.json").read_text() == (shipped / "split.json").read_text()
     image = test_cases[1].load_image()
     names = consensus.landmark_names
     answers = [consensus.members[m].predict_all(image, cap_atypical=False).landmarks.reorder(names)
                for m in consensus.config.members]
-    for det, weighting in ((consensus, "radius"), (rewritten, "score")):
+    for det, weighting in ((consensus, "landmark"), (rewritten, "score")):
         raw = det.predict_all(image, trust=False).landmarks
-        expected = mark_outside(combine(answers, det.config.inlier_mm, weighting)[0], image)
+        expected = mark_outside(combine(answers, det.config.inlier_mm, weighting, det.config.landmark_weights)[0],
+                                image)
         assert np.array_equal(raw.xyz_mm_ras, expected.xyz_mm_ras, equal_nan=True), weighting
         assert np.array_equal(raw.scores, expected.scores), weighting
+    # the shipped landmark weights are what the documented command fits on the validation split
+    assert main(["consensus", "--from", str(tmp_path / "score"), "--weighting", "landmark",
+                 "--out", str(tmp_path / "landmark")]) == 0
+    refit = load_detector(tmp_path / "landmark", "cpu").config
+    assert refit.weighting == "landmark"
+    assert np.allclose(refit.landmark_weights, consensus.config.landmark_weights, rtol=0, atol=1e-6)
+    assert "validation split (20 cases)" in capsys.readouterr().out
+    own = str(DATA / "hippocampus")
+    assert main(["consensus", "--from", str(shipped), "--weighting", "landmark", "--fit-data", own,
+                 "--out", str(tmp_path / "own")]) != 0
+    assert "the members' own dataset" in capsys.readouterr().err
+    assert main(["consensus", "--from", str(shipped), "--weighting", "radius", "--fit-data", own,
+                 "--out", str(tmp_path / "own")]) != 0
+    assert "with --weighting landmark" in capsys.readouterr().err
+    assert not (tmp_path / "own").exists()
     assert main(["consensus", "--from", str(shipped), "--out", str(shipped)]) != 0
     assert "give a new folder" in capsys.readouterr().err
     cascade = str(ROOT / "models" / "cascade-hippocampus")

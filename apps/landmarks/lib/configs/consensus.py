@@ -10,5 +10,6 @@ from lib.configs import LandmarkModelConfig
 
 CONFIG = LandmarkModelConfig(detector="consensus",
                              description="prior_guided, pin and cascade together, weighted by their calibrated "
-                                         "scores or 90 % radii, as the checkpoint says (their disagreement lowers "
-                                         "the score); built from the shipped members, not trained")
+                                         "scores, 90 % radii or scores times fitted per-landmark weights, as the "
+                                         "checkpoint says (their disagreement lowers the score); built from the "
+                                         "shipped members, not trained")
