@@ -31,6 +31,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def landmark_weights_for(case: int, errors: np.ndarray, fitted: np.ndarray | None, inlier_mm: float) -> np.ndarray:
+    """The landmark weights that combine case ``case``: ``fitted`` if given, else fitted on every other case's
+    members' errors (``errors``: ``(cases, members, landmarks)``, as :func:`fit_landmark_weights` takes them)."""
+    from lmk3d.detectors.consensus import fit_landmark_weights
+
+    if fitted is not None:
+        return fitted
+    return fit_landmark_weights(np.delete(errors, case, axis=0), inlier_mm)
+
+
 def measure(model_dir: Path, data: Path | None = None, subset: str = "val", fit_data: Path | None = None,
             leave_one_out: bool = False) -> dict[str, object]:
     import torch
@@ -92,10 +102,7 @@ def measure(model_dir: Path, data: Path | None = None, subset: str = "val", fit_
     for i, (frame, answers, truth, _) in enumerate(runs):
         known = np.isfinite(truth.xyz_mm_ras).all(axis=1)
         for w in weightings:
-            lam = None
-            if w == "landmark":
-                lam = lam_fit if lam_fit is not None else fit_landmark_weights(np.delete(all_errors, i, axis=0),
-                                                                               det.config.inlier_mm)
+            lam = landmark_weights_for(i, all_errors, lam_fit, det.config.inlier_mm) if w == "landmark" else None
             out = mark_outside(combine(answers, det.config.inlier_mm, w, lam)[0], frame)
             e = np.linalg.norm(out.xyz_mm_ras - truth.xyz_mm_ras, axis=1)
             err[w].append(np.where(out.found, e, np.nan)[known])

@@ -974,3 +974,24 @@ def test_a_trust_model_that_pulls_points_inside_judges_them_with_its_not_found_r
     assert "pull_inside_mm" not in _trust(None, None).to_json()  # files without it: 0, as before
     with pytest.raises(Exception, match="pull_inside_mm -1"):
         TrustModel.from_json({**doc, "pull_inside_mm": -1})
+
+
+def test_the_consensus_benchmark_fits_each_cases_landmark_weights_without_that_case() -> None:
+    """``benchmarks/consensus_weights.py --leave-one-out`` (the choice of docs/trust.md, "Member weights per
+    landmark"): the weights that combine a case come from the other cases only."""
+    from lmk3d.detectors.consensus import fit_landmark_weights
+    from tests.conftest import load_benchmark
+
+    bench = load_benchmark("consensus_weights")
+    rng = np.random.default_rng(0)
+    errors = rng.gamma(2.0, 0.7, size=(6, 3, 4))
+    errors[2, 1, 3] = np.inf  # a member lost a landmark on case 2
+    own = bench.landmark_weights_for(2, errors, None, 4.0)
+    assert np.array_equal(own, fit_landmark_weights(errors[[0, 1, 3, 4, 5]], 4.0))
+    changed = errors.copy()
+    changed[2] = 0.01  # case 2 itself does not move its own weights, and does move the others'
+    assert np.array_equal(bench.landmark_weights_for(2, changed, None, 4.0), own)
+    assert not np.array_equal(bench.landmark_weights_for(0, changed, None, 4.0),
+                              bench.landmark_weights_for(0, errors, None, 4.0))
+    fixed = np.ones((3, 4))
+    assert bench.landmark_weights_for(2, errors, fixed, 4.0) is fixed  # --fit-data: the same weights for all
