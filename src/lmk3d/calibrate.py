@@ -486,7 +486,7 @@ def _fit_landmark_weights(det: Any, split_from: Path, fit_data: str | None) -> t
     else:
         if not own:
             raise LandmarkError(f"{split_from}: split.json names no dataset; give --fit-data")
-        cases = list(load_dataset(own).subset(read_split(split_from).val))
+        cases = [s for s in load_dataset(own).subset(read_split(split_from).val) if s.landmarks is not None]
         where = f"{own}, validation split ({len(cases)} cases)"
     if not cases:
         raise LandmarkError(f"landmark weights: no case with landmarks in {where}")
