@@ -68,28 +68,25 @@ def measure(model_dir: Path, data: Path | None = None, subset: str = "val", fit_
     member_err: dict[str, list[np.ndarray]] = {m: [] for m in det.config.members}
     t0 = time.perf_counter()
 
-    def answer(s):  # type: ignore[no-untyped-def]
-        vol = s.load_image()
-        answers = [det.members[slug].predict_all(vol, cap_atypical=False).landmarks.reorder(names)
-                   for slug in det.config.members]
-        # the field of view is all mark_outside needs: keep the geometry, not the voxels
-        return Volume(np.broadcast_to(np.float32(0), vol.shape), vol.affine), answers
-
     runs = []
     for s in cases:
-        frame, answers = answer(s)
+        vol = s.load_image()
+        answers = [r.landmarks for r in det.member_answers(vol)]
         truth = s.landmarks.reorder(names)  # type: ignore[union-attr]
-        runs.append((frame, answers, truth, answer_errors(answers, truth)))
+        errors = answer_errors(answers, truth)  # inf where a member did not find a landmark the truth has
+        # the field of view is all mark_outside needs: keep the geometry, not the voxels
+        runs.append((Volume(np.broadcast_to(np.float32(0), vol.shape), vol.affine), answers, truth, errors))
         known = np.isfinite(truth.xyz_mm_ras).all(axis=1)
-        for slug, a in zip(det.config.members, answers, strict=True):
-            member_err[slug].append(np.where(a.found & known,
-                                             np.linalg.norm(a.xyz_mm_ras - truth.xyz_mm_ras, axis=1), np.nan)[known])
+        for slug, e in zip(det.config.members, errors, strict=True):
+            member_err[slug].append(np.where(np.isinf(e), np.nan, e)[known])
     lam_fit = None
     fitted_on = None
     if fit_data is not None:
         fit_cases = [s for s in load_dataset(fit_data) if s.landmarks is not None]
-        lam_fit = fit_landmark_weights(np.stack([answer_errors(answer(s)[1], s.landmarks.reorder(names))  # type: ignore[union-attr]
-                                                 for s in fit_cases]), det.config.inlier_mm)
+        fit_errors = [answer_errors([r.landmarks for r in det.member_answers(s.load_image())],
+                                    s.landmarks.reorder(names))  # type: ignore[union-attr]
+                      for s in fit_cases]
+        lam_fit = fit_landmark_weights(np.stack(fit_errors), det.config.inlier_mm)
         fitted_on = f"{fit_data} ({len(fit_cases)} cases)"
     elif leave_one_out:
         fitted_on = "the other cases measured here (leave one case out)"

@@ -490,11 +490,7 @@ def _fit_landmark_weights(det: Any, split_from: Path, fit_data: str | None) -> t
         where = f"{own}, validation split ({len(cases)} cases)"
     if not cases:
         raise LandmarkError(f"landmark weights: no case with landmarks in {where}")
-    names = det.landmark_names
-    errors = []
-    for s in cases:
-        vol = s.load_image()
-        answers = [det.members[m].predict_all(vol, cap_atypical=False).landmarks.reorder(names)
-                   for m in det.config.members]
-        errors.append(answer_errors(answers, s.landmarks.reorder(names)))  # type: ignore[union-attr]
+    errors = [answer_errors([r.landmarks for r in det.member_answers(s.load_image())],
+                            s.landmarks.reorder(det.landmark_names))  # type: ignore[union-attr]
+              for s in cases]
     return fit_landmark_weights(np.stack(errors), det.config.inlier_mm), where

@@ -237,13 +237,8 @@ class ConsensusDetector(Detector):
             if not verdict.in_distribution:
                 out = refused(self.trust, verdict)
                 return Prediction(out, [], 0.0, out, verdict, time.perf_counter() - t)
-        results: list[StageResult] = []
-        answers = []
-        for slug in self.config.members:
-            t = time.perf_counter()
-            p = self.members[slug].predict_all(image, cap_atypical=False)
-            answers.append(p.landmarks.reorder(self.landmark_names))
-            results.append(StageResult(slug, p.landmarks, time.perf_counter() - t))
+        results = self.member_answers(image)
+        answers = [r.landmarks for r in results]
         t = time.perf_counter()
         combined, _ = combine(answers, self.config.inlier_mm, self.config.weighting, self.config.landmark_weights)
         results.append(StageResult("combine", combined, time.perf_counter() - t))
@@ -255,6 +250,16 @@ class ConsensusDetector(Detector):
         t = time.perf_counter()
         trusted = apply_trust(self.trust, raw, results[0].landmarks, image, verdict, cap_atypical)
         return Prediction(trusted.landmarks, results, 0.0, raw, trusted.verdict, time.perf_counter() - t)
+
+    def member_answers(self, image: Volume) -> list[StageResult]:
+        """Each member's answer as the consensus combines it (calibrated, uncapped, in the consensus's landmark
+        order), named by the member and timed; :func:`answer_errors` scores them for :func:`fit_landmark_weights`."""
+        results = []
+        for slug in self.config.members:
+            t = time.perf_counter()
+            landmarks = self.members[slug].predict_all(image, cap_atypical=False).landmarks
+            results.append(StageResult(slug, landmarks.reorder(self.landmark_names), time.perf_counter() - t))
+        return results
 
     def save(self, directory: Any) -> Path:
         payload = {
