@@ -23,6 +23,7 @@ from lmk3d.trust import (
     TrustModel,
     apply_trust,
     load_trust,
+    point_features,
     pulled_inside,
     save_trust,
 )
@@ -995,3 +996,30 @@ def test_the_consensus_benchmark_fits_each_cases_landmark_weights_without_that_c
                               bench.landmark_weights_for(0, errors, None, 4.0))
     fixed = np.ones((3, 4))
     assert bench.landmark_weights_for(2, errors, fixed, 4.0) is fixed  # --fit-data: the same weights for all
+
+
+def test_cross_fitted_points_join_the_scores_but_never_the_not_found_rule_nor_the_validation_only_fit() -> None:
+    records = _group_records(True)
+    val = records[:20]  # 10 cases: an uncut image and a cut variant each
+    cross = [dataclasses.replace(r, kind="cross-fit") for r in records[20:] if r.kind == "normal"]  # 50 uncut images
+    plain = fit_from_records(val, None, None)
+    both = fit_from_records(val, None, None, cross_fitted=cross)
+    assert both.report["not_found_rule"] == plain.report["not_found_rule"]
+    assert both.report["calibration_cases"] == plain.report["calibration_cases"]
+    assert both.report["calibration_points"] == plain.report["calibration_points"] + 150
+    assert both.report["groups"]["complete_points"] == plain.report["groups"]["complete_points"] + 150
+    rep = both.report["cross_fit"]
+    assert (rep["cross_fitted_cases"], rep["cross_fitted_points"], rep["cases_scored"]) == (50, 150, 60)
+    assert (rep["validation_only"]["features"], rep["validation_only"]["grouped"]) == (
+        plain.features, plain.partial_normalised is not None)
+    # the validation-only method scores a cross-fitted point with the fit on every validation point ...
+    feats = [point_features(r.final, r.first, None, r.volume) for r in cross]
+    p_cross = np.concatenate([plain.probability_within(plain.scale(f)) for f in feats])
+    within = np.concatenate([np.linalg.norm(r.final.xyz_mm_ras - r.truth.xyz_mm_ras, axis=1) for r in cross]) <= 3.0
+    # ... and a validation point leave one validation case out, never with a cross-fitted point
+    group = "grouped" if plain.partial_normalised is not None else "pooled"
+    n_val_points = rep["points_scored"] - 150
+    whole = plain.report["groups"]["loco_brier"][group] * n_val_points + (p_cross - within) @ (p_cross - within)
+    assert rep["validation_only"]["brier"] == pytest.approx(whole / rep["points_scored"], abs=1e-12)
+    lo, hi = rep["difference_interval_95"]
+    assert lo <= rep["brier_difference"] <= hi

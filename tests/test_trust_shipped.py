@@ -209,3 +209,31 @@ def test_lmk3d_consensus_from_rewrites_the_weighting_and_keeps_the_members(conse
     assert main(["consensus", "--from", cascade, "--out", str(tmp_path / "x")]) != 0
     assert "not a consensus" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_mean_shape_hippocampus_is_calibrated_on_training_cases_answered_without_themselves(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The shipped ``mean_shape-hippocampus`` scores come from its validation cases and its 140 training cases,
+    each answered by the mean of the other 139 (docs/trust.md, "Cross-fitted calibration points"): the command its
+    ``trust.json`` records fits them again, and its not-found rule and image checks come from the validation cases
+    alone."""
+    from lmk3d.cli import main
+
+    shipped = ROOT / "models" / "mean_shape-hippocampus"
+    doc = json.loads((shipped / "trust.json").read_text())
+    command = doc["report"]["command"].split()
+    assert command[:2] == ["lmk3d", "calibrate"] and "--cross-fit" in command
+    args = [str(ROOT / a) if a.startswith("models/") else a for a in command[2:]]
+    args = [str(DATA / "hippocampus") if a == "../shared/data/hippocampus" else a for a in args]
+    assert main(["calibrate", *args, "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "trust.json").read_text())
+    np.testing.assert_allclose(again["weights"], doc["weights"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(again["normalised"], doc["normalised"], rtol=0, atol=1e-9)
+    assert again["q90"] == pytest.approx(doc["q90"], abs=1e-9)
+    split = read_split(shipped)
+    report = again["report"]
+    assert set(report["calibration_cases"]) == set(split.val)
+    fit = report["cross_fit"]
+    assert fit["cross_fitted_cases"] == len(split.train) == 140 and fit["cases_scored"] == 160
+    # the rule it shipped by: the Brier score of points no fit saw is lower, the case-bootstrap interval below 0
+    assert fit["difference_interval_95"][1] < 0
+    assert report["not_found_rule"] == doc["report"]["not_found_rule"]

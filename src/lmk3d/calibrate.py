@@ -80,6 +80,9 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pull-inside-mm", type=float, default=0.0, metavar="MM",
                    help="judge a point the detector placed at most MM beyond the field of view as inside: moved onto "
                    "the outer voxels and left to the not-found rule (default 0: not found, as the detector says)")
+    p.add_argument("--cross-fit", action="store_true",
+                   help="also calibrate the scores on the training cases, each answered by the detector fitted without "
+                   "it (only mean_shape, whose fit is a mean, can; not with --calibration-data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
     p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
 
@@ -131,6 +134,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     det = load_detector(model_dir, args.device)
     det.trust = None  # calibrate the detector's own answer
     predict = own_answer(det)
+    cross_fit = []
+    if args.cross_fit:
+        if args.calibration_data:
+            raise LandmarkError("--cross-fit: the training cases' points would join calibration points from other "
+                                "data (--calibration-data); give one or the other")
+        cross_fit = [own_answer(d) for d in det.leave_one_out([s for s in train if s.landmarks is not None])]
     candidates: list[PresenceModel | None] = []
     for folder in args.presence or ():
         loaded = PresenceModel.load(folder)
@@ -159,7 +168,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
                       log=lambda line: print(line, flush=True), names=det.landmark_names,
                       presence_candidates=candidates if len(candidates) > 1 else (),
                       anatomy_check=args.anatomy_check, pull_inside_mm=args.pull_inside_mm,
-                      presence_extra=extra)
+                      presence_extra=extra, cross_fit=cross_fit)
     trust.report["command"] = (f"lmk3d calibrate --model {args.model} --data {data} --tolerance-mm "
                                f"{args.tolerance_mm:g} --presence-epochs {args.presence_epochs} --seed {args.seed}"
                                + (f" --presence {' '.join(args.presence)}" if args.presence else "")
@@ -170,7 +179,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                   if args.presence_answer_variants else "")
                                + (f" --calibration-data {args.calibration_data}" if args.calibration_data else "")
                                + (f" --presence-data {args.presence_data}" if args.presence_data else "")
-                               + (f" --pull-inside-mm {args.pull_inside_mm:g}" if args.pull_inside_mm else ""))
+                               + (f" --pull-inside-mm {args.pull_inside_mm:g}" if args.pull_inside_mm else "")
+                               + (" --cross-fit" if args.cross_fit else ""))
     if args.calibration_data:
         trust.report["calibration_data"] = str(args.calibration_data)
     trust.report["seconds"] = round(time.monotonic() - t0, 1)

@@ -13,6 +13,7 @@ from lmk3d.cli import main
 from lmk3d.data import Sample, load_dataset
 from lmk3d.detectors import detector_class, detector_names, load_detector
 from lmk3d.detectors.mean_shape import MeanShapeDetector, frame_of
+from lmk3d.errors import LandmarkError
 from lmk3d.io import Volume, read_landmarks, read_table, write_image
 from lmk3d.landmarks import LandmarkSet
 from tests.conftest import oblique_affine
@@ -306,3 +307,65 @@ def test_cli_trains_the_presence_network_on_more_cases_and_nothing_else(
     for key in ("shape", "image"):  # fitted on the training and calibration cases only, as before
         assert doc[key] == plain[key], key
     assert doc["report"]["calibration_cases"] == plain["report"]["calibration_cases"]
+
+
+def test_leave_one_out_is_the_fit_without_that_case(tmp_path: Path, rng: np.random.Generator) -> None:
+    train = [_case(tmp_path, f"t{i}", oblique_affine(rng, spacing=(1.0, 0.9 + 0.1 * i, 1.5)), (18 + i, 20, 12),
+                   rng.normal(0, 0.05, (3, 3)), found=np.array([True, i != 2, True])) for i in range(5)]
+    det = MeanShapeDetector.create(NAMES, "cpu")
+    det.fit(train, progress=False)
+    before = det.stage.offsets.copy()
+    image = Volume(np.zeros((21, 13, 9), np.float32), oblique_affine(rng, flip=(-1, 1, -1)))
+    left = det.leave_one_out(train)
+    assert len(left) == len(train)
+    for i, d in enumerate(left):
+        oracle = MeanShapeDetector.create(NAMES, "cpu")  # the detector's own fit on the other cases
+        oracle.fit(train[:i] + train[i + 1:], progress=False)
+        assert isinstance(d, MeanShapeDetector) and d.trust is None
+        np.testing.assert_allclose(d.stage.offsets, oracle.stage.offsets, rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(d.stage.n_cases, oracle.stage.n_cases)
+        np.testing.assert_allclose(d.predict(image).xyz_mm_ras, oracle.predict(image).xyz_mm_ras, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(det.stage.offsets, before)  # the fitted detector itself is left as it was
+    with pytest.raises(LandmarkError, match="not the mean of these training cases"):
+        det.leave_one_out(train[1:])
+    alone = [_case(tmp_path, f"s{i}", np.eye(4), (20, 20, 20), np.zeros((3, 3)),
+                   found=np.array([True, i == 0, True])) for i in range(3)]
+    det.fit(alone, progress=False)
+    with pytest.raises(LandmarkError, match="s0 is the only one with a landmark"):
+        det.leave_one_out(alone)
+
+
+def test_a_detector_with_networks_refuses_cross_fitting() -> None:
+    with pytest.raises(LandmarkError, match="one training per case; only mean_shape"):
+        detector_class("pin").create(NAMES, "tiny").leave_one_out([])
+
+
+def test_cli_calibrates_the_scores_on_training_cases_answered_without_themselves(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model, site = tmp_path / "model", tmp_path / "site"
+    assert main(["train", "--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set), "--out",
+                 str(model), "--val-fraction", "0.5", "--test-fraction", "0.1", "--no-progress"]) == 0
+    split = json.loads((model / "split.json").read_text())
+    assert (len(split["train"]), len(split["val"])) == (4, 5)
+    base = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "0"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--cross-fit", "--out", str(tmp_path / "cross")]) == 0
+    plain, cross = (json.loads((tmp_path / d / "trust.json").read_text()) for d in ("plain", "cross"))
+    report = cross["report"]
+    assert "--cross-fit" in report["command"] and "--cross-fit" not in plain["report"]["command"]
+    assert sorted(report["calibration_cases"]) == sorted(split["val"])  # the not-found rule's cases: validation only
+    assert report["not_found_rule"] == plain["report"]["not_found_rule"] and cross["image"] == plain["image"]
+    fit = report["cross_fit"]
+    assert fit["cross_fitted_cases"] == 4 and fit["cases_scored"] == 9 and fit["cross_fitted_points"] > 0
+    assert report["calibration_points"] == plain["report"]["calibration_points"] + fit["cross_fitted_points"]
+    lo, hi = fit["difference_interval_95"]
+    assert lo <= fit["brier_difference"] <= hi
+    assert cross["weights"] != plain["weights"]
+    capsys.readouterr()
+    assert main([*base, "--cross-fit", "--calibration-data", str(tiny_set)]) == 2
+    assert main(["phantoms", "--out", str(site), "--n", "5", "--seed", "5", "--profile", "small",
+                 "--size", "40,40,28"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--cross-fit", "--calibration-data", str(site)]) == 2
+    assert "--cross-fit: the training cases' points would join calibration points from other data" in \
+        capsys.readouterr().err

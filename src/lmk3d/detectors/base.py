@@ -186,6 +186,19 @@ class Detector(abc.ABC):
                  ) -> dict[str, Any]:
         """Train every stage through ``trainer``; return a JSON-able report."""
 
+    def leave_one_out(self, train: Sequence[Sample]) -> list[Detector]:
+        """One copy of this fitted detector per case of ``train`` (the cases it was fitted on), each fitted
+        without that case: cross-fitted calibration points (``lmk3d calibrate --cross-fit``).
+
+        Only a detector whose fit is a closed form can give them without training again per case; the others
+        refuse.
+
+        Raises:
+            LandmarkError: always, here; :class:`~lmk3d.detectors.mean_shape.MeanShapeDetector` overrides it.
+        """
+        raise LandmarkError(f"{self.name}: cross-fitted calibration needs the detector fitted without each training "
+                            "case, one training per case; only mean_shape (whose fit is a mean) gives it")
+
     def fitted_state(self) -> dict[str, Any]:
         """Detector-level fitted state (plain types), beside the stages'."""
         return {"modality": self.modality_fitted}

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,6 +173,50 @@ class MeanShapeDetector(Detector):
             val_txt = f", val MRE {report['val_mre_mm']:.2f} mm" if val_lab else ""
             print(f"mean_shape: fitted on {len(labelled)} cases: train MRE {report['train_mre_mm']:.2f} mm{val_txt}")
         return report
+
+    def leave_one_out(self, train: Sequence[Sample]) -> list[Detector]:
+        """One copy per case of ``train`` whose mean positions leave that case out (exact: the stored mean times
+        the count, less the case, over the count less one). The scores (the in-sample detection rate) are kept:
+        they are the same for every image, so the error scale's per-landmark intercepts absorb them.
+
+        Raises:
+            LandmarkError: the fitted mean is not the mean of ``train``'s landmarks (other cases than it was
+                fitted on), or a case is the only one annotating a landmark.
+        """
+        from lmk3d.data.datasets import image_geometry
+
+        st = self.stage
+        us = []
+        for s in train:
+            if s.landmarks is None:
+                raise LandmarkError(f"mean_shape: training case {s.case} has no landmarks to leave out")
+            lm = s.landmarks.reorder(self.landmark_names)
+            centre, extent = frame_of(*image_geometry(s.image_path))
+            us.append(np.where(lm.found[:, None], (lm.xyz_mm_ras - centre) / extent, np.nan))
+        u = np.asarray(us).reshape(len(us), len(self.landmark_names), 3)
+        count = np.isfinite(u).all(axis=2).sum(axis=0)
+        total = np.nansum(u, axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = total / count[:, None]
+        if not (np.array_equal(count, st.n_cases) and np.allclose(mean, st.offsets, rtol=0.0, atol=1e-12,
+                                                                  equal_nan=True)):
+            raise LandmarkError("mean_shape: its fitted mean positions are not the mean of these training cases "
+                                "(give the cases of its split.json's training split)")
+        out: list[Detector] = []
+        for i in range(len(u)):
+            annotated = np.isfinite(u[i]).all(axis=1)
+            if (annotated & (count < 2)).any():
+                raise LandmarkError(f"mean_shape: training case {train[i].case} is the only one with a landmark; "
+                                    "leaving it out leaves no mean")
+            stage = MeanPositionStage(self.landmark_names)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stage.offsets = np.where(annotated[:, None], (total - np.nan_to_num(u[i])) / (count - 1)[:, None],
+                                         st.offsets)
+            stage.scores, stage.n_cases = st.scores.copy(), count - annotated
+            other = copy.copy(self)
+            other.stage, other.trust = stage, None
+            out.append(other)
+        return out
 
     def _errors(self, samples: Sequence[Sample], geoms: Sequence[tuple[tuple[int, int, int], np.ndarray]]
                 ) -> np.ndarray:

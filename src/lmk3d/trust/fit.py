@@ -54,13 +54,16 @@ class Record:
     """One prediction on one (possibly cut) calibration image, with its truth."""
 
     case: str
-    kind: str  # "normal" or "cut"
+    kind: str  # "normal", "cut" or "cross-fit" (a training case answered without itself)
     final: LandmarkSet
     first: LandmarkSet | None
     volume: Volume
     truth: LandmarkSet
     truth_inside: np.ndarray  # (N,) the true landmark lies inside this image's field of view
     presence: np.ndarray | None = None  # (N,) the presence network's probabilities, if it has one
+    #: the shape model of this record's features when it is not the trust model's: a cross-fitted training case's
+    #: own, fitted without it
+    shape: ShapeModel | None = None
 
 
 def records_for(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]], samples: Sequence[Sample],
@@ -99,8 +102,12 @@ def _errors(r: Record) -> np.ndarray:
 
 
 def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image: ImageModel | None,
-                     tolerance_mm: float = 3.0) -> TrustModel:
+                     tolerance_mm: float = 3.0, cross_fitted: Sequence[Record] = ()) -> TrustModel:
     """The error scale, its distribution, the not-found thresholds, from the calibration records.
+
+    ``cross_fitted``: records of training cases answered by the detector fitted without them (``lmk3d calibrate
+    --cross-fit``); their points join the error scale, its two choices and its distributions, never the not-found
+    thresholds. ``report["cross_fit"]`` then compares the fit with and without them (:func:`_cross_fit_report`).
 
     The error scale's feature set: ``face`` (the base features and the distance to the nearest face) serves
     when its leave-one-case-out AUROC for errors over the tolerance beats ``base``'s by
@@ -112,7 +119,9 @@ def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image:
         raise LandmarkError("trust: no calibration cases")
     names = tuple(records[0].final.names)
     n = len(names)
-    feats = [point_features(r.final, r.first, shape, r.volume) for r in records]
+    n_val = len(records)
+    records = [*records, *cross_fitted]
+    feats = [point_features(r.final, r.first, r.shape if r.shape is not None else shape, r.volume) for r in records]
     errors = np.concatenate([_errors(r) for r in records])
     ok = np.isfinite(errors)
     xs = {fs: np.concatenate([design_matrix(f, n, fs) for f in feats]) for fs in FEATURE_SETS}
@@ -120,25 +129,19 @@ def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image:
         raise LandmarkError(f"trust: {int(ok.sum())} calibration points are too few to fit "
                             f"{xs['base'].shape[1]} weights")
     cases = np.repeat([r.case for r in records], n)
-    loco = {fs: _loco_auroc(x, errors, cases, tolerance_mm) if ok.sum() >= 2 * x.shape[1] else math.nan
-            for fs, x in xs.items()}
-    # NaN (no error over the tolerance, or too few points) keeps the base set
-    chosen = "face" if loco["face"] - loco["base"] >= FACE_AUROC_MARGIN - 1e-12 else "base"
-    x = xs[chosen]
-    weights = _scale_weights(x[ok], errors[ok])
-    scale = np.exp(x @ weights)
-    face_mm, shape_out, presence_thr, rule = _not_found_thresholds(records, feats)
+    face_mm, shape_out, presence_thr, rule = _not_found_thresholds(records[:n_val], feats[:n_val])
     partial = np.repeat([not (r.final.found & ~cut_rule(f["face_mm"], f["shape_face_mm"], r.presence, face_mm,
                                                         shape_out, presence_thr)).all()
                          for r, f in zip(records, feats, strict=True)], n)
-    brier = {g: _loco_brier(x, errors, cases, tolerance_mm, partial if g == "grouped" else None)
-             for g in ("pooled", "grouped")}
-    grouped = brier["grouped"] < brier["pooled"] - 1e-12  # NaN keeps one distribution
+    chosen, grouped, loco, brier = _choices(xs, errors, cases, partial, tolerance_mm)
+    x = xs[chosen]
+    weights = _scale_weights(x[ok], errors[ok])
+    scale = np.exp(x @ weights)
     u, q90 = _normalised(errors / scale, ok & ~partial if grouped else ok, ok)
     up, qp = _normalised(errors / scale, ok & partial, ok) if grouped else (None, None)
     trust = TrustModel(names, float(tolerance_mm), weights, u, q90, face_mm, shape_out, shape, image, {},
                        presence_thr, features=chosen, partial_normalised=up, partial_q90=qp)
-    trust.report = {"calibration_cases": sorted({r.case for r in records}),
+    trust.report = {"calibration_cases": sorted({r.case for r in records[:n_val]}),
                     "calibration_points": int(ok.sum()), "normal_images": sum(r.kind == "normal" for r in records),
                     "cut_images": sum(r.kind == "cut" for r in records), "not_found_rule": rule,
                     "error_scale": {"features": chosen,
@@ -151,7 +154,73 @@ def fit_from_records(records: Sequence[Record], shape: ShapeModel | None, image:
                                "partial_points": int((ok & partial).sum()),
                                "rule": "grouped (images with a landmark not found apart) when its leave-one-case-out"
                                        " Brier score, all calibration points, is lower than pooled's"}}
+    if cross_fitted:
+        is_val = np.repeat(np.arange(len(records)) < n_val, n)
+        trust.report["cross_fit"] = _cross_fit_report(xs, errors, cases, partial, is_val, tolerance_mm,
+                                                      (chosen, grouped))
     return trust
+
+
+def _choices(xs: dict[str, np.ndarray], errors: np.ndarray, cases: np.ndarray, partial: np.ndarray,
+             tolerance_mm: float) -> tuple[str, bool, dict[str, float], dict[str, float]]:
+    """The error scale's feature set and whether images with a landmark not found are calibrated apart, as
+    :func:`fit_from_records` chooses them on these points, with what chose them: each feature set's
+    leave-one-case-out AUROC and, for the chosen set, each grouping's leave-one-case-out Brier score."""
+    ok = np.isfinite(errors)
+    loco = {fs: _loco_auroc(x, errors, cases, tolerance_mm) if ok.sum() >= 2 * x.shape[1] else math.nan
+            for fs, x in xs.items()}
+    # NaN (no error over the tolerance, or too few points) keeps the base set
+    chosen = "face" if loco["face"] - loco["base"] >= FACE_AUROC_MARGIN - 1e-12 else "base"
+    brier = {g: _loco_brier(xs[chosen], errors, cases, tolerance_mm, partial if g == "grouped" else None)
+             for g in ("pooled", "grouped")}
+    return chosen, bool(brier["grouped"] < brier["pooled"] - 1e-12), loco, brier  # NaN keeps one distribution
+
+
+def _cross_fit_report(xs: dict[str, np.ndarray], errors: np.ndarray, cases: np.ndarray, partial: np.ndarray,
+                      is_val: np.ndarray, tolerance_mm: float, pooled_choices: tuple[str, bool],
+                      resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """How the cross-fitted points change the scores of points the fit did not see.
+
+    Every point (the validation records' and the cross-fitted ones) is scored by a fit that did not see its case:
+    without the cross-fitted points (``validation_only``: leave one validation case out for the validation
+    points, the fit on every validation point for the cross-fitted ones) and with them (``cross_fitted``: leave
+    one case out of the pooled points), each method with its own choices of feature set and grouping. Reported:
+    both Brier scores and ECEs, and the 95 % interval of the paired Brier difference (cross-fitted minus
+    validation only) over ``resamples`` case-bootstrap resamples.
+    """
+    from lmk3d.review import ece
+
+    ok = np.isfinite(errors)
+    fs_val, grouped_val, *_ = _choices({k: v[is_val] for k, v in xs.items()}, errors[is_val], cases[is_val],
+                                   partial[is_val], tolerance_mm)
+    folds = np.where(is_val, cases, "<cross-fitted>")  # the cross-fitted points: one fold, scored by the full fit
+    alone = _loco_scores(xs[fs_val], errors, folds, tolerance_mm, partial if grouped_val else None, fit_on=is_val)
+    fs_all, grouped_all = pooled_choices
+    pooled = _loco_scores(xs[fs_all], errors, cases, tolerance_mm, partial if grouped_all else None)
+    if alone is None or pooled is None:
+        return {"error": "a fold had too few points to fit"}
+    within = (errors <= tolerance_mm).astype(float)
+    loss = {"validation_only": (alone - within) ** 2, "cross_fitted": (pooled - within) ** 2}
+    diff = loss["cross_fitted"] - loss["validation_only"]
+    names, idx = np.unique(cases[ok], return_inverse=True)
+    per_case_sum = np.bincount(idx, diff[ok], len(names))
+    per_case_n = np.bincount(idx, minlength=len(names)).astype(float)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(names), (resamples, len(names)))
+    boot = per_case_sum[draws].sum(axis=1) / per_case_n[draws].sum(axis=1)
+    lo, hi = np.quantile(boot, [0.025, 0.975])
+    return {"cross_fitted_cases": int(len(np.unique(cases[~is_val]))), "cross_fitted_points": int((ok & ~is_val).sum()),
+            "points_scored": int(ok.sum()), "cases_scored": int(len(names)),
+            "validation_only": {"features": fs_val, "grouped": bool(grouped_val),
+                                "brier": float(loss["validation_only"][ok].mean()),
+                                "ece": float(ece(alone[ok], within[ok]))},
+            "cross_fitted": {"features": fs_all, "grouped": bool(grouped_all),
+                             "brier": float(loss["cross_fitted"][ok].mean()),
+                             "ece": float(ece(pooled[ok], within[ok]))},
+            "brier_difference": float(diff[ok].mean()), "difference_interval_95": [float(lo), float(hi)],
+            "resamples": resamples, "seed": seed,
+            "rule": "every point scored by a fit that did not see its case; the Brier difference's interval comes "
+                    "from resampling whole cases"}
 
 
 def _normalised(u: np.ndarray, group: np.ndarray, every: np.ndarray) -> tuple[np.ndarray, float]:
@@ -170,14 +239,16 @@ def _scale_weights(a: np.ndarray, errors: np.ndarray) -> np.ndarray:
 
 
 def _loco_scores(x: np.ndarray, errors: np.ndarray, cases: np.ndarray, tolerance_mm: float,
-                 partial: np.ndarray | None = None) -> np.ndarray | None:
+                 partial: np.ndarray | None = None, fit_on: np.ndarray | None = None) -> np.ndarray | None:
     """Each case's points (its image and its cut variants) scored by a fit on the other cases' points, as
     :func:`fit_from_records` fits and :meth:`TrustModel.probability_within` scores (``partial``: the
-    points' calibration groups, else one). None when a fold has too few points."""
+    points' calibration groups, else one; ``fit_on``: the points a fit may use, default all). None when a fold
+    has too few points."""
     ok = np.isfinite(errors)
     score = np.full(len(errors), np.nan)
+    usable = ok if fit_on is None else ok & fit_on
     for case in np.unique(cases[ok]):
-        train = ok & (cases != case)
+        train = usable & (cases != case)
         held = ok & (cases == case)
         if train.sum() < x.shape[1]:
             return None
@@ -292,7 +363,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               presence_candidates: Sequence[PresenceModel | None] = (),
               presence_deadline: float | None = None, anatomy_check: bool = False,
               anatomy_prior: AnatomyModel | None = None, pull_inside_mm: float = 0.0,
-              presence_extra: Sequence[Sample] = ()) -> TrustModel:
+              presence_extra: Sequence[Sample] = (),
+              cross_fit: Sequence[Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]] = ()) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -315,6 +387,10 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     site's labelled cases beyond the training set; nothing else is fitted on them.
     ``pull_inside_mm``: points the detector placed at most this far beyond the field of view are judged as
     inside (:func:`lmk3d.trust.pulled_inside`), in the calibration as in every answer after it.
+    ``cross_fit``: one answer per case of ``train`` with landmarks, each from the detector fitted without that case
+    (:meth:`lmk3d.detectors.base.Detector.leave_one_out`): the training cases' uncut images, answered so, join the
+    error scale's calibration points (:func:`fit_from_records`), their features from the shape model fitted without
+    them.
     """
     if presence is not None and presence_candidates:
         raise ValueError("fit_trust: give presence or presence_candidates, not both")
@@ -381,7 +457,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         + (f" + the {image_prior.n_images} of the weights fine-tuned from" if image_prior is not None else "")
         + f", {len(records)} calibration images (with cut variants)")
     image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality, prior=image_prior)
-    trust = fit_from_records(records, shape, image, tolerance_mm)
+    cross = _cross_fitted_records(cross_fit, labelled, names, presence, pull_inside_mm, say) if cross_fit else []
+    trust = fit_from_records(records, shape, image, tolerance_mm, cross_fitted=cross)
     if anatomy_check and anatomy_prior is None and len(vols_train) < 2:
         say("anatomy check: not fitted (it needs 2 training images, or the check of the weights fine-tuned from)")
     elif anatomy_check:
@@ -399,3 +476,30 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     if choice is not None:
         trust.report["presence_choice"] = choice
     return trust
+
+
+def _cross_fitted_records(answers: Sequence[Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]],
+                          train: Sequence[Sample], names: Sequence[str], presence: PresenceModel | None,
+                          pull_inside_mm: float, say: Callable[[str], None]) -> list[Record]:
+    """The training cases' uncut images, each answered by ``answers[i]`` (the detector fitted without case ``i``),
+    with the shape model fitted without it (:func:`fit_trust`'s ``cross_fit``)."""
+    if len(answers) != len(train):
+        raise ValueError(f"fit_trust: {len(answers)} cross-fitted answers for {len(train)} training cases")
+    truths = [s.landmarks.reorder(names) if s.landmarks is not None else None for s in train]
+    points = [np.where(t.found[:, None], t.xyz_mm_ras, np.nan) for t in truths if t is not None]
+    say(f"cross-fitted calibration points: {len(train)} training cases, each answered without itself")
+    out: list[Record] = []
+    k = 0
+    for s, answer, truth in zip(train, answers, truths, strict=True):
+        if truth is None:
+            continue
+        vol = s.load_image()
+        final, first = answer(vol)
+        if pull_inside_mm > 0:
+            final = pulled_inside(final, vol, pull_inside_mm)
+        inside = vol.contains_ras(np.nan_to_num(truth.xyz_mm_ras), margin=0.5) & truth.found
+        probs = presence.for_answer(vol, final) if presence is not None else None
+        own = ShapeModel.fit(points[:k] + points[k + 1:])
+        out.append(Record(s.case, "cross-fit", final, first, vol, truth, inside, probs, shape=own))
+        k += 1
+    return out
