@@ -139,7 +139,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         if args.calibration_data:
             raise LandmarkError("--cross-fit: the training cases' points would join calibration points from other "
                                 "data (--calibration-data); give one or the other")
-        cross_fit = [own_answer(d) for d in det.leave_one_out([s for s in train if s.landmarks is not None])]
+        cross_fit = cross_fitted_answers(det, [s for s in train if s.landmarks is not None])
     candidates: list[PresenceModel | None] = []
     for folder in args.presence or ():
         loaded = PresenceModel.load(folder)
@@ -213,11 +213,26 @@ def own_answer(det: Detector) -> Callable[[Volume], tuple[LandmarkSet, LandmarkS
     return predict
 
 
+def cross_fitted_answers(det: Detector, fitted_on: Sequence[Sample], unseen: Sequence[Sample] = ()
+                         ) -> list[tuple[Sample, Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]]]:
+    """``(case, answer)`` for :func:`lmk3d.trust.fit.fit_trust`'s ``cross_fit``: each case of ``fitted_on`` (the
+    cases ``det`` was fitted on) answered by ``det`` fitted without it (:meth:`Detector.leave_one_out`), each of
+    ``unseen`` (training cases it was never fitted on) by ``det`` itself.
+
+    Raises:
+        LandmarkError: ``det`` cannot be fitted without a case this cheaply (a detector with networks), or
+            ``fitted_on`` are not the cases it was fitted on.
+    """
+    left = det.leave_one_out(fitted_on)
+    return [*zip(fitted_on, (own_answer(d) for d in left), strict=True), *((s, own_answer(det)) for s in unseen)]
+
+
 def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: Sequence[Sample],
                           previous: Sequence[Path], seed: int = 0, log: Callable[[str], None] | None = None,
                           images_from: Path | None = None,
                           presence_epochs: int = 0,
-                          presence_deadline: float | None = None) -> tuple[TrustModel | None, dict[str, Any]]:
+                          presence_deadline: float | None = None,
+                          fitted_on: Sequence[Sample] | None = None) -> tuple[TrustModel | None, dict[str, Any]]:
     """Fit the trust model of weights just trained by the server (``POST /train``), or say why not.
 
     Like ``lmk3d calibrate``, on the detector's own answer (:func:`own_answer`):
@@ -241,6 +256,11 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
       fine-tuned weights still serve the kind of image they started from, and a check fitted on a few
       images of a new kind alone would refuse it (docs/trust.md). Without it (training from scratch, an
       upload) the image model knows ``train`` only;
+    - the training cases answered without themselves (``lmk3d calibrate --cross-fit``) join the score calibration
+      when the first ``trust.json`` of ``previous`` was fitted so and ``fitted_on`` (the cases of ``train`` the
+      weights were fitted on; the others trained nothing) is given: ``mean_shape`` keeps doing it in its versions;
+      when the detector cannot (:meth:`Detector.leave_one_out`), the record's reason says why and the fit goes on
+      without them;
     - the anatomy check (:mod:`lmk3d.trust.anatomy`) is fitted when the first ``trust.json`` of ``previous``
       that has one exists (a model that carries the check keeps it in every version), knowing
       ``images_from``'s training images too when that folder's check is there, else ``train``'s only.
@@ -307,12 +327,28 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
     anatomy_prior = parent.anatomy if anatomy_from is not None and parent is not None else None
     # A model that judges points just beyond the field of view as inside keeps doing so in its new versions.
     pull = next((t.pull_inside_mm for f in folders if (t := _load(loaded, f)) is not None), 0.0)
+    # So does a model whose scores were also calibrated on its training cases answered without themselves.
+    cross_fit: list[Any] = []
+    cross_note = ""
+    if next(("cross_fit" in t.report for f in folders if (t := _load(loaded, f)) is not None), False):
+        if fitted_on is None:
+            cross_note = "; no training case answered without itself (the cases the weights were fitted on unknown)"
+        else:
+            fitted = [s for s in fitted_on if s.landmarks is not None]
+            names_fitted = {s.case for s in fitted}
+            unseen = [s for s in train if s.landmarks is not None and s.case not in names_fitted]
+            try:
+                cross_fit = cross_fitted_answers(det, fitted, unseen)
+            except LandmarkError as e:
+                cross_note = f"; no training case answered without itself ({e})"
+            else:
+                cross_note = f"; the scores also on the {len(cross_fit)} training case(s), each answered without itself"
     t0 = time.monotonic()
     trust = fit_trust(own_answer(det), train, labelled, det.modality_fitted, tolerance_mm, seed,
                       presence if trained is None else None, log=log, names=det.landmark_names, image_prior=prior,
                       presence_candidates=(presence, trained) if trained is not None else (),
                       presence_deadline=presence_deadline, anatomy_check=anatomy_from is not None,
-                      anatomy_prior=anatomy_prior, pull_inside_mm=pull)
+                      anatomy_prior=anatomy_prior, pull_inside_mm=pull, cross_fit=cross_fit)
     seconds = round(time.monotonic() - t0, 1)
     images = str(images_from) if prior is not None else None
     inherited = f"the presence network of {presence_from}" if presence_from else "no presence network (geometry only)"
@@ -340,7 +376,7 @@ def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: S
     return trust, {"calibrated": True,
                    "reason": f"fitted on {len(labelled)} validation case(s) "
                              f"({trust.report['calibration_points']} points), tolerance {tolerance_mm:g} mm, "
-                             f"{where}; {known}",
+                             f"{where}; {known}{cross_note}",
                    "tolerance_mm": tolerance_mm, "calibration_cases": [s.case for s in labelled],
                    "presence_from": str(presence_from) if presence_from else None, "presence": served,
                    "images_from": images, "anatomy_from": str(anatomy_from) if trust.anatomy is not None else None,

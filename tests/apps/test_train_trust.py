@@ -149,6 +149,10 @@ def test_a_retrained_version_is_calibrated_and_serves_calibrated_scores(app_lib:
     assert trust["tolerance_mm"] == PARENT_TOLERANCE_MM  # the parent's
     assert trust["report"]["calibration_cases"] == sorted(world.record.validation_cases(STUDIES))
     assert trust["weights"] != parent["weights"], "the parent's trust model was copied onto new weights"
+    # The parent's scores were also calibrated on its training cases answered without themselves: so are the
+    # version's, on its 6 (those its mean was fitted on each left out, the early-stopping one as it is).
+    assert "cross_fit" in parent["report"] and trust["report"]["cross_fit"]["cross_fitted_cases"] == 6
+    assert result["calibration"].endswith("; the scores also on the 6 training case(s), each answered without itself")
     # The presence network: the parent's, or one trained on the training cases from its weights, whichever
     # told the validation cases' cut-off landmarks better (ties: the parent's).
     served, original = PresenceModel.load(v1), PresenceModel.load(world.shipped)
@@ -379,3 +383,14 @@ def test_the_training_budget_starts_with_the_process(app_lib: SimpleNamespace) -
     elapsed = int(subprocess.run(["ps", "-o", "etimes=", "-p", str(os.getpid())], capture_output=True, text=True,
                                  check=True).stdout)
     assert elapsed - 1.0 <= age <= elapsed + 2.0 and age > 0.0
+
+
+def test_a_parent_calibrated_on_validation_cases_alone_gives_versions_calibrated_so(
+        app_lib: SimpleNamespace, world: World, capsys: pytest.CaptureFixture[str]) -> None:
+    doc = json.loads((world.shipped / "trust.json").read_text())
+    del doc["report"]["cross_fit"]
+    (world.shipped / "trust.json").write_text(json.dumps(doc))
+    result, _ = train(app_lib, world, capsys)
+    assert result["calibrated"] is True and "answered without itself" not in result["calibration"]
+    trust = json.loads((world.version_dir("v0001") / "trust.json").read_text())
+    assert "cross_fit" not in trust["report"]

@@ -364,7 +364,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
               presence_deadline: float | None = None, anatomy_check: bool = False,
               anatomy_prior: AnatomyModel | None = None, pull_inside_mm: float = 0.0,
               presence_extra: Sequence[Sample] = (),
-              cross_fit: Sequence[Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]] = ()) -> TrustModel:
+              cross_fit: Sequence[tuple[Sample, Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]]] = ()
+              ) -> TrustModel:
     """Fit everything on a trained detector (``predict``) with its training and calibration cases.
 
     ``train`` gives the shape model (true positions only), the image model's training thumbnails and,
@@ -387,10 +388,10 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     site's labelled cases beyond the training set; nothing else is fitted on them.
     ``pull_inside_mm``: points the detector placed at most this far beyond the field of view are judged as
     inside (:func:`lmk3d.trust.pulled_inside`), in the calibration as in every answer after it.
-    ``cross_fit``: one answer per case of ``train`` with landmarks, each from the detector fitted without that case
-    (:meth:`lmk3d.detectors.base.Detector.leave_one_out`): the training cases' uncut images, answered so, join the
-    error scale's calibration points (:func:`fit_from_records`), their features from the shape model fitted without
-    them.
+    ``cross_fit``: ``(case, answer)`` pairs, cases of ``train`` each answered by the detector fitted without it
+    (:meth:`lmk3d.detectors.base.Detector.leave_one_out`, or the detector itself for a training case it was never
+    fitted on, e.g. an early-stopping case of a detector without networks): their uncut images join the error
+    scale's calibration points (:func:`fit_from_records`), their features from the shape model fitted without them.
     """
     if presence is not None and presence_candidates:
         raise ValueError("fit_trust: give presence or presence_candidates, not both")
@@ -478,28 +479,26 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
     return trust
 
 
-def _cross_fitted_records(answers: Sequence[Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]],
+def _cross_fitted_records(pairs: Sequence[tuple[Sample, Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]]],
                           train: Sequence[Sample], names: Sequence[str], presence: PresenceModel | None,
                           pull_inside_mm: float, say: Callable[[str], None]) -> list[Record]:
-    """The training cases' uncut images, each answered by ``answers[i]`` (the detector fitted without case ``i``),
-    with the shape model fitted without it (:func:`fit_trust`'s ``cross_fit``)."""
-    if len(answers) != len(train):
-        raise ValueError(f"fit_trust: {len(answers)} cross-fitted answers for {len(train)} training cases")
-    truths = [s.landmarks.reorder(names) if s.landmarks is not None else None for s in train]
-    points = [np.where(t.found[:, None], t.xyz_mm_ras, np.nan) for t in truths if t is not None]
-    say(f"cross-fitted calibration points: {len(train)} training cases, each answered without itself")
+    """The uncut images of ``pairs``' training cases, each answered by its answer (the detector fitted without it),
+    with the shape model of ``train``'s truth fitted without it (:func:`fit_trust`'s ``cross_fit``)."""
+    truths = {s.case: s.landmarks.reorder(names) for s in train if s.landmarks is not None}
+    unknown = sorted({s.case for s, _ in pairs} - set(truths))
+    if unknown or len({s.case for s, _ in pairs}) != len(pairs):
+        raise ValueError(f"fit_trust: cross-fitted cases must be distinct labelled training cases ({unknown})")
+    points = {c: np.where(t.found[:, None], t.xyz_mm_ras, np.nan) for c, t in truths.items()}
+    say(f"cross-fitted calibration points: {len(pairs)} training cases, each answered without itself")
     out: list[Record] = []
-    k = 0
-    for s, answer, truth in zip(train, answers, truths, strict=True):
-        if truth is None:
-            continue
+    for s, answer in pairs:
+        truth = truths[s.case]
         vol = s.load_image()
         final, first = answer(vol)
         if pull_inside_mm > 0:
             final = pulled_inside(final, vol, pull_inside_mm)
         inside = vol.contains_ras(np.nan_to_num(truth.xyz_mm_ras), margin=0.5) & truth.found
         probs = presence.for_answer(vol, final) if presence is not None else None
-        own = ShapeModel.fit(points[:k] + points[k + 1:])
+        own = ShapeModel.fit([x for c, x in points.items() if c != s.case])
         out.append(Record(s.case, "cross-fit", final, first, vol, truth, inside, probs, shape=own))
-        k += 1
     return out

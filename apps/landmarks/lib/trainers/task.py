@@ -376,7 +376,8 @@ class LandmarkTrainTask(TrainTask):
             presence_epochs = min(PRESENCE_EPOCHS, options.max_epochs or PRESENCE_EPOCHS)
         trust, calibration = self._calibrate(detector, train, val, options.seed,
                                              self.record.current_dir() if init == "current" else None,
-                                             presence_epochs, start + 60.0 * max_minutes * PRESENCE_END_SHARE)
+                                             presence_epochs, start + 60.0 * max_minutes * PRESENCE_END_SHARE,
+                                             fit_train)
         detector.trust = trust  # measured as it will serve: with its own trust model, or raw
         after = scores(detector, val)
         self._say(f"new weights: {_described(after)}")
@@ -419,7 +420,8 @@ class LandmarkTrainTask(TrainTask):
 
     def _calibrate(self, detector: Detector, train: Sequence[Sample], val: Sequence[Sample],
                    seed: int, fine_tuned_from: Path | None,
-                   presence_epochs: int, presence_deadline: float) -> tuple[TrustModel | None, dict[str, Any]]:
+                   presence_epochs: int, presence_deadline: float,
+                   fitted_on: Sequence[Sample]) -> tuple[TrustModel | None, dict[str, Any]]:
         """The new weights' own trust model (:func:`lmk3d.calibrate.calibrate_new_weights`), or None and why.
 
         Fitted on the validation cases (the gate's), with the parent version's tolerance, else the shipped
@@ -428,6 +430,9 @@ class LandmarkTrainTask(TrainTask):
         tells the validation cases' cut-off landmarks strictly better. The parent's ``trust.json`` itself
         is never copied onto the new weights: it was fitted for other weights. Weights fine-tuned from a
         version (``fine_tuned_from``, its folder) keep that version's training images in their image check.
+        ``fitted_on``: the training cases the weights were fitted on (the others stopped the training early): a
+        model whose scores were also calibrated on its training cases answered without themselves (``mean_shape``)
+        keeps that.
         A failed fit costs the trust model, never the trained weights: the version is added without one,
         saying why.
         """
@@ -435,7 +440,7 @@ class LandmarkTrainTask(TrainTask):
         try:
             trust, calibration = calibrate_new_weights(detector, train, val, previous, seed, log=self._say,
                                                        images_from=fine_tuned_from, presence_epochs=presence_epochs,
-                                                       presence_deadline=presence_deadline)
+                                                       presence_deadline=presence_deadline, fitted_on=fitted_on)
         except Exception as e:
             logger.exception("model %r: the trust model of the new weights could not be fitted", self.name)
             trust, calibration = None, {"calibrated": False,
