@@ -192,7 +192,7 @@ def _cross_fit_report(xs: dict[str, np.ndarray], errors: np.ndarray, cases: np.n
 
     ok = np.isfinite(errors)
     fs_val, grouped_val, *_ = _choices({k: v[is_val] for k, v in xs.items()}, errors[is_val], cases[is_val],
-                                   partial[is_val], tolerance_mm)
+                                       partial[is_val], tolerance_mm)
     folds = np.where(is_val, cases, "<cross-fitted>")  # the cross-fitted points: one fold, scored by the full fit
     alone = _loco_scores(xs[fs_val], errors, folds, tolerance_mm, partial if grouped_val else None, fit_on=is_val)
     fs_all, grouped_all = pooled_choices
