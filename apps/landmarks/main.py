@@ -93,6 +93,12 @@ logger = logging.getLogger(__name__)
 
 #: What MONAI Label and its clients put in a train request besides the train task's options.
 TRAIN_REQUEST_KEYS = frozenset({"model", "gpus", "multi_gpu", "name"})
+#: Attempts of one DICOMweb request, and the wait before the second (ms). The client library's default (5
+#: attempts, waits of 2, 4, 8 and 16 s) retries a refused connection too: a PACS that is down kept an inference
+#: waiting 90 s and ``/info/`` 60 s before their 503 (docs/pacs.md). One retry after a second still rides out a
+#: PACS that restarts or answers 429/503 once.
+PACS_ATTEMPTS = 2
+PACS_RETRY_WAIT_MS = 500
 
 
 class LandmarksApp(MONAILabelApp):
@@ -260,6 +266,9 @@ class LandmarksApp(MONAILabelApp):
                                  qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        # the wait before attempt k + 1 is PACS_RETRY_WAIT_MS * 2^k ms: one second
+        client.set_http_retry_params(retry=True, max_attempts=PACS_ATTEMPTS,
+                                     wait_exponential_multiplier=PACS_RETRY_WAIT_MS)
         self._download_dcmqi_tools()
         cache_path = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
         logger.info("DICOMweb studies %s (%s); series listing cached for %s s", self.studies,
