@@ -458,7 +458,8 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
         + (f" + the {image_prior.n_images} of the weights fine-tuned from" if image_prior is not None else "")
         + f", {len(records)} calibration images (with cut variants)")
     image = ImageModel.fit(vols_train + cuts, [r.volume for r in records], modality, prior=image_prior)
-    cross = _cross_fitted_records(cross_fit, labelled, names, presence, pull_inside_mm, say) if cross_fit else []
+    cross = (_cross_fitted_records(cross_fit, labelled, vols_train, names, presence, pull_inside_mm, say)
+             if cross_fit else [])
     trust = fit_from_records(records, shape, image, tolerance_mm, cross_fitted=cross)
     if anatomy_check and anatomy_prior is None and len(vols_train) < 2:
         say("anatomy check: not fitted (it needs 2 training images, or the check of the weights fine-tuned from)")
@@ -480,11 +481,14 @@ def fit_trust(predict: Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]
 
 
 def _cross_fitted_records(pairs: Sequence[tuple[Sample, Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]]],
-                          train: Sequence[Sample], names: Sequence[str], presence: PresenceModel | None,
-                          pull_inside_mm: float, say: Callable[[str], None]) -> list[Record]:
+                          train: Sequence[Sample], volumes: Sequence[Volume], names: Sequence[str],
+                          presence: PresenceModel | None, pull_inside_mm: float, say: Callable[[str], None]
+                          ) -> list[Record]:
     """The uncut images of ``pairs``' training cases, each answered by its answer (the detector fitted without it),
-    with the shape model of ``train``'s truth fitted without it (:func:`fit_trust`'s ``cross_fit``)."""
+    with the shape model of ``train``'s truth fitted without it (:func:`fit_trust`'s ``cross_fit``). ``train``: the
+    labelled training cases, ``volumes`` their images, already read."""
     truths = {s.case: s.landmarks.reorder(names) for s in train if s.landmarks is not None}
+    images = {s.case: v for s, v in zip(train, volumes, strict=True)}
     unknown = sorted({s.case for s, _ in pairs} - set(truths))
     if unknown or len({s.case for s, _ in pairs}) != len(pairs):
         raise ValueError(f"fit_trust: cross-fitted cases must be distinct labelled training cases ({unknown})")
@@ -493,7 +497,7 @@ def _cross_fitted_records(pairs: Sequence[tuple[Sample, Callable[[Volume], tuple
     out: list[Record] = []
     for s, answer in pairs:
         truth = truths[s.case]
-        vol = s.load_image()
+        vol = images[s.case]
         final, first = answer(vol)
         if pull_inside_mm > 0:
             final = pulled_inside(final, vol, pull_inside_mm)
