@@ -170,6 +170,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-minutes", type=float, help="training time budget (minutes, > 0)")
     p.add_argument("--max-epochs", type=int, help="caps every training phase's epochs (>= 1; default: the "
                    "config's)")
+    p.add_argument("--fold", metavar="K/N", help="train without fold K (counted from 0) of N of the training "
+                   "cases (the split's validation and test cases unchanged): a model that answers its left-out "
+                   "fold unseen, for lmk3d calibrate --cross-fit-models; split.json names the fold's cases")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     p.add_argument("--device", help="where to train and evaluate: cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -197,7 +200,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
 
 #: The ``train`` options a resumed run takes from the interrupted one.
 TRAIN_KEYS = ("detector", "profile", "data", "images", "out", "split_seed", "val_fraction", "test_fraction",
-              "max_minutes", "max_epochs", "seed", "device", "overrides")
+              "fold", "max_minutes", "max_epochs", "seed", "device", "overrides")
 
 
 def _train_args(args: argparse.Namespace) -> tuple[argparse.Namespace, dict[str, object] | None]:
@@ -226,6 +229,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     from lmk3d.data import apply_split, load_dataset, make_split, write_split
     from lmk3d.data.samples import readable
+    from lmk3d.data.split import FOLD_METHOD, fold_out, parse_fold
     from lmk3d.detectors import detector_class, load_detector
     from lmk3d.io.atomic import atomic_write_text
     from lmk3d.metrics import evaluate, format_table
@@ -259,10 +263,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise LandmarkError(f"{args.data}: no labelled cases with a readable image to train on ({len(ds)} images)")
     fractions = (1.0 - args.val_fraction - args.test_fraction, args.val_fraction, args.test_fraction)
     split = make_split([s.case for s in labelled], fractions, args.split_seed)
+    fold: dict[str, object] = {}
+    if getattr(args, "fold", None):
+        k, n = parse_fold(args.fold)
+        split, held = fold_out(split, k, n)
+        fold = {"fold": {"k": k, "n": n, "held_out": list(held), "method": FOLD_METHOD}}
     train, val, test = apply_split(labelled, split)
     if is_main:
         print(f"{args.data}: {len(ds)} cases ({len(labelled)} labelled), {len(ds.names)} landmarks; split seed "
               f"{args.split_seed}: {len(train)} train / {len(val)} val / {len(test)} test"
+              + (f" (fold {args.fold} of the training cases left out)" if fold else "")
               + (f"; {world.size} processes, each training on its shard" if world.distributed else ""))
     det = cls.create(ds.names, args.profile, device, **parse_overrides(args.overrides))
     if is_main:
@@ -289,9 +299,10 @@ def run_train(args: argparse.Namespace) -> int:
     det.save(out)
     trainer.finish()
     command = _command_line("train", args, ["detector", "profile", "data", "images", "out", "split_seed",
-                                            "val_fraction", "test_fraction", "max_minutes", "max_epochs", "seed"])
+                                            "val_fraction", "test_fraction", "fold", "max_minutes", "max_epochs",
+                                            "seed"])
     command += "".join(f" --set {item}" for item in args.overrides)
-    write_split(out / "split.json", split, {"data": str(args.data), "command": command})
+    write_split(out / "split.json", split, {"data": str(args.data), "command": command, **fold})
     metrics: dict[str, object] = {}
     test_mre: float | None = None
     if test:

@@ -157,6 +157,47 @@ def read_split(path: str | os.PathLike[str]) -> Split:
                  (float(fr[0]), float(fr[1]), float(fr[2])))
 
 
+FOLD_METHOD = ("the training cases' sorted ids permuted with numpy.random.default_rng([seed, n]); fold k (0-based) "
+               "is every n-th of them from position k")
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """``"1/4"`` -> ``(1, 4)``: fold ``k`` (0-based) of ``n``.
+
+    Raises:
+        LandmarkFormatError: not ``K/N`` with ``N >= 2`` and ``0 <= K < N``.
+    """
+    try:
+        k_text, n_text = text.split("/")
+        k, n = int(k_text), int(n_text)
+    except ValueError:
+        raise LandmarkFormatError(f"fold {text!r}: give K/N, e.g. 0/4 (fold K, counted from 0, of N)") from None
+    if n < 2 or not 0 <= k < n:
+        raise LandmarkFormatError(f"fold {text!r}: need N >= 2 and 0 <= K < N")
+    return k, n
+
+
+def fold_out(split: Split, k: int, n: int) -> tuple[Split, tuple[str, ...]]:
+    """``split`` with fold ``k`` of ``n`` of its training cases taken out, and those cases (sorted).
+
+    The folds of one split are disjoint and together hold every training case; validation and test cases
+    stay where they are, so a model trained on the rest is early-stopped on the same cases and can answer its
+    left-out fold as cases it never saw (``lmk3d train --fold``, ``lmk3d calibrate --cross-fit-models``).
+
+    Raises:
+        LandmarkFormatError: a bad ``k``/``n``, or fewer training cases than folds.
+    """
+    if n < 2 or not 0 <= k < n:
+        raise LandmarkFormatError(f"fold {k}/{n}: need n >= 2 and 0 <= k < n")
+    ids = sorted(split.train)
+    if len(ids) < n:
+        raise LandmarkFormatError(f"{len(ids)} training case(s) cannot make {n} folds")
+    order = np.random.default_rng([split.seed, n]).permutation(len(ids))
+    held = tuple(sorted(ids[i] for i in order[k::n]))
+    keep = tuple(c for c in ids if c not in set(held))
+    return Split(keep, split.val, split.test, split.seed, split.fractions), held
+
+
 def holdout_split(items: Sequence[T], val_fraction: float, seed: int = DEFAULT_SEED) -> tuple[list[T], list[T]]:
     """A seeded train / held-out split of a few labelled items (e.g. the images an annotator corrected).
 
