@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from lmk3d.errors import LandmarkError
 
 if TYPE_CHECKING:
+    from lmk3d.data import Split
     from lmk3d.data.samples import Sample
     from lmk3d.detectors import Detector
     from lmk3d.io.image import Volume
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from lmk3d.trust.presence import PresenceModel
 
 __all__ = ["DEFAULT_TOLERANCE_MM", "MIN_CALIBRATION_CASES", "MIN_PRESENCE_CASES", "PRESENCE_EPOCHS", "add_calibrate",
-           "add_consensus", "calibrate_new_weights", "own_answer", "run_calibrate", "run_consensus"]
+           "add_consensus", "calibrate_new_weights", "fold_answers", "own_answer", "run_calibrate", "run_consensus"]
 
 #: The fewest labelled calibration cases a trust model is fitted on.
 MIN_CALIBRATION_CASES = 5
@@ -83,6 +84,11 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cross-fit", action="store_true",
                    help="also calibrate the scores on the training cases, each answered by the detector fitted without "
                    "it (only mean_shape, whose fit is a mean, can; not with --calibration-data)")
+    p.add_argument("--cross-fit-models", metavar="DIR", nargs="+",
+                   help="also calibrate the scores on the training cases, each answered by the one of these models "
+                   "(lmk3d train --fold) that was trained without it: the same detector and landmarks, the model's "
+                   "validation and test cases, each leaving out other training cases (not with --cross-fit or "
+                   "--calibration-data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the cut variants and the presence network")
     p.add_argument("--device", default="cpu", help="device of the detector (default cpu)")
 
@@ -140,6 +146,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
             raise LandmarkError("--cross-fit: the training cases' points would join calibration points from other "
                                 "data (--calibration-data); give one or the other")
         cross_fit = cross_fitted_answers(det, [s for s in train if s.landmarks is not None])
+    if args.cross_fit_models:
+        if args.cross_fit or args.calibration_data:
+            raise LandmarkError("--cross-fit-models: not with --cross-fit or --calibration-data")
+        cross_fit = fold_answers(det, split, train, args.cross_fit_models, args.device)
     candidates: list[PresenceModel | None] = []
     for folder in args.presence or ():
         loaded = PresenceModel.load(folder)
@@ -180,7 +190,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                + (f" --calibration-data {args.calibration_data}" if args.calibration_data else "")
                                + (f" --presence-data {args.presence_data}" if args.presence_data else "")
                                + (f" --pull-inside-mm {args.pull_inside_mm:g}" if args.pull_inside_mm else "")
-                               + (" --cross-fit" if args.cross_fit else ""))
+                               + (" --cross-fit" if args.cross_fit else "")
+                               + (f" --cross-fit-models {' '.join(args.cross_fit_models)}"
+                                  if args.cross_fit_models else ""))
     if args.calibration_data:
         trust.report["calibration_data"] = str(args.calibration_data)
     trust.report["seconds"] = round(time.monotonic() - t0, 1)
@@ -199,6 +211,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
           + (f", images with a landmark not found calibrated apart (90 % radius {trust.partial_q90:.2f} x scale)"
              if trust.partial_q90 is not None else "") + f" -> {path}")
     return 0
+
+
+#: A detector's own answer to an image: its final landmarks and its first stage's (None for one stage).
+Answer = Callable[["Volume"], tuple["LandmarkSet", "LandmarkSet | None"]]
 
 
 def own_answer(det: Detector) -> Callable[[Volume], tuple[LandmarkSet, LandmarkSet | None]]:
@@ -225,6 +241,55 @@ def cross_fitted_answers(det: Detector, fitted_on: Sequence[Sample], unseen: Seq
     """
     left = det.leave_one_out(fitted_on)
     return [*zip(fitted_on, (own_answer(d) for d in left), strict=True), *((s, own_answer(det)) for s in unseen)]
+
+
+def fold_answers(det: Detector, split: Split, train: Sequence[Sample], folders: Sequence[str | Path],
+                 device: str = "cpu") -> list[tuple[Sample, Answer]]:
+    """``(case, answer)`` for :func:`lmk3d.trust.fit.fit_trust`'s ``cross_fit`` from fold models (``lmk3d train
+    --fold``): each labelled training case of the model (``split``, ``train``) answered by the fold model that left
+    it out.
+
+    Raises:
+        LandmarkError: a folder is not a fold model of this model: another detector or landmarks, other validation
+            or test cases, training cases the model did not train on, or a case left out by two folds.
+    """
+    from lmk3d.data import read_split
+    from lmk3d.detectors import load_detector
+
+    model_train = set(split.train)
+    by_case = {s.case: s for s in train if s.landmarks is not None}
+    owner: dict[str, str] = {}
+    out = []
+    for folder in folders:
+        where = f"--cross-fit-models {folder}"
+        doc_path = Path(folder) / "split.json"
+        try:
+            fold = json.loads(doc_path.read_text(encoding="utf-8")).get("fold")
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise LandmarkError(f"{where}: no readable split.json ({e})") from None
+        if not isinstance(fold, dict) or not isinstance(fold.get("held_out"), list):
+            raise LandmarkError(f"{where}: its split.json names no left-out fold (train it with lmk3d train --fold)")
+        fsplit = read_split(folder)
+        held = {str(c) for c in fold["held_out"]}
+        if set(fsplit.val) != set(split.val) or set(fsplit.test) != set(split.test):
+            raise LandmarkError(f"{where}: its validation or test cases are not the model's")
+        if not set(fsplit.train) | held == model_train or set(fsplit.train) & held:
+            raise LandmarkError(f"{where}: its training cases and its left-out fold are not the model's training "
+                                "cases, split in two")
+        twice = sorted(held & set(owner))
+        if twice:
+            raise LandmarkError(f"{where}: case {twice[0]} is also left out by {owner[twice[0]]}")
+        fdet = load_detector(folder, device)
+        if fdet.name != det.name or tuple(fdet.landmark_names) != tuple(det.landmark_names):
+            raise LandmarkError(f"{where}: a {fdet.name} model of {', '.join(fdet.landmark_names)}, not a {det.name} "
+                                f"model of {', '.join(det.landmark_names)}")
+        fdet.trust = None
+        answer = own_answer(fdet)
+        for c in sorted(held):
+            owner[c] = str(folder)
+            if c in by_case:
+                out.append((by_case[c], answer))
+    return out
 
 
 def calibrate_new_weights(det: Detector, train: Sequence[Sample], calibration: Sequence[Sample],

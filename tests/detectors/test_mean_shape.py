@@ -369,3 +369,69 @@ def test_cli_calibrates_the_scores_on_training_cases_answered_without_themselves
     assert main([*base, "--cross-fit", "--calibration-data", str(site)]) == 2
     assert "--cross-fit: the training cases' points would join calibration points from other data" in \
         capsys.readouterr().err
+
+
+def test_cli_calibrates_the_scores_on_training_cases_answered_by_fold_models(
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``lmk3d train --fold k/n`` leaves fold k of the training cases out (same validation and test cases);
+    ``lmk3d calibrate --cross-fit-models`` answers each training case with the fold model that never saw it."""
+    from lmk3d.calibrate import fold_answers
+    from lmk3d.data import read_split
+
+    model = tmp_path / "model"
+    common = ["--detector", "mean_shape", "--profile", "tiny", "--data", str(tiny_set), "--val-fraction", "0.5",
+              "--test-fraction", "0.1", "--no-progress"]
+    assert main(["train", *common, "--out", str(model)]) == 0
+    folds = [tmp_path / f"fold{k}" for k in range(2)]
+    for k, f in enumerate(folds):
+        assert main(["train", *common, "--out", str(f), "--fold", f"{k}/2"]) == 0
+    split = read_split(model)
+    held = [json.loads((f / "split.json").read_text())["fold"]["held_out"] for f in folds]
+    assert sorted(held[0] + held[1]) == sorted(split.train) and len(held[0]) == len(held[1]) == 2
+    for f, h in zip(folds, held, strict=True):
+        fsplit = read_split(f)
+        assert fsplit.val == split.val and fsplit.test == split.test
+        assert set(fsplit.train) == set(split.train) - set(h)
+        report = json.loads((f / "train_report.json").read_text())
+        assert report["counts"]["train"] == 2 and "--fold" in report["command"]
+
+    # each case is answered by the fold model that left it out: its mean is of the other fold's cases
+    det = load_detector(model)
+    ds = load_dataset(tiny_set)
+    train = list(ds.subset(split.train))
+    pairs = fold_answers(det, split, train, [str(f) for f in folds])
+    assert sorted(s.case for s, _ in pairs) == sorted(split.train)
+    for s, answer in pairs:
+        owner = folds[0] if s.case in held[0] else folds[1]
+        vol = s.load_image()
+        want = load_detector(owner).predict_all(vol, trust=False)
+        got, _ = answer(vol)
+        np.testing.assert_array_equal(got.xyz_mm_ras, (want.raw or want.landmarks).xyz_mm_ras)
+        assert not np.allclose(got.xyz_mm_ras, det.predict_all(vol, trust=False).landmarks.xyz_mm_ras)
+
+    base = ["calibrate", "--model", str(model), "--data", str(tiny_set), "--presence-epochs", "0"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--cross-fit-models", *map(str, folds), "--out", str(tmp_path / "cross")]) == 0
+    plain, cross = (json.loads((tmp_path / d / "trust.json").read_text()) for d in ("plain", "cross"))
+    report = cross["report"]
+    assert f"--cross-fit-models {folds[0]} {folds[1]}" in report["command"]
+    assert report["not_found_rule"] == plain["report"]["not_found_rule"] and cross["image"] == plain["image"]
+    fit = report["cross_fit"]
+    assert fit["cross_fitted_cases"] == 4 and fit["cases_scored"] == 9
+    on_val = fit["validation_points"]
+    assert on_val["cases"] == 5 and 0 < on_val["points"] < fit["points_scored"]
+    lo, hi = on_val["difference_interval_95"]
+    assert lo <= on_val["brier_difference"] <= hi
+
+    # folds that are not this model's, or that leave a case out twice, are refused and write nothing
+    other = tmp_path / "other"
+    assert main(["train", *common, "--split-seed", "1", "--out", str(other), "--fold", "0/2"]) == 0
+    capsys.readouterr()
+    for bad, message in (([folds[0], other], "validation or test cases are not the model's"),
+                         ([folds[0], folds[0]], "is also left out by"),
+                         ([folds[0], model], "names no left-out fold")):
+        assert main([*base, "--cross-fit-models", *map(str, bad), "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err
+    assert main([*base, "--cross-fit", "--cross-fit-models", str(folds[0]), "--out", str(tmp_path / "bad")]) == 2
+    assert "not with --cross-fit" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -202,22 +202,36 @@ def _cross_fit_report(xs: dict[str, np.ndarray], errors: np.ndarray, cases: np.n
     within = (errors <= tolerance_mm).astype(float)
     loss = {"validation_only": (alone - within) ** 2, "cross_fitted": (pooled - within) ** 2}
     diff = loss["cross_fitted"] - loss["validation_only"]
-    names, idx = np.unique(cases[ok], return_inverse=True)
-    per_case_sum = np.bincount(idx, diff[ok], len(names))
-    per_case_n = np.bincount(idx, minlength=len(names)).astype(float)
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(names), (resamples, len(names)))
-    boot = per_case_sum[draws].sum(axis=1) / per_case_n[draws].sum(axis=1)
-    lo, hi = np.quantile(boot, [0.025, 0.975])
+
+    def interval(keep: np.ndarray) -> tuple[float, float]:
+        names, idx = np.unique(cases[keep], return_inverse=True)
+        per_case_sum = np.bincount(idx, diff[keep], len(names))
+        per_case_n = np.bincount(idx, minlength=len(names)).astype(float)
+        draws = np.random.default_rng(seed).integers(0, len(names), (resamples, len(names)))
+        boot = per_case_sum[draws].sum(axis=1) / per_case_n[draws].sum(axis=1)
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        return float(lo), float(hi)
+
+    on_val = ok & is_val
     return {"cross_fitted_cases": int(len(np.unique(cases[~is_val]))), "cross_fitted_points": int((ok & ~is_val).sum()),
-            "points_scored": int(ok.sum()), "cases_scored": int(len(names)),
+            "points_scored": int(ok.sum()), "cases_scored": int(len(np.unique(cases[ok]))),
             "validation_only": {"features": fs_val, "grouped": bool(grouped_val),
                                 "brier": float(loss["validation_only"][ok].mean()),
                                 "ece": float(ece(alone[ok], within[ok]))},
             "cross_fitted": {"features": fs_all, "grouped": bool(grouped_all),
                              "brier": float(loss["cross_fitted"][ok].mean()),
                              "ece": float(ece(pooled[ok], within[ok]))},
-            "brier_difference": float(diff[ok].mean()), "difference_interval_95": [float(lo), float(hi)],
+            "brier_difference": float(diff[ok].mean()), "difference_interval_95": list(interval(ok)),
+            # the calibration records' points alone: the detector's own answers on cases that trained nothing, the
+            # judge when the cross-fitted answers come from other models (fold models, lmk3d calibrate
+            # --cross-fit-models)
+            "validation_points": {"points": int(on_val.sum()), "cases": int(len(np.unique(cases[on_val]))),
+                                  "brier_validation_only": float(loss["validation_only"][on_val].mean()),
+                                  "brier_cross_fitted": float(loss["cross_fitted"][on_val].mean()),
+                                  "ece_validation_only": float(ece(alone[on_val], within[on_val])),
+                                  "ece_cross_fitted": float(ece(pooled[on_val], within[on_val])),
+                                  "brier_difference": float(diff[on_val].mean()),
+                                  "difference_interval_95": list(interval(on_val))},
             "resamples": resamples, "seed": seed,
             "rule": "every point scored by a fit that did not see its case; the Brier difference's interval comes "
                     "from resampling whole cases"}
