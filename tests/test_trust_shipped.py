@@ -237,3 +237,34 @@ def test_mean_shape_hippocampus_is_calibrated_on_training_cases_answered_without
     # the rule it shipped by: the Brier score of points no fit saw is lower, the case-bootstrap interval below 0
     assert fit["difference_interval_95"][1] < 0
     assert report["not_found_rule"] == doc["report"]["not_found_rule"]
+
+
+def test_prior_guided_hippocampus_is_calibrated_on_training_cases_answered_by_fold_models(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The shipped ``prior_guided-hippocampus`` scores also come from its 140 training cases, each answered by the
+    one of four fold models (``folds/``, ``lmk3d train --fold k/4``) trained without it (docs/trust.md,
+    "Cross-fitted calibration points from fold networks"): the command its ``trust.json`` records fits them again,
+    the folds leave out each training case once, and the rule it shipped by holds: on the validation records'
+    points (the shipped model's own answers) the Brier score's case-bootstrap interval lies below zero."""
+    from lmk3d.cli import main
+
+    shipped = ROOT / "models" / "prior_guided-hippocampus"
+    doc = json.loads((shipped / "trust.json").read_text())
+    command = doc["report"]["command"].split()
+    assert command[:2] == ["lmk3d", "calibrate"] and "--cross-fit-models" in command
+    args = [str(ROOT / a) if a.startswith("models/") else a for a in command[2:]]
+    args = [str(DATA / "hippocampus") if a == "../shared/data/hippocampus" else a for a in args]
+    assert main(["calibrate", *args, "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "trust.json").read_text())
+    np.testing.assert_allclose(again["weights"], doc["weights"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(again["normalised"], doc["normalised"], rtol=0, atol=1e-9)
+    assert again["q90"] == pytest.approx(doc["q90"], abs=1e-9)
+    split = read_split(shipped)
+    held = [json.loads((shipped / "folds" / f"fold{k}" / "split.json").read_text())["fold"]["held_out"]
+            for k in range(4)]
+    assert sorted(c for h in held for c in h) == sorted(split.train)
+    report = again["report"]
+    assert set(report["calibration_cases"]) == set(split.val)
+    assert report["not_found_rule"] == doc["report"]["not_found_rule"] and again["image"] == doc["image"]
+    fit = report["cross_fit"]
+    assert fit["cross_fitted_cases"] == 140 and fit["validation_points"]["cases"] == 20
+    assert fit["validation_points"]["difference_interval_95"][1] < 0

@@ -83,7 +83,8 @@ def add_calibrate(p: argparse.ArgumentParser) -> None:
                    "the outer voxels and left to the not-found rule (default 0: not found, as the detector says)")
     p.add_argument("--cross-fit", action="store_true",
                    help="also calibrate the scores on the training cases, each answered by the detector fitted without "
-                   "it (only mean_shape, whose fit is a mean, can; not with --calibration-data)")
+                   "it (only mean_shape, whose fit is a mean, can; for the others see --cross-fit-models; not with "
+                   "--calibration-data)")
     p.add_argument("--cross-fit-models", metavar="DIR", nargs="+",
                    help="also calibrate the scores on the training cases, each answered by the one of these models "
                    "(lmk3d train --fold) that was trained without it: the same detector and landmarks, the model's "

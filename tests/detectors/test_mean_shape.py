@@ -372,7 +372,7 @@ def test_cli_calibrates_the_scores_on_training_cases_answered_without_themselves
 
 
 def test_cli_calibrates_the_scores_on_training_cases_answered_by_fold_models(
-        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """``lmk3d train --fold k/n`` leaves fold k of the training cases out (same validation and test cases);
     ``lmk3d calibrate --cross-fit-models`` answers each training case with the fold model that never saw it."""
     from lmk3d.calibrate import fold_answers
@@ -422,6 +422,19 @@ def test_cli_calibrates_the_scores_on_training_cases_answered_by_fold_models(
     assert on_val["cases"] == 5 and 0 < on_val["points"] < fit["points_scored"]
     lo, hi = on_val["difference_interval_95"]
     assert lo <= on_val["brier_difference"] <= hi
+
+    # A version the server trains from such a parent cannot train fold models on the fly: a detector that cannot
+    # be refitted without a case (as a network) says so and is calibrated on its validation cases alone.
+    from lmk3d.calibrate import calibrate_new_weights
+    from lmk3d.detectors.base import Detector
+
+    monkeypatch.setattr(MeanShapeDetector, "leave_one_out", Detector.leave_one_out)
+    version, record = calibrate_new_weights(det, train, list(ds.subset(split.val)), [tmp_path / "cross"],
+                                            fitted_on=train)
+    assert version is not None and "cross_fit" not in version.report
+    assert "no training case answered without itself (mean_shape: cross-fitted calibration needs" in record["reason"]
+    assert "lmk3d calibrate --cross-fit-models" in record["reason"]
+    monkeypatch.undo()
 
     # folds that are not this model's, or that leave a case out twice, are refused and write nothing
     other = tmp_path / "other"

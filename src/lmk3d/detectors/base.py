@@ -191,13 +191,14 @@ class Detector(abc.ABC):
         without that case: cross-fitted calibration points (``lmk3d calibrate --cross-fit``).
 
         Only a detector whose fit is a closed form can give them without training again per case; the others
-        refuse.
+        refuse (fold models give them: ``lmk3d train --fold``, ``lmk3d calibrate --cross-fit-models``).
 
         Raises:
             LandmarkError: always, here; :class:`~lmk3d.detectors.mean_shape.MeanShapeDetector` overrides it.
         """
         raise LandmarkError(f"{self.name}: cross-fitted calibration needs the detector fitted without each training "
-                            "case, one training per case; only mean_shape (whose fit is a mean) gives it")
+                            "case, one training per case; only mean_shape (whose fit is a mean) gives it here (for the "
+                            "others: fold models, lmk3d train --fold, then lmk3d calibrate --cross-fit-models)")
 
     def fitted_state(self) -> dict[str, Any]:
         """Detector-level fitted state (plain types), beside the stages'."""
