@@ -193,9 +193,9 @@ def fold_out(split: Split, k: int, n: int) -> tuple[Split, tuple[str, ...]]:
     if len(ids) < n:
         raise LandmarkFormatError(f"{len(ids)} training case(s) cannot make {n} folds")
     order = np.random.default_rng([split.seed, n]).permutation(len(ids))
-    held = tuple(sorted(ids[i] for i in order[k::n]))
-    keep = tuple(c for c in ids if c not in set(held))
-    return Split(keep, split.val, split.test, split.seed, split.fractions), held
+    held = {ids[i] for i in order[k::n]}
+    keep = tuple(c for c in ids if c not in held)
+    return Split(keep, split.val, split.test, split.seed, split.fractions), tuple(sorted(held))
 
 
 def holdout_split(items: Sequence[T], val_fraction: float, seed: int = DEFAULT_SEED) -> tuple[list[T], list[T]]:
