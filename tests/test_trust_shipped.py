@@ -239,15 +239,20 @@ def test_mean_shape_hippocampus_is_calibrated_on_training_cases_answered_without
     assert report["not_found_rule"] == doc["report"]["not_found_rule"]
 
 
-def test_prior_guided_hippocampus_is_calibrated_on_training_cases_answered_by_fold_models(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The shipped ``prior_guided-hippocampus`` scores also come from its 140 training cases, each answered by the
-    one of four fold models (``folds/``, ``lmk3d train --fold k/4``) trained without it (docs/trust.md,
-    "Cross-fitted calibration points from fold networks"): the command its ``trust.json`` records fits them again,
-    the folds leave out each training case once, and the rule it shipped by holds: on the validation records'
-    points (the shipped model's own answers) the Brier score's case-bootstrap interval lies below zero."""
+#: Shipped models whose scores are also calibrated on their training cases answered by fold models, with their folds.
+FOLD_CALIBRATED = {"prior_guided-hippocampus": 4}
+
+
+@pytest.mark.parametrize("name", sorted(FOLD_CALIBRATED))
+def test_models_calibrated_on_training_cases_answered_by_fold_models(name: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """These shipped models' scores also come from their 140 training cases, each answered by the fold model
+    (``folds/``, ``lmk3d train --fold k/K``) trained without it (docs/trust.md, "Cross-fitted calibration points from
+    fold networks"): the command the ``trust.json`` records fits them again, the folds leave out each training case
+    once, and the rule it shipped by holds: on the validation records' points (the shipped model's own answers) the
+    Brier score's case-bootstrap interval lies below zero."""
     from lmk3d.cli import main
 
-    shipped = ROOT / "models" / "prior_guided-hippocampus"
+    shipped = ROOT / "models" / name
     doc = json.loads((shipped / "trust.json").read_text())
     command = doc["report"]["command"].split()
     assert command[:2] == ["lmk3d", "calibrate"] and "--cross-fit-models" in command
@@ -260,7 +265,7 @@ def test_prior_guided_hippocampus_is_calibrated_on_training_cases_answered_by_fo
     assert again["q90"] == pytest.approx(doc["q90"], abs=1e-9)
     split = read_split(shipped)
     held = [json.loads((shipped / "folds" / f"fold{k}" / "split.json").read_text())["fold"]["held_out"]
-            for k in range(4)]
+            for k in range(FOLD_CALIBRATED[name])]
     assert sorted(c for h in held for c in h) == sorted(split.train)
     report = again["report"]
     assert set(report["calibration_cases"]) == set(split.val)
