@@ -211,17 +211,14 @@ def test_lmk3d_consensus_from_rewrites_the_weighting_and_keeps_the_members(conse
     assert not (tmp_path / "x").exists()
 
 
-def test_mean_shape_hippocampus_is_calibrated_on_training_cases_answered_without_themselves(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The shipped ``mean_shape-hippocampus`` scores come from its validation cases and its 140 training cases,
-    each answered by the mean of the other 139 (docs/trust.md, "Cross-fitted calibration points"): the command its
-    ``trust.json`` records fits them again, and its not-found rule and image checks come from the validation cases
-    alone."""
+def _fitted_again(shipped, flag: str, tmp_path) -> tuple[dict, dict]:  # type: ignore[no-untyped-def]
+    """The shipped ``trust.json`` and the one the command it records (which carries ``flag``) fits again in
+    ``tmp_path``, checked equal in its weights, normalised errors and 90 % quantile to 1e-9."""
     from lmk3d.cli import main
 
-    shipped = ROOT / "models" / "mean_shape-hippocampus"
     doc = json.loads((shipped / "trust.json").read_text())
     command = doc["report"]["command"].split()
-    assert command[:2] == ["lmk3d", "calibrate"] and "--cross-fit" in command
+    assert command[:2] == ["lmk3d", "calibrate"] and flag in command
     args = [str(ROOT / a) if a.startswith("models/") else a for a in command[2:]]
     args = [str(DATA / "hippocampus") if a == "../shared/data/hippocampus" else a for a in args]
     assert main(["calibrate", *args, "--out", str(tmp_path)]) == 0
@@ -229,6 +226,16 @@ def test_mean_shape_hippocampus_is_calibrated_on_training_cases_answered_without
     np.testing.assert_allclose(again["weights"], doc["weights"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(again["normalised"], doc["normalised"], rtol=0, atol=1e-9)
     assert again["q90"] == pytest.approx(doc["q90"], abs=1e-9)
+    return doc, again
+
+
+def test_mean_shape_hippocampus_is_calibrated_on_training_cases_answered_without_themselves(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The shipped ``mean_shape-hippocampus`` scores come from its validation cases and its 140 training cases,
+    each answered by the mean of the other 139 (docs/trust.md, "Cross-fitted calibration points"): the command its
+    ``trust.json`` records fits them again, and its not-found rule and image checks come from the validation cases
+    alone."""
+    shipped = ROOT / "models" / "mean_shape-hippocampus"
+    doc, again = _fitted_again(shipped, "--cross-fit", tmp_path)
     split = read_split(shipped)
     report = again["report"]
     assert set(report["calibration_cases"]) == set(split.val)
@@ -250,19 +257,8 @@ def test_models_calibrated_on_training_cases_answered_by_fold_models(name: str, 
     fold networks"): the command the ``trust.json`` records fits them again, the folds leave out each training case
     once, and the rule it shipped by holds: on the validation records' points (the shipped model's own answers) the
     Brier score's case-bootstrap interval lies below zero."""
-    from lmk3d.cli import main
-
     shipped = ROOT / "models" / name
-    doc = json.loads((shipped / "trust.json").read_text())
-    command = doc["report"]["command"].split()
-    assert command[:2] == ["lmk3d", "calibrate"] and "--cross-fit-models" in command
-    args = [str(ROOT / a) if a.startswith("models/") else a for a in command[2:]]
-    args = [str(DATA / "hippocampus") if a == "../shared/data/hippocampus" else a for a in args]
-    assert main(["calibrate", *args, "--out", str(tmp_path)]) == 0
-    again = json.loads((tmp_path / "trust.json").read_text())
-    np.testing.assert_allclose(again["weights"], doc["weights"], rtol=0, atol=1e-9)
-    np.testing.assert_allclose(again["normalised"], doc["normalised"], rtol=0, atol=1e-9)
-    assert again["q90"] == pytest.approx(doc["q90"], abs=1e-9)
+    doc, again = _fitted_again(shipped, "--cross-fit-models", tmp_path)
     split = read_split(shipped)
     held = [json.loads((shipped / "folds" / f"fold{k}" / "split.json").read_text())["fold"]["held_out"]
             for k in range(FOLD_CALIBRATED[name])]
